@@ -1,0 +1,71 @@
+"""Errors the service raises, independent of any protocol.
+
+Each carries a stable machine-readable ``code`` and the HTTP status it maps to. Protocol
+adapters decide the body shape; the code and status stay the same everywhere.
+"""
+
+from __future__ import annotations
+
+
+class VisionServeError(Exception):
+    code: str = "internal_error"
+    status: int = 500
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class MissingImage(VisionServeError):
+    code, status = "missing_image", 400
+
+
+class InvalidImage(VisionServeError):
+    code, status = "invalid_image", 400
+
+
+class BadRequest(VisionServeError):
+    code, status = "bad_request", 400
+
+
+class PayloadTooLarge(VisionServeError):
+    code, status = "payload_too_large", 413
+
+
+class ImageTooLarge(VisionServeError):
+    code, status = "image_too_large", 413
+
+
+class UnsupportedMediaType(VisionServeError):
+    code, status = "unsupported_media_type", 415
+
+
+class InvalidParameter(VisionServeError):
+    code, status = "invalid_parameter", 422
+
+
+class ModelNotFound(VisionServeError):
+    code, status = "model_not_found", 404
+
+
+class ModelNotReady(VisionServeError):
+    code, status = "model_not_ready", 503
+
+
+class Overloaded(VisionServeError):
+    code, status = "overloaded", 503
+
+
+class DeadlineExceeded(VisionServeError):
+    code, status = "deadline_exceeded", 504
+
+
+class ModelError(VisionServeError):
+    """A model file, manifest or catalog entry is unusable."""
+
+    code, status = "model_error", 500
+
+
+class ConfigError(Exception):
+    """A configuration is invalid; the message names the bad key."""

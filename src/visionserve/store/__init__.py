@@ -1,0 +1,1 @@
+"""The model catalog and the local model store (pull, verify, mirror, manifests)."""

@@ -1,0 +1,72 @@
+"""A model as the server sees it: an ONNX file plus what is needed to use it.
+
+Every model in the local store has a ``manifest.json`` beside its files; catalog pulls,
+darknet imports and user-configured files all end up as a ``ModelManifest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MANIFEST_NAME = "manifest.json"
+
+
+class ModelManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str = "1"
+    family: str
+    file: str = Field(description="ONNX file, relative to the manifest's folder or absolute")
+    labels: list[str]
+    input_width: int
+    input_height: int
+    options: dict[str, Any] = Field(default_factory=dict, description="family-specific settings")
+    min_confidence: float = 0.4
+    iou: float = 0.45
+    max_detections: int = 100
+    sha256: str | None = None
+    source: str = "catalog"
+    description: str = ""
+
+    # Set when loaded from disk; not serialised.
+    folder: Path | None = Field(default=None, exclude=True)
+
+    @property
+    def path(self) -> Path:
+        p = Path(self.file)
+        if p.is_absolute() or self.folder is None:
+            return p
+        return self.folder / p
+
+    @classmethod
+    def load(cls, folder: Path) -> "ModelManifest":
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+        return cls.model_validate({**data, "folder": folder})
+
+    def save(self, folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / MANIFEST_NAME
+        write_atomic(target, (json.dumps(self.model_dump(), indent=2) + "\n").encode())
+        return target
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """Writes a file so that readers see the old content or the new, never a part."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

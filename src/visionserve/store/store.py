@@ -1,0 +1,128 @@
+"""The local model store: one folder per model holding its files and a ``manifest.json``.
+
+``pull`` fills a folder from the catalog (through the mirror when one is set), ``verify``
+re-hashes what is there, and ``manifest`` is what the server loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from visionserve.errors import ModelError, ModelNotFound
+from visionserve.store.catalog import CATALOG, CatalogEntry, get_entry
+from visionserve.store.fetch import FetchError, Progress, fetch, sha256_file
+from visionserve.store.manifest import MANIFEST_NAME, ModelManifest
+
+# Turns an entry's downloaded files into a manifest (and any derived files). One per format.
+Installer = Callable[[CatalogEntry, Path], ModelManifest]
+INSTALLERS: dict[str, Installer] = {}
+
+
+def install_onnx(entry: CatalogEntry, folder: Path) -> ModelManifest:
+    model = next(f for f in entry.files if f.name == entry.model_file)
+    return ModelManifest(
+        name=entry.name,
+        version=entry.version,
+        family=entry.family,
+        file=entry.model_file,
+        labels=list(entry.labels),
+        input_width=entry.input_width,
+        input_height=entry.input_height,
+        options=dict(entry.options),
+        min_confidence=entry.min_confidence,
+        iou=entry.iou,
+        max_detections=entry.max_detections,
+        sha256=model.sha256,
+        source="catalog",
+        description=entry.description,
+    )
+
+
+INSTALLERS["onnx"] = install_onnx
+
+
+@dataclass(frozen=True, slots=True)
+class FileCheck:
+    name: str
+    ok: bool
+    detail: str
+
+
+class ModelStore:
+    def __init__(self, root: Path, mirror: str | None = None) -> None:
+        self.root = Path(root).expanduser()
+        self.mirror = mirror
+
+    def folder(self, name: str) -> Path:
+        return self.root / name
+
+    def manifest(self, name: str) -> ModelManifest | None:
+        """The installed model's manifest, or None when it is not (completely) installed."""
+        folder = self.folder(name)
+        if not (folder / MANIFEST_NAME).is_file():
+            return None
+        try:
+            manifest = ModelManifest.load(folder)
+        except (ValueError, OSError) as e:
+            raise ModelError(f"broken manifest for {name!r} in {folder}: {e}") from None
+        return manifest if manifest.path.is_file() else None
+
+    def installed(self) -> list[ModelManifest]:
+        if not self.root.is_dir():
+            return []
+        found = (self.manifest(p.name) for p in sorted(self.root.iterdir()) if p.is_dir())
+        return [m for m in found if m is not None]
+
+    def pull(self, name: str, *, force: bool = False, progress: Callable[[str], Progress] | None = None) -> ModelManifest:
+        """Downloads (or copies from the mirror) and verifies a catalog model, then installs it."""
+        entry = get_entry(name)
+        if not force and (existing := self.manifest(name)) is not None:
+            return existing
+        folder = self.folder(name)
+        for f in entry.files:
+            target = folder / f.name
+            if not force and target.is_file() and f.sha256 and sha256_file(target) == f.sha256:
+                continue
+            try:
+                fetch(f, entry.folder, target, self.mirror, progress(f.name) if progress else None)
+            except FetchError as e:
+                raise ModelError(str(e)) from None
+        installer = INSTALLERS.get(entry.format)
+        if installer is None:
+            raise ModelError(f"no installer for model format {entry.format!r}")
+        manifest = installer(entry, folder)
+        manifest.save(folder)
+        return ModelManifest.load(folder)
+
+    def ensure(self, name: str) -> ModelManifest:
+        """The installed manifest, pulling the model first when it is a missing catalog model."""
+        manifest = self.manifest(name)
+        if manifest is not None:
+            return manifest
+        if name in CATALOG:
+            return self.pull(name)
+        raise ModelNotFound(f"model {name!r} is neither installed in {self.root} nor in the catalog")
+
+    def verify(self, name: str) -> list[FileCheck]:
+        """Re-hashes an installed model's files against the catalog (or its manifest)."""
+        folder = self.folder(name)
+        checks: list[FileCheck] = []
+        entry = CATALOG.get(name)
+        expected = {f.name: f.sha256 for f in entry.files} if entry else {}
+        manifest = self.manifest(name)
+        if manifest is None:
+            return [FileCheck(name, False, f"not installed in {folder}")]
+        if manifest.sha256 and manifest.path.parent == folder:
+            expected.setdefault(manifest.path.name, manifest.sha256)
+        for fname, sha in sorted(expected.items()):
+            path = folder / fname
+            if not path.is_file():
+                checks.append(FileCheck(fname, False, "missing"))
+            elif sha is None:
+                checks.append(FileCheck(fname, True, "present (no published sha256)"))
+            else:
+                got = sha256_file(path)
+                checks.append(FileCheck(fname, got == sha, "sha256 ok" if got == sha else f"sha256 {got} != {sha}"))
+        return checks
