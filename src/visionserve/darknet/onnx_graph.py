@@ -37,15 +37,12 @@ def check_weights_size(network: Network, weights: DarknetWeights) -> None:
             used += layer.params
             if used > available:
                 raise layer.section.error(f"weights file is truncated: it ends inside this layer's parameters; {sizes}")
-    weighted = [layer for layer in network.layers if layer.params]
-    last = weighted[-1].section if weighted else None
     extra = weights.file_bytes - expected
-    message = f"weights file is {extra:,} bytes too long for this cfg; {sizes}"
-    if last is None:
-        raise DarknetError(message)
-    raise DarknetError(
-        message + f" (the last parameters belong to [{last.name}] at line {last.line})",
-        section=last.name, line=last.line,
+    weighted = [layer for layer in network.layers if layer.params]
+    if not weighted:
+        raise DarknetError(f"weights file is {extra:,} bytes too long for this cfg, which has no parameters; {sizes}")
+    raise weighted[-1].section.error(
+        f"weights file is {extra:,} bytes too long for this cfg (this is the last layer with parameters); {sizes}"
     )
 
 
@@ -150,7 +147,11 @@ def _conv(g: _GraphBuilder, layer: Layer, x: str, values: np.ndarray, prefix: st
         scales, mean, var = (values[pos + i * n : pos + (i + 1) * n].astype(np.float64) for i in range(3))
         pos += 3 * n
     kernel = values[pos:].reshape(n, a["in_channels"] // groups, size, size).astype(np.float32)
+    if not np.all(np.isfinite(values)):
+        raise layer.section.error("the weights file holds NaN or infinite values for this layer")
     if a["batch_normalize"]:
+        if np.any(var < 0):
+            raise layer.section.error("the weights file holds a negative batch-norm variance for this layer")
         factor = scales / np.sqrt(var + BN_EPS)
         kernel = (kernel * factor[:, None, None, None]).astype(np.float32)
         bias = (bias - mean * factor).astype(np.float32)
