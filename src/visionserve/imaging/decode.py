@@ -207,29 +207,36 @@ def _decode_with_pillow(buf: bytes, fmt: str, max_pixels: int) -> DecodedImage:
         width, height = image.size
         _check_pixels(width, height, max_pixels)
         image.load()  # GIF/TIFF/WebP: the first frame; raises on truncated data
+        # Read after load(): Pillow's TIFF reader applies the orientation itself while
+        # loading and then drops the tag, so this is whatever is left to do.
         orientation = orientation_of(image)
         pixels = to_rgb_array(image)
     pixels = apply_orientation(pixels, orientation)
     if not (pixels.flags.c_contiguous and pixels.flags.writeable):
         # Pillow's arrays are read-only views of its bytes; match the JPEG path's arrays.
         pixels = np.array(pixels, order="C")
-    true_w, true_h = oriented_size(width, height, orientation)
-    return DecodedImage(pixels, true_w, true_h, fmt)
+    height, width = pixels.shape[:2]
+    return DecodedImage(pixels, width, height, fmt)
 
 
 def _probe_with_pillow(buf: bytes, fmt: str) -> tuple[str, int, int]:
     with Image.open(io.BytesIO(buf), formats=[_PILLOW_FORMATS[fmt]]) as image:
         width, height = image.size
         _check_nonempty(width, height)
-        # Header-only: PNG/WebP EXIF placed after the pixel data is not seen here.
-        orientation = orientation_of(image) if fmt != "png" else _png_header_orientation(image)
+        orientation = _header_orientation(image, fmt)
     width, height = oriented_size(width, height, orientation)
     return fmt, width, height
 
 
-def _png_header_orientation(image: Image.Image) -> int:
-    # PngImageFile.getexif() loads the whole image when no eXIf chunk preceded the pixels.
-    return orientation_from_exif_block(image.info.get("exif"))
+def _header_orientation(image: Image.Image, fmt: str) -> int:
+    """The orientation still to apply to ``image.size``, without decoding pixels."""
+    if fmt == "tiff":
+        return 1  # Pillow's TIFF reader already reports (and decodes) the oriented size
+    if fmt == "png":
+        # PngImageFile.getexif() decodes the image when no eXIf chunk preceded the pixels;
+        # such a late chunk is not seen here.
+        return orientation_from_exif_block(image.info.get("exif"))
+    return orientation_of(image)
 
 
 def _describe(exc: BaseException) -> str:
