@@ -60,7 +60,7 @@ def annotate(pixels: np.ndarray, detections: Detections) -> np.ndarray:
         x1, y1, x2, y2 = (int(v) for v in corners[i])
         class_id = int(class_ids[i])
         color = class_color(class_id)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, line, cv2.LINE_AA)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, line, cv2.LINE_8)
         text = f"{_label(detections, class_id)} {float(scores[i]):.2f}"
         _draw_tag(canvas, text, x1, y1, color, font_scale, text_thickness, pad)
     return canvas
