@@ -436,6 +436,24 @@ def test_truncated_images_are_rejected_not_grey_filled(fmt: str, keep: float) ->
     assert caught.value.status == 400 and fmt in caught.value.message.upper()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the cut TIFF tags
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"])
+def test_cut_headers_get_a_readable_message(fmt: str) -> None:
+    data = encode(quadrants(), fmt)[:20]
+    for call in (decode_image, probe_image):
+        with pytest.raises(InvalidImage) as caught:
+            call(data)
+        assert caught.value.message.startswith("cannot ") and fmt in caught.value.message
+        assert "<_io" not in caught.value.message  # no object reprs leak to clients
+
+
+def test_probe_rejects_non_images() -> None:
+    with pytest.raises(MissingImage):
+        probe_image(b"")
+    with pytest.raises(InvalidImage):
+        probe_image(b"plain text")
+
+
 def test_zero_size_png_is_invalid() -> None:
     with pytest.raises(InvalidImage):
         decode_image(png_claiming(0, 10))

@@ -14,7 +14,7 @@ from typing import Final
 
 import numpy as np
 import simplejpeg
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from visionserve.errors import ImageTooLarge, InvalidImage, MissingImage, VisionServeError
 from visionserve.imaging.modes import to_rgb_array
@@ -240,5 +240,8 @@ def _header_orientation(image: Image.Image, fmt: str) -> int:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        # Pillow's message names an in-memory file object; say what it means instead.
+        return "its header is damaged, incomplete or of an unsupported variant"
     text = str(exc).strip()
     return text if text else type(exc).__name__
