@@ -24,7 +24,6 @@ from visionserve.imaging import decode_image, probe_image
 from visionserve.types import DecodedImage
 
 REPO = Path(__file__).resolve().parents[1]
-MIRROR = Path(os.environ.get("VISIONSERVE_MODEL_MIRROR", REPO.parent / "shared" / "models"))
 
 RED, GREEN, BLUE, YELLOW = (230, 20, 20), (20, 230, 20), (20, 20, 230), (230, 230, 20)
 
@@ -257,9 +256,8 @@ def test_jpeg_with_benign_libjpeg_warning_still_decodes() -> None:
 # ---------------------------------------------------------------- dog.jpg
 
 
-def test_dog_jpg_matches_pillow() -> None:
-    path = MIRROR / "test_images" / "dog.jpg"
-    assert path.is_file(), f"model mirror not found at {MIRROR} (set VISIONSERVE_MODEL_MIRROR)"
+def test_dog_jpg_matches_pillow(images: Path) -> None:
+    path = images / "dog.jpg"
     data = path.read_bytes()
     image = decode_image(data)
     assert (image.width, image.height, image.format) == (768, 576, "jpeg")
