@@ -10,7 +10,6 @@ at IoU 0.4).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import cv2
@@ -23,19 +22,14 @@ from visionserve.darknet.weights import encode_header
 from visionserve.families import get_family
 from visionserve.families.darknet_yolo import decode_yolo_head
 from visionserve.families.yolov2_region import decode_region
+from visionserve.store.labels import VOC_20
 from visionserve.types import Thresholds
 from visionserve.vision.boxes import box_iou
 
 if not hasattr(cv2.dnn, "readNetFromDarknet"):  # OpenCV 5 removed the darknet importer
     pytest.skip("needs opencv-python-headless<5 (readNetFromDarknet)", allow_module_level=True)
 
-MIRROR = Path(os.environ.get("VISIONSERVE_MODEL_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "models"))
-FASTEST = MIRROR / "yolo_fastest_xl_voc"
-IMAGES = MIRROR / "test_images"
-TINY_CFG = MIRROR / "darknet_cfg" / "yolov2-tiny-voc.cfg"
-VOC = [line.strip() for line in (FASTEST / "voc.names").read_text().splitlines() if line.strip()] if FASTEST.is_dir() else []
-
-needs_mirror = pytest.mark.skipif(not FASTEST.is_dir(), reason=f"model mirror not found at {MIRROR}")
+VOC = list(VOC_20)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -75,8 +69,8 @@ def opencv_outputs(cfg: Path, weights: Path, blob: np.ndarray, names: list[str])
     return list(net.forward(names))
 
 
-def blob_of(image: str, width: int, height: int) -> np.ndarray:
-    bgr = cv2.imread(str(IMAGES / image))
+def blob_of(image: Path, width: int, height: int) -> np.ndarray:
+    bgr = cv2.imread(str(image))
     return cv2.dnn.blobFromImage(bgr, 1 / 255.0, (width, height), swapRB=True, crop=False)
 
 
@@ -141,19 +135,18 @@ def assert_same_detections(ours, theirs_boxes, theirs_scores, theirs_classes):
 
 
 @pytest.fixture(scope="module")
-def fastest(tmp_path_factory):
+def fastest(tmp_path_factory, mirror):
+    src = mirror / "yolo_fastest_xl_voc"
     folder = tmp_path_factory.mktemp("fastest")
     manifest = import_darknet(
-        FASTEST / "yolo-fastest-xl.cfg", FASTEST / "yolo-fastest-xl.weights", FASTEST / "voc.names",
-        folder, "yolo-fastest-xl-voc",
+        src / "yolo-fastest-xl.cfg", src / "yolo-fastest-xl.weights", src / "voc.names", folder, "yolo-fastest-xl-voc"
     )
-    net = cv2.dnn.readNetFromDarknet(str(FASTEST / "yolo-fastest-xl.cfg"), str(FASTEST / "yolo-fastest-xl.weights"))
+    net = cv2.dnn.readNetFromDarknet(str(src / "yolo-fastest-xl.cfg"), str(src / "yolo-fastest-xl.weights"))
     net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
     session = ort.InferenceSession(str(manifest.path), providers=["CPUExecutionProvider"])
     return manifest, net, session
 
 
-@needs_mirror
 def test_fastest_manifest(fastest):
     manifest = fastest[0]
     assert manifest.family == "darknet-yolo"
@@ -166,11 +159,10 @@ def test_fastest_manifest(fastest):
     assert shapes == [["N", 75, 10, 10], ["N", 75, 20, 20]]
 
 
-@needs_mirror
 @pytest.mark.parametrize("image", ["dog.jpg", "person.jpg", "horses.jpg", "eagle.jpg", "scream.jpg"])
-def test_fastest_matches_opencv(fastest, image):
+def test_fastest_matches_opencv(fastest, images, image):
     manifest, net, session = fastest
-    bgr = cv2.imread(str(IMAGES / image))
+    bgr = cv2.imread(str(images / image))
     height, width = bgr.shape[:2]
     blob = cv2.dnn.blobFromImage(bgr, 1 / 255.0, (320, 320), swapRB=True, crop=False)
     net.setInput(blob)
@@ -193,11 +185,10 @@ def test_fastest_matches_opencv(fastest, image):
         assert len(dets) == 0
 
 
-@needs_mirror
-def test_fastest_dog_detections_match_provenance(fastest):
+def test_fastest_dog_detections_match_provenance(fastest, images):
     """OpenCV's reference detections recorded in PROVENANCE.md (threshold 0.25, NMS 0.45)."""
     manifest, _, session = fastest
-    rgb = cv2.cvtColor(cv2.imread(str(IMAGES / "dog.jpg")), cv2.COLOR_BGR2RGB)
+    rgb = cv2.cvtColor(cv2.imread(str(images / "dog.jpg")), cv2.COLOR_BGR2RGB)
     family = get_family(manifest.family)(manifest)
     tensor, placement = family.preprocess(rgb)
     outputs = session.run(None, {"input": tensor[None]})
@@ -216,10 +207,9 @@ def test_fastest_dog_detections_match_provenance(fastest):
         assert np.abs(dets.boxes[matches[0]] - box).max() <= 2.0  # PROVENANCE rounds to whole pixels
 
 
-@needs_mirror
-def test_fastest_dynamic_batch(fastest):
+def test_fastest_dynamic_batch(fastest, images):
     _, _, session = fastest
-    blob = np.concatenate([blob_of("dog.jpg", 320, 320), blob_of("eagle.jpg", 320, 320)])
+    blob = np.concatenate([blob_of(images / "dog.jpg", 320, 320), blob_of(images / "eagle.jpg", 320, 320)])
     batched = session.run(None, {"input": blob})
     single = session.run(None, {"input": blob[1:]})
     assert batched[0].shape == (2, 75, 10, 10)
@@ -233,9 +223,8 @@ TINY_CHANNELS = [3, 16, 32, 64, 128, 256, 512, 1024, 1024]
 TINY_CONVS = [(TINY_CHANNELS[i], TINY_CHANNELS[i + 1], 3, 1, True) for i in range(8)] + [(1024, 125, 1, 1, False)]
 
 
-@needs_mirror
 @pytest.mark.parametrize("header", [(0, 1, 0), (0, 2, 5)], ids=["seen32", "seen64"])
-def test_tiny_yolov2_random_weights_match_opencv(tmp_path, header):
+def test_tiny_yolov2_random_weights_match_opencv(tmp_path, mirror, images, header):
     body = random_weights(TINY_CONVS, seed=header[1], last_scale=1.5)
     assert body.size == 15_867_885  # PROVENANCE: 63,471,556 bytes with a 16-byte header
     weights = write_weights(tmp_path / "tiny.weights", body, header)
@@ -243,13 +232,13 @@ def test_tiny_yolov2_random_weights_match_opencv(tmp_path, header):
     # OpenCV zeroes class scores below the region's thresh (.6, a training value); lower it so
     # that there is something to compare.
     cfg = tmp_path / "yolov2-tiny-voc.cfg"
-    cfg.write_text(TINY_CFG.read_text().replace("thresh = .6", "thresh = .1"))
+    cfg.write_text((mirror / "darknet_cfg" / "yolov2-tiny-voc.cfg").read_text().replace("thresh = .6", "thresh = .1"))
     manifest = import_darknet(cfg, weights, VOC, tmp_path / "model", "tiny")
     assert manifest.family == "yolov2-region"
     anchors = np.asarray(manifest.options["anchors"], np.float32)
     np.testing.assert_allclose(anchors, [[1.08, 1.19], [3.42, 4.41], [6.63, 11.38], [9.42, 5.11], [16.62, 10.52]])
 
-    rgb = cv2.cvtColor(cv2.imread(str(IMAGES / "dog.jpg")), cv2.COLOR_BGR2RGB)
+    rgb = cv2.cvtColor(cv2.imread(str(images / "dog.jpg")), cv2.COLOR_BGR2RGB)
     family = get_family(manifest.family)(manifest)
     tensor, placement = family.preprocess(rgb)
     blob = tensor[None]

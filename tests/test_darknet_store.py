@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import os
 import shutil
 from pathlib import Path
 
@@ -13,17 +13,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from visionserve.config import RuntimeSettings
 from visionserve.darknet import import_darknet
 from visionserve.darknet.weights import encode_header
 from visionserve.families import get_family
 from visionserve.store.catalog import CATALOG
+from visionserve.store.fetch import FetchError, fetch
 from visionserve.store.labels import VOC_20
 from visionserve.store.manifest import ModelManifest
+from visionserve.runtime.model import ServedModel
 from visionserve.store.store import INSTALLERS, ModelStore
-from visionserve.types import Thresholds
+from visionserve.types import PredictParams, Thresholds
 
-MIRROR = Path(os.environ.get("VISIONSERVE_MODEL_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "models"))
-needs_mirror = pytest.mark.skipif(not (MIRROR / "yolo_fastest_xl_voc").is_dir(), reason=f"model mirror not found at {MIRROR}")
 
 
 def detect(manifest: ModelManifest, image: Path, min_confidence: float = 0.25):
@@ -47,44 +48,51 @@ def test_catalog_entries():
     assert (weights.sha256, weights.size) == (None, 63_471_556)
 
 
-@needs_mirror
-def test_catalog_hashes_match_the_mirror():
+def test_catalog_hashes_match_the_mirror(mirror):
     for name in ("yolo-fastest-xl-voc", "yolov2-tiny-voc"):
         entry = CATALOG[name]
         for f in entry.files:
-            path = MIRROR / entry.folder / f.name
+            path = mirror / entry.folder / f.name
             if f.sha256 is None:
                 continue  # not in the mirror: only pjreddie.com has it
             assert hashlib.sha256(path.read_bytes()).hexdigest() == f.sha256, path
             assert f.size is None or path.stat().st_size == f.size
 
 
-@needs_mirror
-def test_pull_yolo_fastest_imports_and_detects(tmp_path):
-    store = ModelStore(tmp_path / "models", mirror=str(MIRROR))
+def test_pull_yolo_fastest_imports_and_detects(tmp_path, mirror, images):
+    store = ModelStore(tmp_path / "models", mirror=str(mirror))
     manifest = store.pull("yolo-fastest-xl-voc")
     assert manifest.family == "darknet-yolo" and manifest.source == "catalog"
     assert manifest.labels == list(VOC_20)
     assert manifest.path == tmp_path / "models" / "yolo-fastest-xl-voc" / "yolo-fastest-xl-voc.onnx"
     assert all(check.ok for check in store.verify("yolo-fastest-xl-voc"))
     assert store.manifest("yolo-fastest-xl-voc") == manifest
-    dets = detect(manifest, MIRROR / "test_images" / "dog.jpg", manifest.min_confidence)
+    dets = detect(manifest, images / "dog.jpg", manifest.min_confidence)
     assert {"dog", "bicycle", "car"} <= set(dets.label_names())
-    assert len(detect(manifest, MIRROR / "test_images" / "scream.jpg")) == 0
+    assert len(detect(manifest, images / "scream.jpg")) == 0
     # A second pull finds it installed.
     assert store.pull("yolo-fastest-xl-voc") == manifest
 
+    # The runtime serves it like any other model, batches included.
+    served = ServedModel(manifest, RuntimeSettings(intra_op_threads=1))
+    served.load()
+    rgb = cv2.cvtColor(cv2.imread(str(images / "dog.jpg")), cv2.COLOR_BGR2RGB)
+    timings: dict[str, float] = {}
+    dets = served.predict(rgb, served.thresholds(PredictParams()), timings)
+    assert {"dog", "bicycle", "car"} <= set(dets.label_names())
+    tensor, _ = served.family.preprocess(rgb)
+    assert [o.shape for o in served.run(np.stack([tensor] * 3))] == [(3, 75, 10, 10), (3, 75, 20, 20)]
 
-@needs_mirror
-def test_pull_yolov2_tiny_from_a_mirror_with_weights(tmp_path):
+
+def test_pull_yolov2_tiny_from_a_mirror_with_weights(tmp_path, mirror, images):
     """The real weights are not on this machine: a mirror with random weights of the right size stands in."""
-    mirror = tmp_path / "mirror"
-    (mirror / "darknet_cfg").mkdir(parents=True)
-    shutil.copy(MIRROR / "darknet_cfg" / "yolov2-tiny-voc.cfg", mirror / "darknet_cfg")
+    fake = tmp_path / "mirror"
+    (fake / "darknet_cfg").mkdir(parents=True)
+    shutil.copy(mirror / "darknet_cfg" / "yolov2-tiny-voc.cfg", fake / "darknet_cfg")
     # Small positive values: every batch-norm variance is valid and activations stay finite.
     body = np.random.default_rng(0).uniform(0.001, 0.002, 15_867_885).astype("<f4")
-    (mirror / "darknet_cfg" / "yolov2-tiny-voc.weights").write_bytes(encode_header(0, 1, 0, 32_013_312) + body.tobytes())
-    store = ModelStore(tmp_path / "models", mirror=str(mirror))
+    (fake / "darknet_cfg" / "yolov2-tiny-voc.weights").write_bytes(encode_header(0, 1, 0, 32_013_312) + body.tobytes())
+    store = ModelStore(tmp_path / "models", mirror=str(fake))
     manifest = store.pull("yolov2-tiny-voc")
     assert manifest.family == "yolov2-region"
     assert (manifest.input_width, manifest.input_height) == (416, 416)
@@ -93,23 +101,21 @@ def test_pull_yolov2_tiny_from_a_mirror_with_weights(tmp_path):
     checks = {c.name: c for c in store.verify("yolov2-tiny-voc")}
     assert checks["yolov2-tiny-voc.weights"].ok and "no published sha256" in checks["yolov2-tiny-voc.weights"].detail
     assert checks["yolov2-tiny-voc.onnx"].ok
-    detect(manifest, MIRROR / "test_images" / "dog.jpg")  # runs end to end
+    detect(manifest, images / "dog.jpg")  # runs end to end
 
 
-@needs_mirror
-def test_pull_rejects_a_mirror_file_of_the_wrong_size(tmp_path):
-    mirror = tmp_path / "mirror"
-    (mirror / "darknet_cfg").mkdir(parents=True)
-    shutil.copy(MIRROR / "darknet_cfg" / "yolov2-tiny-voc.cfg", mirror / "darknet_cfg")
-    (mirror / "darknet_cfg" / "yolov2-tiny-voc.weights").write_bytes(b"\0" * 1000)
+def test_pull_rejects_a_mirror_file_of_the_wrong_size(tmp_path, mirror):
+    fake = tmp_path / "mirror"
+    (fake / "darknet_cfg").mkdir(parents=True)
+    shutil.copy(mirror / "darknet_cfg" / "yolov2-tiny-voc.cfg", fake / "darknet_cfg")
+    (fake / "darknet_cfg" / "yolov2-tiny-voc.weights").write_bytes(b"\0" * 1000)
     entry = CATALOG["yolov2-tiny-voc"]
     weights = next(f for f in entry.files if f.name.endswith(".weights"))
-    from visionserve.store.fetch import FetchError, fetch
-
+    # The public URL is swapped for the fake mirror's copy: this machine has no internet.
+    local = dataclasses.replace(weights, url=str(fake / "darknet_cfg" / weights.name))
     with pytest.raises(FetchError, match="size mismatch"):
-        # Only the mirror is tried here (the public URL would need the internet).
-        fetch(weights.__class__(weights.name, str(mirror / "darknet_cfg" / weights.name), None, weights.size),
-              "darknet_cfg", tmp_path / "out.weights", None)
+        fetch(local, "darknet_cfg", tmp_path / "out.weights", None)
+    assert not (tmp_path / "out.weights").exists()
 
 
 LETTERBOX_CFG = """[net]
