@@ -1,0 +1,260 @@
+"""The ``visionserve`` command: serve, detect, models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from visionserve import __version__
+from visionserve.config import ConfigError, Settings, load_settings
+from visionserve.errors import VisionServeError
+
+app = typer.Typer(help="visionserve: an inference server for image object detection.", no_args_is_help=True)
+models_app = typer.Typer(help="The model catalog and the local model store.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+err = Console(stderr=True)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file", exists=False)]
+ModelDirOpt = Annotated[Optional[Path], typer.Option("--model-dir", help="local model store [env VISIONSERVE_MODEL_DIR]")]
+MirrorOpt = Annotated[Optional[str], typer.Option("--mirror", help="model mirror folder or URL base [env VISIONSERVE_MODEL_MIRROR]")]
+
+
+def _settings(config: Path | None, **overrides: object) -> Settings:
+    try:
+        return load_settings(config, **overrides)
+    except ConfigError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"visionserve {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = False,
+) -> None:
+    pass
+
+
+@app.command()
+def serve(
+    config: ConfigOpt = None,
+    host: Annotated[Optional[str], typer.Option(help="address to listen on (0.0.0.0 to expose it) [default 127.0.0.1]")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port [default 9130]")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="model to serve (repeatable); the first is the default")] = None,
+    model_dir: ModelDirOpt = None,
+    mirror: MirrorOpt = None,
+    log_format: Annotated[Optional[str], typer.Option(help="text or json")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error")] = None,
+) -> None:
+    """Run the HTTP server."""
+    import uvicorn
+
+    from visionserve.server.app import create_app
+    from visionserve.server.logs import configure_logging
+    from visionserve.store.store import ModelStore
+
+    settings = _settings(
+        config, host=host, port=port, models=model, model_dir=model_dir, model_mirror=mirror,
+        log_format=log_format, log_level=log_level,
+    )
+    configure_logging(settings.log_format, settings.log_level)
+    store = ModelStore(settings.model_dir, settings.model_mirror)
+    for m in settings.models:  # pull missing catalog models before listening
+        if m.path is None and store.manifest(m.name) is None:
+            _pull(store, m.name)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+
+
+@app.command()
+def detect(
+    paths: Annotated[list[Path], typer.Argument(help="images or folders of images")],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model name [default: the configured default]")] = None,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="jsonl or csv")] = "jsonl",
+    annotate_dir: Annotated[Optional[Path], typer.Option("--annotate", help="write images with boxes drawn here")] = None,
+    min_confidence: Annotated[Optional[float], typer.Option(min=0, max=1)] = None,
+    iou: Annotated[Optional[float], typer.Option(min=0, max=1)] = None,
+    max_detections: Annotated[Optional[int], typer.Option(min=1)] = None,
+    classes: Annotated[Optional[str], typer.Option(help="comma-separated labels to keep")] = None,
+    config: ConfigOpt = None,
+    model_dir: ModelDirOpt = None,
+    mirror: MirrorOpt = None,
+) -> None:
+    """Detect objects in images offline; one JSON line (or CSV row per detection) per image on stdout."""
+    from visionserve.offline import OfflineDetector
+
+    if output_format not in ("jsonl", "csv"):
+        err.print("[red]error:[/red] --format must be jsonl or csv")
+        raise typer.Exit(2)
+    files = list(_image_files(paths))
+    if not files:
+        err.print("[red]error:[/red] no images found")
+        raise typer.Exit(2)
+    overrides: dict[str, object] = {"model_dir": model_dir, "model_mirror": mirror}
+    if model:
+        overrides["models"] = [model]
+    settings = _settings(config, **overrides)
+    try:
+        detector = OfflineDetector(settings, model, progress=lambda name: _progress_bar(name))
+    except VisionServeError as e:
+        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        raise typer.Exit(1) from None
+    params = _params(min_confidence, iou, max_detections, classes)
+    writer = csv.writer(sys.stdout) if output_format == "csv" else None
+    if writer:
+        writer.writerow(["file", "label", "class_id", "confidence", "x1", "y1", "x2", "y2"])
+    failures = 0
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeRemainingColumn(), console=err, disable=len(files) < 2 or not err.is_terminal) as bar:
+        task = bar.add_task("detecting", total=len(files))
+        for path in files:
+            try:
+                record = detector.detect_file(path, params, annotate_dir)
+            except VisionServeError as e:
+                failures += 1
+                record = {"file": str(path), "error": {"code": e.code, "message": e.message}}
+            if writer is None:
+                print(json.dumps(record), flush=True)
+            else:
+                for d in record.get("detections", []):
+                    b = d["box"]
+                    writer.writerow([path, d["label"], d["class_id"], d["confidence"], b["x1"], b["y1"], b["x2"], b["y2"]])
+            bar.advance(task)
+    if failures:
+        err.print(f"[yellow]{failures} of {len(files)} images could not be processed[/yellow]")
+        raise typer.Exit(1)
+
+
+def _params(min_confidence, iou, max_detections, classes):  # type: ignore[no-untyped-def]
+    from visionserve.types import PredictParams
+
+    wanted = frozenset(c.strip() for c in classes.split(",") if c.strip()) if classes else None
+    return PredictParams(min_confidence, iou, max_detections, wanted)
+
+
+def _image_files(paths: list[Path]) -> Iterator[Path]:
+    for p in paths:
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield p
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(config: ConfigOpt = None, model_dir: ModelDirOpt = None) -> None:
+    """The catalog, and which models are installed in the local store."""
+    from visionserve.store.catalog import CATALOG
+    from visionserve.store.store import ModelStore
+
+    settings = _settings(config, model_dir=model_dir)
+    store = ModelStore(settings.model_dir, settings.model_mirror)
+    installed = {m.name: m for m in store.installed()}
+    table = Table(title=f"models (store: {store.root})")
+    for col in ("name", "family", "input", "classes", "installed", "description"):
+        table.add_column(col)
+    for name, e in sorted(CATALOG.items()):
+        table.add_row(name, e.family, f"{e.input_width}x{e.input_height}", str(len(e.labels)),
+                      "yes" if name in installed else "no", e.description)
+    for name, m in sorted(installed.items()):
+        if name not in CATALOG:
+            table.add_row(name, m.family, f"{m.input_width}x{m.input_height}", str(len(m.labels)), "yes",
+                          m.description or f"({m.source})")
+    Console().print(table)
+
+
+@models_app.command("pull")
+def models_pull(
+    names: Annotated[list[str], typer.Argument(help="catalog model names")],
+    force: Annotated[bool, typer.Option(help="download again even if installed")] = False,
+    config: ConfigOpt = None,
+    model_dir: ModelDirOpt = None,
+    mirror: MirrorOpt = None,
+) -> None:
+    """Download (from the mirror first), verify and install catalog models."""
+    from visionserve.store.store import ModelStore
+
+    settings = _settings(config, model_dir=model_dir, model_mirror=mirror)
+    store = ModelStore(settings.model_dir, settings.model_mirror)
+    for name in names:
+        _pull(store, name, force=force)
+
+
+def _pull(store, name: str, force: bool = False) -> None:  # type: ignore[no-untyped-def]
+    try:
+        manifest = store.pull(name, force=force, progress=_progress_bar)
+    except VisionServeError as e:
+        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        raise typer.Exit(1) from None
+    err.print(f"{name}: installed in {manifest.folder} ([green]verified[/green])", highlight=False)
+
+
+def _progress_bar(filename: str):  # type: ignore[no-untyped-def]
+    progress = Progress(TextColumn(filename), BarColumn(), DownloadColumn(), console=err, transient=True,
+                        disable=not err.is_terminal)
+    task = progress.add_task(filename, total=None)
+    started = False
+
+    def update(done: int, total: int | None) -> None:
+        nonlocal started
+        if not started:
+            progress.start()
+            started = True
+        progress.update(task, completed=done, total=total)
+        if total is not None and done >= total:
+            progress.stop()
+
+    return update
+
+
+@models_app.command("verify")
+def models_verify(
+    names: Annotated[Optional[list[str]], typer.Argument(help="models to check [default: all installed]")] = None,
+    config: ConfigOpt = None,
+    model_dir: ModelDirOpt = None,
+) -> None:
+    """Re-hash installed models' files against the catalog; exit 1 on any mismatch."""
+    from visionserve.store.store import ModelStore
+
+    settings = _settings(config, model_dir=model_dir)
+    store = ModelStore(settings.model_dir, settings.model_mirror)
+    targets = names or [m.name for m in store.installed()]
+    if not targets:
+        err.print("no models installed")
+        raise typer.Exit(1)
+    bad = 0
+    for name in targets:
+        for check in store.verify(name):
+            mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
+            Console().print(f"{mark} {name}/{check.name}: {check.detail}", highlight=False)
+            bad += not check.ok
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,155 @@
+"""Settings, from (highest precedence first): CLI flags, ``VISIONSERVE_*`` environment
+variables, a TOML file, built-in defaults.
+
+Nested keys use ``__`` in the environment: ``VISIONSERVE_LIMITS__MAX_BODY_BYTES=5000000``.
+``VISIONSERVE_MODELS`` takes a comma-separated list of catalog names or a JSON list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from visionserve.errors import ConfigError
+
+DEFAULT_PORT = 9130
+
+
+def default_model_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "visionserve" / "models"
+
+
+class ModelConfig(BaseModel):
+    """A model to serve: a catalog name, or your own ONNX file with its family and labels."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    path: Path | None = None
+    family: str | None = None
+    labels: Path | list[str] | None = None
+    input_width: int | None = Field(default=None, gt=0)
+    input_height: int | None = Field(default=None, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+    version: str | None = None
+    min_confidence: float | None = Field(default=None, ge=0, le=1)
+    iou: float | None = Field(default=None, ge=0, le=1)
+    max_detections: int | None = Field(default=None, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _own_file_needs_family(self) -> "ModelConfig":
+        if self.path is not None and (self.family is None or self.labels is None):
+            raise ValueError("a model given by 'path' also needs 'family' and 'labels'")
+        return self
+
+
+class Limits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(default=20_000_000, gt=0, description="request bodies above this get 413")
+    max_image_pixels: int = Field(default=50_000_000, gt=0, description="images above this many pixels get 413")
+
+
+class RuntimeSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads per inference; 0 = all cores")
+    inter_op_threads: int = Field(default=1, ge=1)
+    decode_threads: int = Field(default=0, ge=0, description="image decode threads; 0 = number of cores")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VISIONSERVE_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_PORT, ge=0, le=65535)
+    model_dir: Path = Field(default_factory=default_model_dir)
+    model_mirror: str | None = None
+    models: Annotated[list[ModelConfig], NoDecode] = Field(default_factory=lambda: [ModelConfig(name="yolox-nano")])
+    default_model: str | None = None
+    limits: Limits = Field(default_factory=Limits)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            value = json.loads(text) if text.startswith("[") else [s.strip() for s in text.split(",") if s.strip()]
+        if isinstance(value, list):
+            return [{"name": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _check_models(self) -> "Settings":
+        if not self.models:
+            raise ValueError("models: at least one model must be configured")
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: duplicate names in {names}")
+        if self.default_model is None:
+            self.default_model = names[0]
+        elif self.default_model not in names:
+            raise ValueError(f"default_model: {self.default_model!r} is not among the configured models {names}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Builds settings from a TOML file, the environment and explicit overrides (CLI flags).
+
+    Raises ``ConfigError`` naming each bad key.
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config_file is not None:
+        config_file = Path(config_file)
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(toml_file=config_file)
+
+    try:
+        return _FromFile(**overrides)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, config_file)) from None
+    except ValueError as e:  # TOML syntax errors and JSON in env vars
+        raise ConfigError(f"invalid configuration{f' in {config_file}' if config_file else ''}: {e}") from None
+
+
+def format_validation_error(err: ValidationError, config_file: Path | None) -> str:
+    where = f" ({config_file})" if config_file else ""
+    lines = [f"invalid configuration{where}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)

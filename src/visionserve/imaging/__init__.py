@@ -1,0 +1,1 @@
+"""Image intake (decode with limits, EXIF orientation) and annotation (drawing, encoding)."""

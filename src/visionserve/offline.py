@@ -1,0 +1,44 @@
+"""Detection without a server, for ``visionserve detect``: same decode, families and runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from visionserve.config import Settings
+from visionserve.errors import InvalidImage
+from visionserve.imaging.decode import decode_image
+from visionserve.imaging.draw import annotate, encode_image
+from visionserve.protocols.native import prediction_json
+from visionserve.runtime.model import ServedModel
+from visionserve.runtime.registry import manifest_for
+from visionserve.config import ModelConfig
+from visionserve.store.store import ModelStore
+from visionserve.types import PredictParams, Prediction
+
+
+class OfflineDetector:
+    def __init__(self, settings: Settings, model: str | None, progress: Callable[[str], Any] | None = None) -> None:
+        name = model or settings.default_model or settings.models[0].name
+        config = next((m for m in settings.models if m.name == name), ModelConfig(name=name))
+        store = ModelStore(settings.model_dir, settings.model_mirror)
+        if config.path is None and store.manifest(name) is None:
+            store.pull(name, progress=progress)
+        self.settings = settings
+        self.model = ServedModel(manifest_for(config, store), settings.runtime)
+        self.model.load()
+
+    def detect_file(self, path: Path, params: PredictParams, annotate_dir: Path | None = None) -> dict[str, Any]:
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise InvalidImage(f"cannot read {path}: {e.strerror}") from None
+        image = decode_image(data, max_pixels=self.settings.limits.max_image_pixels)
+        timings: dict[str, float] = {}
+        detections = self.model.predict(image.pixels, self.model.thresholds(params), timings)
+        pred = Prediction(self.model.name, self.model.version, image,
+                          detections.scaled(image.scale_x, image.scale_y, image.width, image.height), timings)
+        if annotate_dir is not None:
+            annotate_dir.mkdir(parents=True, exist_ok=True)
+            (annotate_dir / f"{path.stem}.jpg").write_bytes(encode_image(annotate(image.pixels, detections), "jpeg"))
+        return {"file": str(path), **prediction_json(pred)}

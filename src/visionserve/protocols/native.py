@@ -1,0 +1,240 @@
+"""visionserve's own API: status, health, and ``POST /predict``.
+
+Errors are ``{"error": {"code": ..., "message": ...}}`` with the status the error implies.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal, Mapping
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.responses import JSONResponse, Response
+
+from visionserve import __version__
+from visionserve.errors import InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
+from visionserve.imaging.draw import annotate, encode_image
+from visionserve.protocols import Protocol
+from visionserve.types import PredictParams, Prediction
+
+router = APIRouter()
+
+IMAGE_FIELDS = ("image", "file")
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def render_error(status: int, code: str, message: str, headers: Mapping[str, str]) -> Response:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=dict(headers))
+
+
+class PredictOptions(BaseModel):
+    """Parameters of ``/predict``, from the query string or form fields (query wins)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    min_confidence: float | None = Field(None, ge=0, le=1, description="drop detections below this confidence")
+    iou: float | None = Field(None, ge=0, le=1, description="IoU above which NMS drops the weaker of two boxes")
+    max_detections: int | None = Field(None, ge=1, le=10_000, description="keep at most this many detections")
+    classes: str | None = Field(None, description="comma-separated labels to keep, e.g. 'person,dog'")
+    format: Literal["json", "jpeg", "png"] | None = Field(
+        None, description="'jpeg' or 'png' returns the image with the detections drawn"
+    )
+
+    def params(self) -> PredictParams:
+        classes = None
+        if self.classes is not None:
+            classes = frozenset(c.strip() for c in self.classes.split(",") if c.strip())
+        return PredictParams(self.min_confidence, self.iou, self.max_detections, classes)
+
+
+def _openapi_parameters() -> list[dict[str, Any]]:
+    schema = PredictOptions.model_json_schema()["properties"]
+    return [
+        {"name": name, "in": "query", "required": False, "description": prop.get("description", ""), "schema": prop}
+        for name, prop in schema.items()
+    ]
+
+
+_PREDICT_OPENAPI: dict[str, Any] = {
+    "parameters": _openapi_parameters(),
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "image": {"type": "string", "format": "binary", "description": "the image (or field 'file')"},
+                        **{k: {"type": "string"} for k in PredictOptions.model_fields},
+                    },
+                    "required": ["image"],
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "detections as JSON, or the annotated image with format=jpeg|png",
+            "content": {"image/jpeg": {}, "image/png": {}},
+        }
+    },
+}
+
+
+# -- status and health ------------------------------------------------------------------
+
+
+@router.get("/status", summary="Service status, version, uptime and each model's readiness")
+async def status(request: Request) -> dict[str, Any]:
+    registry = request.app.state.registry
+    return {
+        "status": "ready" if registry.ready else "starting",
+        "version": __version__,
+        "uptime_s": round(time.time() - request.app.state.started, 3),
+        "default_model": registry.default_name,
+        "models": registry.status(),
+    }
+
+
+@router.get("/healthz", summary="Liveness: the process answers")
+async def healthz() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", summary="Readiness: every configured model is loaded and warmed up (503 until then)")
+async def readyz(request: Request) -> dict[str, str]:
+    if not request.app.state.registry.ready:
+        raise ModelNotReady("models are still loading")
+    return {"status": "ready"}
+
+
+# -- prediction -------------------------------------------------------------------------
+
+
+@router.post("/predict", summary="Detect objects with the default model", openapi_extra=_PREDICT_OPENAPI)
+async def predict_default(request: Request) -> Response:
+    return await _predict(request, None)
+
+
+@router.post("/predict/{model}", summary="Detect objects with a named model", openapi_extra=_PREDICT_OPENAPI)
+async def predict_model(request: Request, model: str) -> Response:
+    return await _predict(request, model)
+
+
+async def _predict(request: Request, model: str | None) -> Response:
+    data, fields = await _read_image(request)
+    merged = {**fields, **{k: v for k, v in request.query_params.items() if v != ""}}
+    try:
+        options = PredictOptions.model_validate(merged)
+    except ValidationError as e:
+        raise InvalidParameter(
+            "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        ) from None
+    service = request.app.state.service
+    prediction = await service.detect(model, data, options.params())
+    image_format = options.format or _negotiate(request.headers.get("accept", ""))
+    if image_format in ("jpeg", "png"):
+        body = await service.scheduler.decode(_draw, prediction, image_format)
+        return Response(body, media_type=f"image/{image_format}", headers=_server_timing(prediction))
+    return JSONResponse(prediction_json(prediction), headers=_server_timing(prediction))
+
+
+async def _read_image(request: Request) -> tuple[bytes, dict[str, str]]:
+    """The uploaded image bytes and any plain form fields, from multipart or a raw body."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=4, max_fields=64)
+        try:
+            upload = next((form[f] for f in IMAGE_FIELDS if f in form), None)
+            fields = {k: v for k, v in form.items() if isinstance(v, str) and v != ""}
+            if upload is None:
+                raise MissingImage("no image: send it as multipart field 'image' (or 'file')")
+            if not isinstance(upload, UploadFile):
+                raise MissingImage("multipart field 'image' must be a file upload")
+            data = await upload.read()
+        finally:
+            await form.close()
+        if not data:
+            raise MissingImage("the uploaded image is empty")
+        return data, fields
+    body = await request.body()
+    if ctype == "application/x-www-form-urlencoded" and not body.startswith(_IMAGE_MAGIC):
+        # A form without a file (curl --data-binary sends images with this type: sniffed above).
+        raise MissingImage("no image: send it as multipart field 'image' or as a raw image body")
+    if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream", "application/x-www-form-urlencoded")):
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {ctype!r}: send multipart/form-data with field 'image', "
+            "or the image itself as image/* or application/octet-stream"
+        )
+    if not body:
+        raise MissingImage("no image: the request body is empty")
+    return body, {}
+
+
+def _negotiate(accept: str) -> str:
+    """'json', 'jpeg' or 'png' from an Accept header; JSON unless an image type is preferred."""
+    q: dict[str, float] = {}
+    for part in accept.split(","):
+        media, _, rest = part.strip().partition(";")
+        weight = 1.0
+        for param in rest.split(";"):
+            k, _, v = param.strip().partition("=")
+            if k == "q":
+                try:
+                    weight = float(v)
+                except ValueError:
+                    weight = 0.0
+        if media:
+            q[media.lower()] = weight
+
+    def quality(media: str) -> float:
+        kind = media.split("/")[0] + "/*"
+        return q.get(media, q.get(kind, q.get("*/*", 0.0)))
+
+    offers = {"json": quality("application/json"), "jpeg": quality("image/jpeg"), "png": quality("image/png")}
+    if not q:
+        return "json"
+    best = max(offers, key=lambda k: offers[k])  # dict order breaks ties in JSON's favour
+    return best if offers[best] > 0 else "json"
+
+
+def _draw(prediction: Prediction, fmt: str) -> bytes:
+    # Draw on the decoded pixels (smaller than the original only for DCT-scaled JPEGs).
+    img = prediction.image
+    h, w = img.pixels.shape[:2]
+    detections = prediction.detections.scaled(1 / img.scale_x, 1 / img.scale_y, w, h)
+    return encode_image(annotate(img.pixels, detections), fmt)
+
+
+def _server_timing(prediction: Prediction) -> dict[str, str]:
+    return {"Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in prediction.timings_ms.items())}
+
+
+def prediction_json(p: Prediction) -> dict[str, Any]:
+    d = p.detections
+    # float64 first, so the rounded values print as short decimals
+    boxes = d.boxes.astype(np.float64).round(2).tolist()
+    scores = d.scores.astype(np.float64).round(4).tolist()
+    return {
+        "model": {"name": p.model, "version": p.version},
+        "image": {"width": p.image.width, "height": p.image.height},
+        "detections": [
+            {"label": label, "class_id": cid, "confidence": s, "box": {"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3]}}
+            for label, cid, s, b in zip(d.label_names(), d.class_ids.tolist(), scores, boxes)
+        ],
+        "timings_ms": {k: round(v, 2) for k, v in p.timings_ms.items()},
+    }
+
+
+PROTOCOL = Protocol(
+    name="native",
+    prefix="",
+    router=router,
+    render_error=render_error,
+    description="visionserve's own API: /predict, /status, /healthz, /readyz",
+)

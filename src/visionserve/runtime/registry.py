@@ -1,0 +1,165 @@
+"""The served models by name: resolving configuration to manifests, loading, readiness."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from visionserve.config import ModelConfig, Settings
+from visionserve.errors import ModelError, ModelNotFound, ModelNotReady
+from visionserve.runtime.model import ModelState, ServedModel
+from visionserve.store.manifest import ModelManifest
+from visionserve.store.store import ModelStore
+
+log = logging.getLogger("visionserve.models")
+
+
+def read_labels(labels: Path | list[str]) -> list[str]:
+    if isinstance(labels, list):
+        return labels
+    try:
+        return [line.strip() for line in Path(labels).read_text().splitlines() if line.strip()]
+    except OSError as e:
+        raise ModelError(f"cannot read labels file {labels}: {e}") from None
+
+
+def manifest_for(config: ModelConfig, store: ModelStore) -> ModelManifest:
+    """The manifest a model config resolves to: a user's own file, or an installed/catalog model."""
+    if config.path is not None:
+        assert config.family is not None and config.labels is not None  # checked by ModelConfig
+        width, height = config.input_width, config.input_height
+        if width is None or height is None:
+            width, height = _graph_input_size(config.path)
+        manifest = ModelManifest(
+            name=config.name,
+            version=config.version or "1",
+            family=config.family,
+            file=str(Path(config.path).expanduser().resolve()),
+            labels=read_labels(config.labels),
+            input_width=width,
+            input_height=height,
+            options=config.options,
+            source="file",
+        )
+    else:
+        manifest = store.ensure(config.name)
+        updates = {"options": {**manifest.options, **config.options}} if config.options else {}
+        if config.version:
+            updates["version"] = config.version
+        manifest = manifest.model_copy(update=updates)
+    overrides = {
+        k: getattr(config, k) for k in ("min_confidence", "iou", "max_detections") if getattr(config, k) is not None
+    }
+    return manifest.model_copy(update=overrides) if overrides else manifest
+
+
+def _graph_input_size(path: Path) -> tuple[int, int]:
+    import onnx
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as e:
+        raise ModelError(f"cannot read ONNX file {path}: {e}") from None
+    dims = graph.input[0].type.tensor_type.shape.dim
+    if len(dims) != 4 or not dims[2].dim_value or not dims[3].dim_value:
+        raise ModelError(f"{path}: input size is not fixed in the graph; set input_width and input_height")
+    return dims[3].dim_value, dims[2].dim_value
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings, store: ModelStore) -> None:
+        self.settings = settings
+        self.store = store
+        self.default_name: str = settings.default_model or settings.models[0].name
+        self._configs = {m.name: m for m in settings.models}
+        self._models: dict[str, ServedModel] = {}
+        self._failures: dict[str, str] = {}  # models whose manifest could not be resolved
+        self._lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(dict.fromkeys([*self._configs, *self._models]))
+
+    def get(self, name: str | None = None) -> ServedModel:
+        """The ready model by name (default model for None)."""
+        name = name or self.default_name
+        model = self._models.get(name)
+        if model is None:
+            if name in self._failures:
+                raise ModelNotReady(f"model {name!r} failed to load: {self._failures[name]}")
+            if name in self._configs:
+                raise ModelNotReady(f"model {name!r} is still loading")
+            raise ModelNotFound(f"no model named {name!r}; served: {', '.join(self.names())}")
+        if model.state is not ModelState.READY:
+            detail = f": {model.error}" if model.error else ""
+            raise ModelNotReady(f"model {name!r} is {model.state.value}{detail}")
+        return model
+
+    def find(self, name: str) -> ServedModel | None:
+        return self._models.get(name)
+
+    @property
+    def ready(self) -> bool:
+        return all(
+            (m := self._models.get(n)) is not None and m.state is ModelState.READY for n in self._configs
+        )
+
+    def load(self, name: str) -> ServedModel:
+        """Loads (or reloads) a configured, installed or catalog model; blocking."""
+        config = self._configs.get(name, ModelConfig(name=name))
+        try:
+            manifest = manifest_for(config, self.store)
+        except Exception as e:
+            self._failures[name] = str(e)
+            raise
+        self._failures.pop(name, None)
+        model = ServedModel(manifest, self.settings.runtime)
+        with self._lock:
+            previous = self._models.get(name)
+            if previous is None or previous.state is not ModelState.READY:
+                self._models[name] = model  # shows "loading" while it loads
+        model.load()
+        with self._lock:
+            self._models[name] = model
+        log.info("model %s (version %s, family %s) ready", name, model.version, model.manifest.family)
+        return model
+
+    def load_configured(self) -> None:
+        """Loads every configured model; a failing one is logged and stays failed."""
+        for name in self._configs:
+            try:
+                self.load(name)
+            except Exception as e:
+                log.error("model %s failed to load: %s", name, e)
+
+    def unload(self, name: str) -> None:
+        with self._lock:
+            model = self._models.get(name)
+            if model is None:
+                raise ModelNotFound(f"no model named {name!r}")
+            model.unload()
+
+    def status(self) -> list[dict]:
+        out = []
+        for name in self.names():
+            m = self._models.get(name)
+            if m is None:
+                failed = name in self._failures
+                entry = {"name": name, "state": (ModelState.FAILED if failed else ModelState.LOADING).value, "ready": False}
+                if failed:
+                    entry["error"] = self._failures[name]
+                out.append(entry)
+                continue
+            entry = {"name": name, "state": m.state.value, "ready": m.state is ModelState.READY}
+            entry |= {
+                "version": m.version,
+                "family": m.manifest.family,
+                "labels": len(m.labels),
+                "input": {"width": m.family.input.width, "height": m.family.input.height},
+                "default": name == self.default_name,
+            }
+            if m.error:
+                entry["error"] = m.error
+            out.append(entry)
+        return out
+

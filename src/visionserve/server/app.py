@@ -1,0 +1,64 @@
+"""The ASGI application: protocols mounted, middleware, model loading on start-up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import AsyncIterator
+
+from fastapi import FastAPI
+
+from visionserve import __version__
+from visionserve.config import Settings
+from visionserve.protocols import discover, renderer_for
+from visionserve.runtime.registry import ModelRegistry
+from visionserve.runtime.scheduler import Scheduler
+from visionserve.runtime.session import cpu_count
+from visionserve.server.errors import install_error_handlers
+from visionserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from visionserve.service import DetectionService
+from visionserve.store.store import ModelStore
+
+log = logging.getLogger("visionserve")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    store = ModelStore(settings.model_dir, mirror=settings.model_mirror)
+    registry = ModelRegistry(settings, store)
+    scheduler = Scheduler(decode_threads=settings.runtime.decode_threads or cpu_count())
+    service = DetectionService(settings, registry, scheduler)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Models load in the background so /healthz answers at once and /readyz says when
+        # they are warm.
+        loading = asyncio.create_task(asyncio.to_thread(registry.load_configured))
+        yield
+        if not loading.done():
+            loading.cancel()
+        scheduler.shutdown()
+
+    app = FastAPI(
+        title="visionserve",
+        version=__version__,
+        description="Object detection over HTTP: upload an image, get labels, confidences and boxes.",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+    )
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.service = service
+    app.state.started = time.time()
+
+    protocols = discover()
+    pick = partial(renderer_for, protocols=protocols)
+    for proto in protocols:
+        app.include_router(proto.router)
+    install_error_handlers(app, pick)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick)
+    app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log)
+    return app

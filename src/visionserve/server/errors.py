@@ -1,0 +1,57 @@
+"""Maps every error to its protocol's JSON body and the right status code."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from visionserve.errors import VisionServeError
+from visionserve.protocols import ErrorRenderer
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_parameter",
+    503: "unavailable",
+}
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = [str(p) for p in e.get("loc", ()) if p not in ("query", "path", "body", "header")]
+        parts.append(f"{'.'.join(loc) or 'request'}: {e.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def install_error_handlers(app: FastAPI, renderer_for: Callable[[str], ErrorRenderer]) -> None:
+    async def service_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, VisionServeError)
+        return renderer_for(request.url.path)(exc.status, exc.code, exc.message, exc.headers)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        status = exc.status_code
+        if status == 404:
+            message = f"no route for {request.method} {request.url.path}"
+        elif status == 405:
+            message = f"method {request.method} is not allowed for {request.url.path}"
+        else:
+            message = str(exc.detail)
+        code = _HTTP_CODES.get(status, "error")
+        return renderer_for(request.url.path)(status, code, message, dict(exc.headers or {}))
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return renderer_for(request.url.path)(422, "invalid_parameter", validation_message(exc), {})
+
+    app.add_exception_handler(VisionServeError, service_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)

@@ -1,0 +1,106 @@
+"""ASGI middleware: request ids, the access log, the body-size limit, and a last-resort
+error boundary so that no exception ever reaches a client as a stack trace."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from visionserve.errors import PayloadTooLarge
+from visionserve.protocols import ErrorRenderer
+
+access_log = logging.getLogger("visionserve.access")
+error_log = logging.getLogger("visionserve.error")
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class RequestContextMiddleware:
+    """Outermost layer: assigns ``X-Request-ID``, logs one line per request, and turns any
+    unhandled exception into the protocol's JSON 500."""
+
+    def __init__(self, app: ASGIApp, renderer_for: Callable[[str], ErrorRenderer], access: bool = True) -> None:
+        self.app = app
+        self.renderer_for = renderer_for
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start = time.perf_counter()
+        status = 0
+        sent = 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        except Exception:
+            error_log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            if status == 0:  # nothing sent yet: answer with the protocol's 500
+                response = self.renderer_for(scope["path"])(500, "internal_error", "internal server error", {})
+                await response(scope, receive, send_wrapper)
+        finally:
+            if self.access:
+                ms = (time.perf_counter() - start) * 1e3
+                client = scope.get("client")
+                access_log.info(
+                    '%s %s %s %d %.1fms %s',
+                    client[0] if client else "-", scope["method"], scope["path"], status, ms, request_id,
+                    extra={"fields": {
+                        "request_id": request_id, "method": scope["method"], "path": scope["path"],
+                        "status": status, "duration_ms": round(ms, 2), "bytes": sent,
+                        "client": client[0] if client else None,
+                    }},
+                )
+
+
+class BodyLimitMiddleware:
+    """Rejects bodies over ``max_bytes``: at once from Content-Length, or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, renderer_for: Callable[[str], ErrorRenderer]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.renderer_for = renderer_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            response = self.renderer_for(scope["path"])(
+                413, PayloadTooLarge.code, self._message(), {"Connection": "close"}
+            )
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise PayloadTooLarge(self._message(), headers={"Connection": "close"})
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    def _message(self) -> str:
+        return f"request body exceeds the limit of {self.max_bytes} bytes"
