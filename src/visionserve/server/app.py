@@ -17,6 +17,7 @@ from visionserve.protocols import discover, renderer_for
 from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler
 from visionserve.runtime.session import cpu_count
+from visionserve.server import web
 from visionserve.server.errors import install_error_handlers
 from visionserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from visionserve.service import DetectionService
@@ -58,6 +59,7 @@ def create_app(settings: Settings) -> FastAPI:
     pick = partial(renderer_for, protocols=protocols)
     for proto in protocols:
         app.include_router(proto.router)
+    app.include_router(web.router)
     install_error_handlers(app, pick)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick)
     app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log)
