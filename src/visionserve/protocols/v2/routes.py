@@ -89,8 +89,8 @@ def _served(request: Request, name: str, version: str | None) -> ServedModel:
     registry = request.app.state.registry
     model = registry.find(name)
     if model is None:
-        registry.get(name)  # raises the precise error: unknown, still loading, or failed
-        raise ModelNotFound(f"no model named {name!r}")  # pragma: no cover - get() raised
+        # Not loaded at all: get() says precisely why (unknown, still loading, or failed).
+        return registry.get(name)
     if version is not None and version != model.version:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has version {model.version!r}")
     return model
