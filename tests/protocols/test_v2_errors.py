@@ -167,3 +167,8 @@ def test_gzip_bomb_is_413(client):
 ])
 def test_repository_errors(client, path, body, status, fragment):
     _assert_error(client.post(path, content=body), status, fragment)
+
+
+def test_failed_load_of_an_unknown_name_leaves_it_unknown(client):
+    _assert_error(client.post("/v2/repository/models/never-heard-of-it/load"), 404, "never-heard-of-it")
+    _assert_error(client.get("/v2/models/never-heard-of-it"), 404, "no model named 'never-heard-of-it'")
