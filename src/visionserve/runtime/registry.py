@@ -110,7 +110,8 @@ class ModelRegistry:
         try:
             manifest = manifest_for(config, self.store)
         except Exception as e:
-            self._failures[name] = str(e)
+            if name in self._configs:  # an unknown name asked for at run time stays unknown
+                self._failures[name] = str(e)
             raise
         self._failures.pop(name, None)
         model = ServedModel(manifest, self.settings.runtime)
