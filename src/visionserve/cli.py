@@ -158,7 +158,11 @@ def _image_files(paths: list[Path]) -> Iterator[Path]:
 
 
 @models_app.command("list")
-def models_list(config: ConfigOpt = None, model_dir: ModelDirOpt = None) -> None:
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    config: ConfigOpt = None,
+    model_dir: ModelDirOpt = None,
+) -> None:
     """The catalog, and which models are installed in the local store."""
     from visionserve.store.catalog import CATALOG
     from visionserve.store.store import ModelStore
@@ -166,16 +170,24 @@ def models_list(config: ConfigOpt = None, model_dir: ModelDirOpt = None) -> None
     settings = _settings(config, model_dir=model_dir)
     store = ModelStore(settings.model_dir, settings.model_mirror)
     installed = {m.name: m for m in store.installed()}
+    rows = [
+        {"name": name, "family": e.family, "input": f"{e.input_width}x{e.input_height}", "classes": len(e.labels),
+         "installed": name in installed, "description": e.description}
+        for name, e in sorted(CATALOG.items())
+    ] + [
+        {"name": name, "family": m.family, "input": f"{m.input_width}x{m.input_height}", "classes": len(m.labels),
+         "installed": True, "description": m.description or f"({m.source})"}
+        for name, m in sorted(installed.items()) if name not in CATALOG
+    ]
+    if as_json:
+        print(json.dumps({"store": str(store.root), "models": rows}, indent=2))
+        return
     table = Table(title=f"models (store: {store.root})")
     for col in ("name", "family", "input", "classes", "installed", "description"):
-        table.add_column(col)
-    for name, e in sorted(CATALOG.items()):
-        table.add_row(name, e.family, f"{e.input_width}x{e.input_height}", str(len(e.labels)),
-                      "yes" if name in installed else "no", e.description)
-    for name, m in sorted(installed.items()):
-        if name not in CATALOG:
-            table.add_row(name, m.family, f"{m.input_width}x{m.input_height}", str(len(m.labels)), "yes",
-                          m.description or f"({m.source})")
+        table.add_column(col, no_wrap=col != "description")
+    for r in rows:
+        table.add_row(r["name"], r["family"], r["input"], str(r["classes"]), "yes" if r["installed"] else "no",
+                      r["description"])
     Console().print(table)
 
 

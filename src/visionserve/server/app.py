@@ -19,6 +19,7 @@ from visionserve.metrics import CONTENT_TYPE, Metrics
 from visionserve.protocols import discover, renderer_for
 from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler
+from visionserve.server import web
 from visionserve.server.errors import install_error_handlers
 from visionserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from visionserve.service import DetectionService
@@ -63,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
     pick = partial(renderer_for, protocols=protocols)
     for proto in protocols:
         app.include_router(proto.router)
+    app.include_router(web.router)
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)

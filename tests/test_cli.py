@@ -1,0 +1,110 @@
+"""The ``visionserve`` command as a user runs it: real processes, real model."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, model_dir: Path, mirror: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {
+        **os.environ,
+        "VISIONSERVE_MODEL_DIR": str(model_dir),
+        "VISIONSERVE_MODEL_MIRROR": str(mirror),
+        "PYTHONPATH": str(REPO / "src"),
+    }
+    return subprocess.run([sys.executable, "-m", "visionserve", *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def test_version_and_help(model_dir, mirror):
+    r = run("--version", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0 and r.stdout.startswith("visionserve ")
+    r = run("--help", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("serve", "detect", "models"))
+
+
+def test_detect_one_file_jsonl(model_dir, mirror, images):
+    r = run("detect", str(images / "dog.jpg"), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    (line,) = r.stdout.splitlines()
+    record = json.loads(line)
+    assert record["file"].endswith("dog.jpg") and record["image"] == {"width": 768, "height": 576}
+    assert {"dog", "bicycle", "car"} <= {d["label"] for d in record["detections"]}
+
+
+def test_detect_folder_csv_and_annotate(model_dir, mirror, images, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("dog.jpg", "person.jpg", "scream.jpg"):
+        shutil.copy(images / name, folder / name)
+    (folder / "notes.txt").write_text("not an image, skipped by suffix")
+    out = tmp_path / "out"
+    r = run("detect", str(folder), "--format", "csv", "--annotate", str(out), "--min-confidence", "0.5",
+            model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader(io.StringIO(r.stdout)))
+    by_file = {}
+    for row in rows:
+        by_file.setdefault(Path(row["file"]).name, set()).add(row["label"])
+    assert by_file["dog.jpg"] >= {"dog", "bicycle", "car"}
+    assert by_file["person.jpg"] >= {"person", "dog", "horse"}
+    assert "scream.jpg" not in by_file
+    assert sorted(p.name for p in out.iterdir()) == ["dog.jpg", "person.jpg", "scream.jpg"]
+    assert Image.open(out / "dog.jpg").size == (768, 576)
+
+
+def test_detect_reports_bad_files_and_exits_1(model_dir, mirror, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not really a jpeg")
+    r = run("detect", str(images / "dog.jpg"), str(bad), "--classes", "dog", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 1
+    good, broken = (json.loads(line) for line in r.stdout.splitlines())
+    assert [d["label"] for d in good["detections"]] == ["dog"]
+    assert broken["error"]["code"] == "invalid_image"
+
+
+def test_models_list_pull_verify(mirror, tmp_path):
+    store = tmp_path / "store"
+    r = run("models", "list", model_dir=store, mirror=mirror)
+    assert r.returncode == 0 and "yolox-nano" in r.stdout and "tiny-yolov2-voc" in r.stdout
+    listed = {m["name"]: m for m in json.loads(run("models", "list", "--json", model_dir=store, mirror=mirror).stdout)["models"]}
+    assert listed["yolox-nano"]["installed"] is False and listed["yolox-nano"]["classes"] == 80
+    r = run("models", "pull", "yolox-nano", model_dir=store, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    assert (store / "yolox-nano" / "yolox_nano.onnx").is_file()
+    listed = {m["name"]: m for m in json.loads(run("models", "list", "--json", model_dir=store, mirror=mirror).stdout)["models"]}
+    assert listed["yolox-nano"]["installed"] is True and listed["tiny-yolov2-voc"]["installed"] is False
+    r = run("models", "verify", model_dir=store, mirror=mirror)
+    assert r.returncode == 0 and "ok" in r.stdout and "yolox_nano.onnx" in r.stdout
+    (store / "yolox-nano" / "yolox_nano.onnx").write_bytes(b"tampered")
+    r = run("models", "verify", "yolox-nano", model_dir=store, mirror=mirror)
+    assert r.returncode == 1 and "FAIL" in r.stdout
+    r = run("models", "pull", "no-such-model", model_dir=store, mirror=mirror)
+    assert r.returncode == 1 and "no-such-model" in r.stderr
+
+
+def test_tiny_yolov2_pull_fails_clearly_offline(tmp_path, mirror):
+    """Its file is not in the mirror here and the internet is unreachable: a clear error, no partial install."""
+    store = tmp_path / "store"
+    r = run("models", "pull", "tiny-yolov2-voc", model_dir=store, mirror=mirror, timeout=180)
+    assert r.returncode == 1 and "tinyyolov2-8.onnx" in r.stderr
+    assert not (store / "tiny-yolov2-voc" / "manifest.json").exists()
+
+
+def test_bad_config_fails_at_start_naming_the_key(model_dir, mirror, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[limits]\nmax_body_bites = 3\n")
+    r = run("serve", "--config", str(cfg), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 2 and "limits.max_body_bites" in r.stderr

@@ -1,0 +1,72 @@
+"""Settings precedence (CLI > env > TOML > defaults) and errors that name the bad key."""
+
+import pytest
+
+from visionserve.config import load_settings
+from visionserve.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("VISIONSERVE_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults():
+    s = load_settings()
+    assert (s.host, s.port, s.default_model) == ("127.0.0.1", 9130, "yolox-nano")
+    assert s.limits.max_body_bytes == 20_000_000 and s.limits.max_image_pixels == 50_000_000
+
+
+def test_precedence(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('port = 1000\nhost = "0.0.0.0"\nlog_format = "json"\n[limits]\nmax_body_bytes = 5\n')
+    s = load_settings(cfg)
+    assert (s.port, s.host, s.log_format, s.limits.max_body_bytes) == (1000, "0.0.0.0", "json", 5)
+    monkeypatch.setenv("VISIONSERVE_PORT", "2000")
+    monkeypatch.setenv("VISIONSERVE_LIMITS__MAX_BODY_BYTES", "6")
+    s = load_settings(cfg)
+    assert (s.port, s.host, s.limits.max_body_bytes) == (2000, "0.0.0.0", 6)
+    s = load_settings(cfg, port=3000, host=None)
+    assert (s.port, s.host) == (3000, "0.0.0.0")
+
+
+def test_models_from_toml_and_env(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('default_model = "b"\n[[models]]\nname = "a"\nmin_confidence = 0.5\n[[models]]\nname = "b"\n')
+    s = load_settings(cfg)
+    assert [m.name for m in s.models] == ["a", "b"] and s.default_model == "b" and s.models[0].min_confidence == 0.5
+    monkeypatch.setenv("VISIONSERVE_MODELS", "x, y")
+    s = load_settings()
+    assert [m.name for m in s.models] == ["x", "y"] and s.default_model == "x"
+    monkeypatch.setenv("VISIONSERVE_MODELS", '[{"name": "z", "iou": 0.3}]')
+    assert load_settings().models[0].iou == 0.3
+
+
+@pytest.mark.parametrize("toml,key", [
+    ("prot = 1\n", "prot"),
+    ("[limits]\nmax_body_bites = 3\n", "limits.max_body_bites"),
+    ('port = "high"\n', "port"),
+    ("port = 99999\n", "port"),
+    ('[[models]]\nname = "a"\npath = "x.onnx"\n', "models.0"),
+    ('default_model = "zz"\n', "default_model"),
+    ('[runtime]\ngraph_optimization = "max"\n', "runtime.graph_optimization"),
+])
+def test_bad_config_names_the_key(tmp_path, toml, key):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_settings(cfg)
+    assert key in str(e.value)
+
+
+def test_unreadable_config(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("port = = 3")
+    with pytest.raises(ConfigError):
+        load_settings(bad)

@@ -1,0 +1,294 @@
+"""The native HTTP API over real HTTP on loopback: every route and every error path."""
+
+from __future__ import annotations
+
+import io
+import socket
+import struct
+import zlib
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+
+def jpeg_of(images, name="dog.jpg") -> bytes:
+    return (images / name).read_bytes()
+
+
+def converted(images, fmt: str, mode: str = "RGB", **save) -> bytes:
+    img = Image.open(images / "dog.jpg").convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def assert_error(r: httpx.Response, status: int, code: str) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert r.headers.get("x-request-id")
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert body["error"]["code"] == code and body["error"]["message"]
+    assert "Traceback" not in r.text
+    return body
+
+
+def labels(r: httpx.Response) -> set[str]:
+    return {d["label"] for d in r.json()["detections"]}
+
+
+# -- status and health --------------------------------------------------------------------
+
+def test_status_lists_models_with_readiness(client):
+    body = client.get("/status").json()
+    assert body["status"] == "ready" and body["version"] and body["uptime_s"] >= 0
+    (model,) = body["models"]
+    assert model["name"] == "yolox-nano" and model["ready"] is True and model["labels"] == 80
+
+
+def test_health_and_ready(client):
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").status_code == 200
+
+
+def test_openapi_and_docs(client):
+    spec = client.get("/openapi.json").json()
+    assert "/predict" in spec["paths"] and "/predict/{model}" in spec["paths"]
+    params = {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]}
+    assert {"min_confidence", "iou", "max_detections", "classes", "format"} <= params
+    assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    docs = client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+
+
+# -- predictions --------------------------------------------------------------------------
+
+def test_predict_multipart_dog(client, images):
+    r = client.post("/predict", files={"image": ("dog.jpg", jpeg_of(images), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == {"name": "yolox-nano", "version": "1"}
+    assert body["image"] == {"width": 768, "height": 576}
+    dets = body["detections"]
+    assert {"dog", "bicycle", "car"} <= {d["label"] for d in dets if d["confidence"] >= 0.6}
+    assert [d["confidence"] for d in dets] == sorted((d["confidence"] for d in dets), reverse=True)
+    dog = next(d for d in dets if d["label"] == "dog")
+    assert dog["class_id"] == 16
+    b = dog["box"]
+    assert 120 < b["x1"] < 145 and 195 < b["y1"] < 220 and 315 < b["x2"] < 335 and 530 < b["y2"] < 555
+    assert {"decode", "inference"} <= set(body["timings_ms"])
+    assert "inference;dur=" in r.headers["server-timing"]
+
+
+def test_predict_field_named_file_and_raw_bodies(client, images):
+    data = jpeg_of(images)
+    assert labels(client.post("/predict", files={"file": ("x", data, "image/jpeg")})) >= {"dog", "car"}
+    for ctype in ("image/jpeg", "application/octet-stream", "image/anything"):
+        r = client.post("/predict", content=data, headers={"content-type": ctype})
+        assert r.status_code == 200 and "dog" in labels(r)
+    r = client.post("/predict", content=data)  # no Content-Type at all
+    assert r.status_code == 200 and "dog" in labels(r)
+    # curl --data-binary @dog.jpg sends application/x-www-form-urlencoded: the image is sniffed
+    r = client.post("/predict", content=data, headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 200 and "dog" in labels(r)
+
+
+def test_predict_named_model(client, images):
+    r = client.post("/predict/yolox-nano", files={"image": ("d.jpg", jpeg_of(images), "image/jpeg")})
+    assert r.status_code == 200 and "bicycle" in labels(r)
+
+
+def test_parameters_from_query_and_form(client, images):
+    data = jpeg_of(images)
+    r = client.post("/predict?min_confidence=0.81", files={"image": ("d.jpg", data)})
+    assert [d["label"] for d in r.json()["detections"]] == ["dog"]
+    r = client.post("/predict", files={"image": ("d.jpg", data)}, data={"classes": "car,bicycle", "max_detections": "1"})
+    assert [d["label"] for d in r.json()["detections"]] == ["bicycle"]
+    r = client.post("/predict?min_confidence=0.3&iou=0.99", files={"image": ("d.jpg", data)})
+    assert len(r.json()["detections"]) >= 4  # with NMS barely active, overlapping boxes stay
+
+
+@pytest.mark.parametrize("fmt,mode,save", [
+    ("PNG", "RGB", {}), ("PNG", "RGBA", {}), ("PNG", "L", {}), ("PNG", "P", {}), ("WEBP", "RGB", {"quality": 95}),
+    ("BMP", "RGB", {}), ("GIF", "P", {}), ("TIFF", "RGB", {}), ("TIFF", "CMYK", {}), ("JPEG", "CMYK", {}),
+    ("JPEG", "L", {}),
+])
+def test_odd_formats_and_modes(client, images, fmt, mode, save):
+    r = client.post("/predict", files={"image": ("x", converted(images, fmt, mode, **save))})
+    assert r.status_code == 200, r.text
+    assert r.json()["image"] == {"width": 768, "height": 576}
+    if mode not in ("L",):
+        assert "dog" in labels(r)
+
+
+def test_annotated_image_by_format_and_accept(client, images):
+    data = jpeg_of(images)
+    r = client.post("/predict?format=jpeg", files={"image": ("d.jpg", data)})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    drawn = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB"), np.int16)
+    plain = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.int16)
+    assert drawn.shape == plain.shape
+    assert np.abs(drawn - plain).mean() > 1  # boxes and labels were drawn
+    r = client.post("/predict", files={"image": ("d.jpg", data)}, headers={"accept": "image/png"})
+    assert r.headers["content-type"] == "image/png" and r.content.startswith(b"\x89PNG")
+    r = client.post("/predict", files={"image": ("d.jpg", data)}, headers={"accept": "image/*"})
+    assert r.headers["content-type"] == "image/jpeg"
+    r = client.post("/predict", files={"image": ("d.jpg", data)}, headers={"accept": "*/*"})
+    assert r.headers["content-type"] == "application/json"
+    r = client.post("/predict", files={"image": ("d.jpg", data)}, headers={"accept": "application/json, image/png;q=0.5"})
+    assert r.headers["content-type"] == "application/json"
+
+
+# -- errors -----------------------------------------------------------------------------
+
+def test_unknown_routes_are_json_404(client):
+    assert_error(client.get("/nope"), 404, "not_found")
+    assert_error(client.post("/nope", content=b"x"), 404, "not_found")
+    assert_error(client.get("/predict/yolox-nano/extra"), 404, "not_found")
+
+
+def test_wrong_method_is_405(client):
+    r = client.get("/predict")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "POST"
+    assert_error(client.delete("/status"), 405, "method_not_allowed")
+
+
+def test_missing_image_is_400(client):
+    assert_error(client.post("/predict"), 400, "missing_image")
+    assert_error(client.post("/predict", files={"other": ("x", b"abc")}), 400, "missing_image")
+    assert_error(client.post("/predict", data={"image": "not a file"}, files={"x": ("x", b"1")}), 400, "missing_image")
+    assert_error(client.post("/predict", files={"image": ("x.jpg", b"", "image/jpeg")}), 400, "missing_image")
+    assert_error(client.post("/predict", data={"min_confidence": "0.5"}), 400, "missing_image")
+
+
+@pytest.mark.parametrize("payload", [
+    b"this is not an image",
+    b"\xff\xd8\xff\xe0" + b"\x00" * 50,  # a JPEG header and nothing else
+    b"\x89PNG\r\n\x1a\n" + b"\x00" * 30,
+    bytes(range(256)) * 8,
+])
+def test_undecodable_images_are_400(client, payload):
+    assert_error(client.post("/predict", files={"image": ("x.jpg", payload, "image/jpeg")}), 400, "invalid_image")
+
+
+def test_truncated_jpeg_is_400(client, images):
+    data = jpeg_of(images)
+    assert_error(client.post("/predict", files={"image": ("x.jpg", data[: len(data) // 2])}), 400, "invalid_image")
+
+
+def test_unsupported_media_type_is_415(client):
+    assert_error(client.post("/predict", json={"image": "abc"}), 415, "unsupported_media_type")
+    assert_error(client.post("/predict", content=b"x", headers={"content-type": "text/plain"}), 415, "unsupported_media_type")
+
+
+@pytest.mark.parametrize("query", [
+    "min_confidence=2", "min_confidence=abc", "iou=-0.1", "max_detections=0", "format=gif", "classes=dog,unicorn",
+])
+def test_bad_parameters_are_422(client, images, query):
+    r = client.post(f"/predict?{query}", files={"image": ("d.jpg", jpeg_of(images))})
+    body = assert_error(r, 422, "invalid_parameter")
+    assert query.split("=")[0] in body["error"]["message"]
+
+
+def test_unknown_model_is_404(client, images):
+    body = assert_error(client.post("/predict/nope", files={"image": ("d.jpg", jpeg_of(images))}), 404, "model_not_found")
+    assert "nope" in body["error"]["message"]
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with one tiny compressed row of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_huge_dimensions_are_413_before_decoding(client):
+    body = assert_error(client.post("/predict", files={"image": ("bomb.png", png_header_only(100_000, 100_000))}),
+                        413, "image_too_large")
+    assert "pixels" in body["error"]["message"]
+
+
+def test_request_id_is_echoed_or_made(client):
+    r = client.get("/healthz", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = client.get("/healthz", headers={"x-request-id": "bad id with spaces"})
+    assert r.headers["x-request-id"] != "bad id with spaces" and len(r.headers["x-request-id"]) == 32
+
+
+def test_server_survives_garbage_and_keeps_serving(server, images):
+    host, port = server.url.removeprefix("http://").split(":")
+    junk = [
+        b"GARBAGE\r\n\r\n",
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nshort",
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+        b"Content-Length: 30\r\n\r\n--zz\r\nnonsense without end",
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ]
+    for payload in junk:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(payload)
+            s.shutdown(socket.SHUT_WR)
+            try:
+                while s.recv(65536):
+                    pass
+            except OSError:
+                pass
+    with server.client() as c:
+        r = c.post("/predict", files={"image": ("d.jpg", jpeg_of(images))})
+        assert r.status_code == 200 and "dog" in labels(r)
+    assert server.process.poll() is None
+
+
+# -- limits (their own server, with small limits) ---------------------------------------------
+
+def test_body_limit_413_from_header_and_while_streaming(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_LIMITS__MAX_BODY_BYTES": "100000"})
+    data = jpeg_of(images)  # 164 kB
+    with srv.client() as c:
+        assert_error(c.post("/predict", content=data, headers={"content-type": "image/jpeg"}), 413, "payload_too_large")
+
+        def chunks():  # no Content-Length: the limit must trip while the body streams in
+            for i in range(0, len(data), 16384):
+                yield data[i:i + 16384]
+        r = c.post("/predict", content=chunks(), headers={"content-type": "image/jpeg"})
+        assert_error(r, 413, "payload_too_large")
+        small = converted(images, "JPEG", quality=30)
+        assert len(small) < 100_000
+        assert c.post("/predict", content=small, headers={"content-type": "image/jpeg"}).status_code == 200
+
+
+def test_pixel_limit_is_configurable(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_LIMITS__MAX_IMAGE_PIXELS": "400000"})
+    with srv.client() as c:
+        assert_error(c.post("/predict", files={"image": ("d.jpg", jpeg_of(images))}), 413, "image_too_large")
+        assert c.post("/predict", files={"image": ("p.jpg", jpeg_of(images, "scream.jpg"))}).status_code == 200
+
+
+def test_not_ready_is_503(server_factory, tmp_path, images):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    labels_file = tmp_path / "labels.txt"
+    labels_file.write_text("a\nb\n")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[models]]\nname = "yolox-nano"\n\n'
+        f'[[models]]\nname = "broken"\npath = "{broken}"\nfamily = "yolox"\nlabels = "{labels_file}"\n'
+        "input_width = 416\ninput_height = 416\n"
+    )
+    srv = server_factory("--config", str(config), wait_ready=False)
+    with srv.client() as c:
+        for _ in range(100):
+            if any(m["state"] == "failed" for m in c.get("/status").json()["models"]):
+                break
+            import time
+            time.sleep(0.1)
+        status = {m["name"]: m for m in c.get("/status").json()["models"]}
+        assert status["broken"]["state"] == "failed" and "error" in status["broken"]
+        assert status["yolox-nano"]["ready"] is True
+        assert_error(c.get("/readyz"), 503, "model_not_ready")
+        assert_error(c.post("/predict/broken", files={"image": ("d.jpg", jpeg_of(images))}), 503, "model_not_ready")
+        assert c.post("/predict", files={"image": ("d.jpg", jpeg_of(images))}).status_code == 200

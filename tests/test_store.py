@@ -1,0 +1,114 @@
+"""The model catalog and local store: pulls from a mirror folder or URL, verification, atomic writes."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+from visionserve.errors import ModelError, ModelNotFound
+from visionserve.store.catalog import CATALOG, get_entry
+from visionserve.store.manifest import ModelManifest
+from visionserve.store.store import ModelStore
+
+
+def test_catalog_entries_are_complete():
+    assert {"yolox-nano", "tiny-yolov2-voc"} <= set(CATALOG)
+    for entry in CATALOG.values():
+        assert entry.files and entry.labels and entry.input_width > 0
+        for f in entry.files:
+            assert f.url.startswith("https://")
+            assert f.sha256 is None or len(f.sha256) == 64
+            assert f.sha256 or f.size
+    yolox = get_entry("yolox-nano")
+    assert len(yolox.labels) == 80 and yolox.labels[16] == "dog"
+    tiny = get_entry("tiny-yolov2-voc")
+    assert tiny.files[0].sha256 == "583fb7fdc948435ceac9fa82efc7708701efe8382a859a3dd46526b155f5f2ae"
+    assert len(tiny.labels) == 20 and tiny.family == "yolov2-region"
+    with pytest.raises(ModelNotFound):
+        get_entry("nope")
+
+
+def test_pull_from_mirror_folder_and_verify(tmp_path, mirror):
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    manifest = store.pull("yolox-nano")
+    assert manifest.path.is_file() and manifest.family == "yolox" and manifest.folder == tmp_path / "store" / "yolox-nano"
+    assert hashlib.sha256(manifest.path.read_bytes()).hexdigest() == get_entry("yolox-nano").files[0].sha256
+    assert [c.ok for c in store.verify("yolox-nano")] == [True]
+    assert [m.name for m in store.installed()] == ["yolox-nano"]
+    assert not list((tmp_path / "store").rglob("*.part"))  # no temporary files left behind
+    # tampering is detected
+    with manifest.path.open("r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x01\x02")
+    assert [c.ok for c in store.verify("yolox-nano")] == [False]
+    # a forced pull repairs it
+    store.pull("yolox-nano", force=True)
+    assert [c.ok for c in store.verify("yolox-nano")] == [True]
+
+
+def fake_mirror(tmp_path: Path, mirror: Path, corrupt: bool) -> Path:
+    root = tmp_path / "mirror"
+    shutil.copytree(mirror / "yolox_nano", root / "yolox_nano")
+    if corrupt:
+        target = root / "yolox_nano" / "yolox_nano.onnx"
+        target.chmod(0o644)
+        data = bytearray(target.read_bytes())
+        data[5000] ^= 0xFF
+        target.write_bytes(bytes(data))
+    return root
+
+
+def test_bad_hash_is_rejected_and_nothing_installed(tmp_path, mirror):
+    store = ModelStore(tmp_path / "store", mirror=str(fake_mirror(tmp_path, mirror, corrupt=True)))
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        store.pull("yolox-nano")
+    folder = tmp_path / "store" / "yolox-nano"
+    assert store.manifest("yolox-nano") is None
+    assert not folder.exists() or not any(folder.iterdir())
+
+
+@pytest.fixture()
+def http_mirror(mirror):
+    """The mirror served over HTTP on loopback, as an air-gapped site's web mirror would be."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(mirror))
+    handler.log_message = lambda *a: None  # type: ignore[assignment]
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def test_pull_from_mirror_url(tmp_path, http_mirror):
+    store = ModelStore(tmp_path / "store", mirror=http_mirror + "/")
+    manifest = store.pull("yolox-nano")
+    assert [c.ok for c in store.verify("yolox-nano")] == [True]
+    assert manifest.labels[0] == "person"
+
+
+def test_unreachable_sources_give_a_clear_error(tmp_path):
+    store = ModelStore(tmp_path / "store", mirror=str(tmp_path / "empty-mirror"))
+    with pytest.raises(ModelError) as e:
+        store.pull("yolox-nano")
+    message = str(e.value)
+    assert "empty-mirror/yolox_nano/yolox_nano.onnx" in message and "github.com" in message
+
+
+def test_ensure_pulls_catalog_models_but_not_unknown_names(tmp_path, mirror):
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    assert store.ensure("yolox-nano").name == "yolox-nano"
+    with pytest.raises(ModelNotFound):
+        store.ensure("not-a-model")
+
+
+def test_manifest_round_trip(tmp_path):
+    m = ModelManifest(name="x", family="yolox", file="x.onnx", labels=["a"], input_width=32, input_height=32)
+    m.save(tmp_path)
+    loaded = ModelManifest.load(tmp_path)
+    assert loaded.model_dump() == m.model_dump() and loaded.path == tmp_path / "x.onnx"
