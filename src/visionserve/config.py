@@ -87,6 +87,11 @@ class RuntimeSettings(BaseModel):
         description="let ONNX Runtime's idle threads spin; faster only on an otherwise idle machine",
     )
     memory_arena: bool = Field(default=True, description="ONNX Runtime's CPU memory arena (reuses buffers between runs)")
+    gil_switch_interval_ms: float = Field(
+        default=1.0, gt=0,
+        description="how often Python hands the GIL between threads; short keeps workers from "
+        "waiting behind a busy HTTP loop",
+    )
 
 
 class QueueSettings(BaseModel):

@@ -18,6 +18,7 @@ from visionserve import __version__
 from visionserve.errors import BadRequest, InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
 from visionserve.imaging.draw import annotate, encode_image
 from visionserve.protocols import Protocol
+from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
 
@@ -124,11 +125,13 @@ async def readyz(request: Request) -> dict[str, str]:
 
 
 @router.post("/predict", summary="Detect objects with the default model", openapi_extra=_PREDICT_OPENAPI)
+@admitted
 async def predict_default(request: Request) -> Response:
     return await _predict(request, None)
 
 
 @router.post("/predict/{model}", summary="Detect objects with a named model", openapi_extra=_PREDICT_OPENAPI)
+@admitted
 async def predict_model(request: Request, model: str) -> Response:
     return await _predict(request, model)
 

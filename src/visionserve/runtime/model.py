@@ -33,9 +33,9 @@ class ModelState(str, Enum):
 class ServedModel:
     """Serves one model with two ONNX Runtime sessions over the same graph.
 
-    ``worker_session`` (few threads, shared by the scheduler's workers: ORT runs are
-    thread-safe) serves requests that run side by side; ``wide_session`` (all cores) serves
-    a request that has the machine to itself. On a one-core machine they are the same.
+    ``worker_sessions`` (one per scheduler worker thread, each with that worker's share of
+    the cores, normally one) serve requests that run side by side; ``session`` (all cores)
+    serves a request that has the machine to itself. On a one-core machine they are the same.
     """
 
     def __init__(self, manifest: ModelManifest, runtime: RuntimeSettings, *, max_batch_size: int = 1) -> None:
@@ -51,7 +51,9 @@ class ServedModel:
         self.requested_batch_size = max_batch_size
         self.max_batch_size = 1  # what the graph allows, known after load()
         self.session = None  # the wide session (all cores); None when unloaded
-        self.worker_session = None
+        self.worker_sessions: list = []
+        self._free_sessions: list = []
+        self._thread_session = threading.local()
         self.input_name = ""
         self._lock = threading.Lock()
 
@@ -71,10 +73,16 @@ class ServedModel:
             if len(inputs) != 1:
                 raise ModelError(f"{self.name}: expected one input, the graph has {[i.name for i in inputs]}")
             self.family.validate_outputs([o.shape for o in session.get_outputs()])
-            worker = session
+            # One session per worker, as in the in-process ceiling (one per process): no
+            # shared arena between concurrent runs.
+            worker_sessions = [session]
             if worker_threads != wide_threads:
-                worker = create_session(source, self.runtime, intra_op_threads=worker_threads, name=str(self.manifest.path))
-            self.session, self.worker_session, self.input_name = session, worker, inputs[0].name
+                worker_sessions = [
+                    create_session(source, self.runtime, intra_op_threads=worker_threads, name=str(self.manifest.path))
+                    for _ in range(workers)
+                ]
+            self.session, self.worker_sessions, self.input_name = session, worker_sessions, inputs[0].name
+            self._free_sessions = list(worker_sessions)
             if self.requested_batch_size > 1:
                 self.max_batch_size = self._checked_batch_size()
             self.warm_up()
@@ -116,12 +124,15 @@ class ServedModel:
     def warm_up(self) -> None:
         blank = np.full((self.family.input.height, self.family.input.width, 3), 114, np.uint8)
         tensor, _ = self.family.preprocess(blank)
-        self.run(tensor[None], wide=True)
-        if self.worker_session is not self.session:
-            self.run(tensor[None], wide=False)
+        for session in {id(s): s for s in (self.session, *self.worker_sessions)}.values():
+            session.run(None, {self.input_name: tensor[None]})
+
+    @property
+    def has_wide_session(self) -> bool:
+        return bool(self.worker_sessions) and self.worker_sessions[0] is not self.session
 
     def unload(self) -> None:
-        self.session, self.worker_session, self.state = None, None, ModelState.UNLOADED
+        self.session, self.worker_sessions, self.state = None, [], ModelState.UNLOADED
 
     # -- inference ---------------------------------------------------------------------
 
@@ -143,10 +154,20 @@ class ServedModel:
 
     def run(self, batch: np.ndarray, *, wide: bool = True) -> Sequence[np.ndarray]:
         """Raw inference on an [N, C, H, W] batch, on all cores (``wide``) or one worker's share."""
-        session = self.session if wide else self.worker_session
+        session = self.session if wide else self._worker_session()
         if session is None:
             raise ModelError(f"model {self.name!r} is not loaded")
         return session.run(None, {self.input_name: batch})
+
+    def _worker_session(self):  # type: ignore[no-untyped-def]
+        """This thread's own worker session (each scheduler worker thread keeps one)."""
+        local = self._thread_session
+        if getattr(local, "owner", None) is not self.worker_sessions:
+            with self._lock:
+                pool = self._free_sessions
+                local.session = pool.pop() if pool else self.worker_sessions[0]
+                local.owner = self.worker_sessions
+        return local.session
 
     def predict(self, pixels: np.ndarray, thresholds: Thresholds, timings: dict[str, float]) -> Detections:
         """One RGB image -> detections in its pixels; adds stage times (ms) to ``timings``."""

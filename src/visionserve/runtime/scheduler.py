@@ -135,6 +135,11 @@ class Scheduler:
         return Ticket(self)
 
     @property
+    def full(self) -> bool:
+        """Whether ``admit`` would refuse now."""
+        return self.draining or self.admitted >= self.capacity
+
+    @property
     def idle(self) -> bool:
         return self.admitted == 0 and self.running == 0
 
@@ -186,7 +191,7 @@ class Scheduler:
         while self._queue and self._free > 0:
             head = self._queue[0]
             model = head.model
-            if self._free == self.workers and self.admitted <= 1 and len(self._queue) == 1 and model.session is not model.worker_session:
+            if self._free == self.workers and self.admitted <= 1 and len(self._queue) == 1 and model.has_wide_session:
                 self._queue.popleft()
                 self._start([head], wide=True)
                 continue

@@ -20,6 +20,7 @@ from visionserve.protocols import discover, renderer_for
 from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler
 from visionserve.server import web
+from visionserve.server.admission import AdmissionGateMiddleware, admitted_routes
 from visionserve.server.errors import install_error_handlers
 from visionserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from visionserve.service import DetectionService
@@ -72,5 +73,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     install_error_handlers(app, pick)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick)
+    app.add_middleware(
+        AdmissionGateMiddleware, scheduler=scheduler, routes=lambda: admitted_routes(app.routes), renderer_for=pick
+    )
     app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log, metrics=metrics)
     return app
