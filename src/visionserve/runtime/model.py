@@ -115,7 +115,7 @@ class ServedModel:
             log.warning("%s: batched inference failed (%s); serving without batching", self.name, e)
             return 1
         for i in range(2):
-            if not same_outputs([o[i : i + 1] for o in singles[i]], [o[i : i + 1] for o in batched]):
+            if not same_outputs(list(singles[i]), [o[i : i + 1] for o in batched]):
                 log.warning("%s: batched outputs differ from single ones; serving without batching", self.name)
                 return 1
         log.info("%s: dynamic batching up to %d images", self.name, self.requested_batch_size)
