@@ -100,8 +100,9 @@ class QueueSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_queue: int = Field(
-        default=2, ge=0,
-        description="requests admitted beyond those running; more get 503 with Retry-After at once",
+        default=14, ge=0,
+        description="requests admitted beyond those running (inference_workers); more get 503 with "
+        "Retry-After at once. Each queued request adds about one image's time / workers to the wait",
     )
     max_batch_size: int = Field(
         default=1, ge=1, le=256,
