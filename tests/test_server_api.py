@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+import time
 import struct
 import zlib
 
@@ -284,7 +285,6 @@ def test_not_ready_is_503(server_factory, tmp_path, images):
         for _ in range(100):
             if any(m["state"] == "failed" for m in c.get("/status").json()["models"]):
                 break
-            import time
             time.sleep(0.1)
         status = {m["name"]: m for m in c.get("/status").json()["models"]}
         assert status["broken"]["state"] == "failed" and "error" in status["broken"]
@@ -292,3 +292,19 @@ def test_not_ready_is_503(server_factory, tmp_path, images):
         assert_error(c.get("/readyz"), 503, "model_not_ready")
         assert_error(c.post("/predict/broken", files={"image": ("d.jpg", jpeg_of(images))}), 503, "model_not_ready")
         assert c.post("/predict", files={"image": ("d.jpg", jpeg_of(images))}).status_code == 200
+
+
+def test_json_access_log_carries_request_id(server_factory, images):
+    import json
+
+    srv = server_factory("--log-format", "json")
+    with srv.client() as c:
+        c.post("/predict", files={"image": ("d.jpg", jpeg_of(images))}, headers={"x-request-id": "req-42"})
+        c.get("/nope", headers={"x-request-id": "req-43"})
+    srv.stop()
+    lines = [json.loads(line) for line in srv.output().splitlines() if line.startswith("{")]
+    access = {e["request_id"]: e for e in lines if e.get("logger") == "visionserve.access"}
+    assert access["req-42"]["status"] == 200 and access["req-42"]["path"] == "/predict"
+    assert access["req-42"]["method"] == "POST" and access["req-42"]["duration_ms"] > 0
+    assert access["req-43"]["status"] == 404
+    assert all("ts" in e and "level" in e for e in lines)

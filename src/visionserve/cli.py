@@ -260,5 +260,31 @@ def models_verify(
         raise typer.Exit(1)
 
 
+@models_app.command("import-darknet")
+def models_import_darknet(
+    cfg: Annotated[Path, typer.Argument(help="darknet .cfg file", exists=True, dir_okay=False)],
+    weights: Annotated[Path, typer.Argument(help="darknet .weights file", exists=True, dir_okay=False)],
+    labels: Annotated[Path, typer.Option("--labels", help="class names, one a line (.names)", exists=True, dir_okay=False)],
+    name: Annotated[Optional[str], typer.Option("--name", help="model name [default: the cfg's file name]")] = None,
+    config: ConfigOpt = None,
+    model_dir: ModelDirOpt = None,
+) -> None:
+    """Convert a darknet model (cfg + weights) to ONNX in the model store; serve it with --model NAME."""
+    from visionserve.darknet import import_darknet
+
+    settings = _settings(config, model_dir=model_dir)
+    name = name or cfg.stem
+    try:
+        manifest = import_darknet(cfg, weights, labels, settings.model_dir / name, name)
+    except VisionServeError as e:
+        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        raise typer.Exit(1) from None
+    err.print(
+        f"{name}: {manifest.family}, {manifest.input_width}x{manifest.input_height}, {len(manifest.labels)} classes, "
+        f"installed in {manifest.folder}",
+        highlight=False,
+    )
+
+
 def main() -> None:
     app()

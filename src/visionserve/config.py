@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -120,6 +120,27 @@ class QueueSettings(BaseModel):
     )
 
 
+class DeepStackSettings(BaseModel):
+    """The DeepStack / CodeProject.AI detection API (``/v1/vision/...``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_detections: int = Field(
+        default=20, ge=1, le=10_000,
+        description="at most this many predictions per answer; Frigate's DeepStack detector breaks on more than 20",
+    )
+    min_confidence: float = Field(default=0.4, ge=0, le=1, description="used when a request sends no min_confidence")
+    api_key: SecretStr | None = Field(default=None, description="when set, requests must send this as form field api_key")
+
+
+class V2Settings(BaseModel):
+    """The Open Inference Protocol (``/v2/...``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(default=16, ge=1, le=1024, description="most images in one inference request")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VISIONSERVE_", env_nested_delimiter="__", extra="forbid", validate_default=True
@@ -134,6 +155,8 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    deepstack: DeepStackSettings = Field(default_factory=DeepStackSettings)
+    v2: V2Settings = Field(default_factory=V2Settings)
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True

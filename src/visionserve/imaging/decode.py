@@ -1,19 +1,247 @@
-"""Interim decoder (OpenCV) while the full intake module (formats, EXIF, limits) lands."""
+"""Uploaded bytes -> RGB pixels, with the size limit checked before any pixel is decoded.
+
+JPEG, the common case, goes through libjpeg-turbo (simplejpeg): it reads the header for
+free and can decode at 1/2, 1/4 or 1/8 scale. Everything else, and the JPEGs libjpeg-turbo
+cannot turn into RGB (CMYK/YCCK) or is strict about, goes through Pillow restricted to the
+formats we accept. Every failure a client can cause is mapped to a ``VisionServeError``.
+"""
 
 from __future__ import annotations
 
-import cv2
-import numpy as np
+import io
+import math
+from typing import Final
 
-from visionserve.errors import InvalidImage, MissingImage
+import numpy as np
+import simplejpeg
+from PIL import Image, UnidentifiedImageError
+
+from visionserve.errors import ImageTooLarge, InvalidImage, MissingImage, VisionServeError
+from visionserve.imaging.modes import to_rgb_array
+from visionserve.imaging.orientation import (
+    TRANSPOSING,
+    apply_orientation,
+    jpeg_exif_block,
+    orientation_from_exif_block,
+    orientation_of,
+    oriented_size,
+)
 from visionserve.types import DecodedImage
 
+# Pillow's own decompression-bomb guard is a process-wide fixed limit (warning at ~89 MP,
+# error at ~179 MP). decode_image enforces the configurable per-call ``max_pixels`` from the
+# header before any pixel is decoded, so Pillow's guard is switched off here, once, rather
+# than toggled per call (which would race between threads).
+Image.MAX_IMAGE_PIXELS = None
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000, min_size: tuple[int, int] | None = None) -> DecodedImage:
-    if not data:
-        raise MissingImage("the image is empty")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise InvalidImage("the data is not an image that can be decoded")
-    rgb = np.ascontiguousarray(bgr[..., ::-1])
-    return DecodedImage(rgb, rgb.shape[1], rgb.shape[0], "unknown")
+DEFAULT_MAX_PIXELS: Final = 50_000_000
+
+# Pillow plugin per accepted format: Image.open is restricted to these so that no other
+# plugin (EPS via Ghostscript, for one) ever sees client bytes.
+_PILLOW_FORMATS: Final = {
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "webp": "WEBP",
+    "bmp": "BMP",
+    "gif": "GIF",
+    "tiff": "TIFF",
+}
+_ACCEPTED = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+# libjpeg-turbo hands these to us only as raw CMYK; Pillow converts (and un-inverts Adobe's).
+_JPEG_NEEDS_PILLOW: Final = frozenset({"CMYK", "YCCK"})
+_DCT_SCALES: Final = (8, 4, 2)  # denominators, smallest output first
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the file's magic bytes, or None."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "webp"
+    if data.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return "tiff"
+    if data.startswith(b"BM"):
+        return "bmp"
+    return None
+
+
+def decode_image(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: tuple[int, int] | None = None,
+) -> DecodedImage:
+    """Decodes an uploaded image to RGB uint8 HxWx3 C-contiguous pixels, EXIF-oriented.
+
+    ``max_pixels`` bounds width*height, checked from the header before decoding
+    (``ImageTooLarge``). ``min_size=(w, h)`` lets a JPEG decode at 1/2, 1/4 or 1/8 scale
+    while the (oriented) result stays at least w x h; ``width``/``height`` always report
+    the true oriented size. Raises ``MissingImage`` for no bytes and ``InvalidImage`` for
+    anything that is not a complete image in an accepted format.
+    """
+    buf = _as_bytes(data)
+    fmt = _require_format(buf)
+    try:
+        if fmt == "jpeg":
+            return _decode_jpeg(buf, max_pixels, min_size)
+        return _decode_with_pillow(buf, fmt, max_pixels)
+    except (VisionServeError, MemoryError):
+        raise
+    except Exception as exc:  # any library failure on client bytes is the client's bad image
+        raise InvalidImage(f"cannot decode {fmt.upper()} image: {_describe(exc)}") from exc
+
+
+def probe_image(data: bytes | bytearray | memoryview) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone; the size is the EXIF-oriented one."""
+    buf = _as_bytes(data)
+    fmt = _require_format(buf)
+    try:
+        if fmt == "jpeg":
+            try:
+                height, width, _, _ = simplejpeg.decode_jpeg_header(buf)
+            except ValueError:
+                return _probe_with_pillow(buf, fmt)
+            orientation = orientation_from_exif_block(jpeg_exif_block(buf))
+            width, height = oriented_size(width, height, orientation)
+            _check_nonempty(width, height)
+            return fmt, width, height
+        return _probe_with_pillow(buf, fmt)
+    except (VisionServeError, MemoryError):
+        raise
+    except Exception as exc:
+        raise InvalidImage(f"cannot read {fmt.upper()} header: {_describe(exc)}") from exc
+
+
+def _as_bytes(data: bytes | bytearray | memoryview) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"image data must be bytes-like, not {type(data).__name__}")
+
+
+def _require_format(buf: bytes) -> str:
+    if not buf:
+        raise MissingImage("no image data: the upload is empty")
+    fmt = sniff_format(buf)
+    if fmt is None:
+        raise InvalidImage(f"not a recognised image: expected {_ACCEPTED} data")
+    return fmt
+
+
+def _check_nonempty(width: int, height: int) -> None:
+    if width <= 0 or height <= 0:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    _check_nonempty(width, height)
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"image is {width}x{height} = {width * height} pixels, "
+            f"over the limit of {max_pixels} pixels"
+        )
+
+
+def _decode_jpeg(
+    buf: bytes, max_pixels: int, min_size: tuple[int, int] | None
+) -> DecodedImage:
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(buf)
+    except ValueError:
+        # Headers libjpeg-turbo's TurboJPEG layer cannot classify (odd subsampling) may
+        # still be fine for libjpeg proper; Pillow decides, or explains what is wrong.
+        return _decode_with_pillow(buf, "jpeg", max_pixels)
+    _check_pixels(width, height, max_pixels)
+    if colorspace in _JPEG_NEEDS_PILLOW:
+        return _decode_with_pillow(buf, "jpeg", max_pixels)
+
+    orientation = orientation_from_exif_block(jpeg_exif_block(buf))
+    stored_min = _stored_min_size(min_size, orientation)
+    denom = _dct_denominator(width, height, stored_min)
+    try:
+        if denom == 1:
+            pixels = simplejpeg.decode_jpeg(buf, "RGB")
+        else:
+            # Pinning both the minimum size and the minimum factor selects exactly 1/denom.
+            pixels = simplejpeg.decode_jpeg(
+                buf,
+                "RGB",
+                min_width=-(-width // denom),
+                min_height=-(-height // denom),
+                min_factor=float(denom),
+            )
+    except ValueError:
+        # strict mode rejects truncation (good) but also benign warnings such as stray
+        # bytes between markers; Pillow tolerates those and still rejects truncation.
+        return _decode_with_pillow(buf, "jpeg", max_pixels)
+    true_w, true_h = oriented_size(width, height, orientation)
+    return DecodedImage(apply_orientation(pixels, orientation), true_w, true_h, "jpeg")
+
+
+def _stored_min_size(min_size: tuple[int, int] | None, orientation: int) -> tuple[int, int] | None:
+    """min_size is asked in displayed terms; the decoder scales the stored image."""
+    if min_size is None:
+        return None
+    w, h = min_size
+    return (h, w) if orientation in TRANSPOSING else (w, h)
+
+
+def _dct_denominator(width: int, height: int, min_size: tuple[int, int] | None) -> int:
+    """The largest of 8, 4, 2 whose scaled decode stays at least min_size; else 1."""
+    if min_size is None:
+        return 1
+    min_w, min_h = min_size
+    for denom in _DCT_SCALES:
+        if math.ceil(width / denom) >= min_w and math.ceil(height / denom) >= min_h:
+            return denom
+    return 1
+
+
+def _decode_with_pillow(buf: bytes, fmt: str, max_pixels: int) -> DecodedImage:
+    with Image.open(io.BytesIO(buf), formats=[_PILLOW_FORMATS[fmt]]) as image:
+        width, height = image.size
+        _check_pixels(width, height, max_pixels)
+        image.load()  # GIF/TIFF/WebP: the first frame; raises on truncated data
+        # Read after load(): Pillow's TIFF reader applies the orientation itself while
+        # loading and then drops the tag, so this is whatever is left to do.
+        orientation = orientation_of(image)
+        pixels = to_rgb_array(image)
+    pixels = apply_orientation(pixels, orientation)
+    if not (pixels.flags.c_contiguous and pixels.flags.writeable):
+        # Pillow's arrays are read-only views of its bytes; match the JPEG path's arrays.
+        pixels = np.array(pixels, order="C")
+    height, width = pixels.shape[:2]
+    return DecodedImage(pixels, width, height, fmt)
+
+
+def _probe_with_pillow(buf: bytes, fmt: str) -> tuple[str, int, int]:
+    with Image.open(io.BytesIO(buf), formats=[_PILLOW_FORMATS[fmt]]) as image:
+        width, height = image.size
+        _check_nonempty(width, height)
+        orientation = _header_orientation(image, fmt)
+    width, height = oriented_size(width, height, orientation)
+    return fmt, width, height
+
+
+def _header_orientation(image: Image.Image, fmt: str) -> int:
+    """The orientation still to apply to ``image.size``, without decoding pixels."""
+    if fmt == "tiff":
+        return 1  # Pillow's TIFF reader already reports (and decodes) the oriented size
+    if fmt == "png":
+        # PngImageFile.getexif() decodes the image when no eXIf chunk preceded the pixels;
+        # such a late chunk is not seen here.
+        return orientation_from_exif_block(image.info.get("exif"))
+    return orientation_of(image)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        # Pillow's message names an in-memory file object; say what it means instead.
+        return "its header is damaged, incomplete or of an unsupported variant"
+    text = str(exc).strip()
+    return text if text else type(exc).__name__

@@ -9,19 +9,11 @@ from pathlib import Path
 from visionserve.config import ModelConfig, Settings
 from visionserve.errors import ModelError, ModelNotFound, ModelNotReady
 from visionserve.runtime.model import ModelState, ServedModel
+from visionserve.store.labels import read_labels
 from visionserve.store.manifest import ModelManifest
 from visionserve.store.store import ModelStore
 
 log = logging.getLogger("visionserve.models")
-
-
-def read_labels(labels: Path | list[str]) -> list[str]:
-    if isinstance(labels, list):
-        return labels
-    try:
-        return [line.strip() for line in Path(labels).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise ModelError(f"cannot read labels file {labels}: {e}") from None
 
 
 def manifest_for(config: ModelConfig, store: ModelStore) -> ModelManifest:
@@ -110,7 +102,8 @@ class ModelRegistry:
         try:
             manifest = manifest_for(config, self.store)
         except Exception as e:
-            self._failures[name] = str(e)
+            if name in self._configs:  # an unknown name asked for at run time stays unknown
+                self._failures[name] = str(e)
             raise
         self._failures.pop(name, None)
         model = ServedModel(manifest, self.settings.runtime, max_batch_size=self.settings.queue.max_batch_size)

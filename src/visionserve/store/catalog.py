@@ -50,6 +50,11 @@ _TINY_YOLOV2_URL = (
     "tiny-yolov2/model/tinyyolov2-8.onnx"
 )
 
+_YOLO_FASTEST_URL = (
+    "https://github.com/dog-qiuqiu/Yolo-Fastest/raw/8d018808f065fafbcd80e8c7bc6721b63253a42d/"
+)
+_DARKNET_URL = "https://github.com/pjreddie/darknet/raw/f6afaabcdf85f77e7aff2ec55c020c0e297c77f9/"
+
 CATALOG: dict[str, CatalogEntry] = {
     e.name: e
     for e in [
@@ -96,6 +101,68 @@ CATALOG: dict[str, CatalogEntry] = {
             },
             license="MIT",
             homepage="https://github.com/onnx/models",
+        ),
+        # Darknet entries are imported to ONNX on pull (store INSTALLERS["darknet"]).
+        CatalogEntry(
+            name="yolo-fastest-xl-voc",
+            family="darknet-yolo",
+            description="Yolo-Fastest-XL (dog-qiuqiu), Pascal VOC 20 classes, 320x320, darknet cfg + weights",
+            folder="yolo_fastest_xl_voc",
+            files=(
+                CatalogFile(
+                    "yolo-fastest-xl.cfg",
+                    _YOLO_FASTEST_URL + "Yolo-Fastest/VOC/yolo-fastest-xl.cfg",
+                    "dd8b521a3d2af8e200a20f6bb963cfb1284db311323fd6af7fcbb4440a145a58",
+                    9_659,
+                ),
+                CatalogFile(
+                    "yolo-fastest-xl.weights",
+                    _YOLO_FASTEST_URL + "Yolo-Fastest/VOC/yolo-fastest-xl.weights",
+                    "0c40a803fd9f6032a21aa8954c9980992da6caf1a1384a5917531a1d9c75cc46",
+                    3_488_044,
+                ),
+                CatalogFile(
+                    "voc.names",
+                    _YOLO_FASTEST_URL + "data/voc.names",
+                    "f14861775969fd006b382e005f96dc811ef062ea4a37356efb70d7775e90f743",
+                    135,
+                ),
+            ),
+            format="darknet",
+            labels=VOC_20,
+            input_width=320,
+            input_height=320,
+            min_confidence=0.25,
+            license="darknet public domain (YOLO LICENSE v2)",
+            homepage="https://github.com/dog-qiuqiu/Yolo-Fastest",
+        ),
+        # The original darknet Tiny YOLOv2. Its mirror folder is darknet_cfg, which holds the cfg;
+        # the weights were never published with a hash and come from pjreddie.com by size.
+        CatalogEntry(
+            name="yolov2-tiny-voc",
+            family="yolov2-region",
+            description="Tiny YOLOv2 (darknet original), Pascal VOC 20 classes, 416x416, darknet cfg + weights",
+            folder="darknet_cfg",
+            files=(
+                CatalogFile(
+                    "yolov2-tiny-voc.cfg",
+                    _DARKNET_URL + "cfg/yolov2-tiny-voc.cfg",
+                    "1e012b455b845579096378b0ab4a82f1d9cb53b3b1282724a6de5d45537cb7e6",
+                    1_456,
+                ),
+                CatalogFile(
+                    "yolov2-tiny-voc.weights",
+                    "https://pjreddie.com/media/files/yolov2-tiny-voc.weights",
+                    None,
+                    63_471_556,
+                ),
+            ),
+            format="darknet",
+            labels=VOC_20,
+            input_width=416,
+            input_height=416,
+            license="darknet public domain (YOLO LICENSE v2)",
+            homepage="https://pjreddie.com/darknet/yolov2/",
         ),
     ]
 }

@@ -58,6 +58,7 @@ def fetch(file: CatalogFile, folder: str, target: Path, mirror: str | None, prog
 def _copy_verified(src: str, file: CatalogFile, target: Path, progress: Progress | None) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; models may be served by another user
     tmp = Path(tmp_name)
     digest = hashlib.sha256()
     size = 0

@@ -61,6 +61,7 @@ def write_atomic(target: Path, data: bytes) -> None:
     """Writes a file so that readers see the old content or the new, never a part."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; models may be served by another user
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -43,6 +43,16 @@ def install_onnx(entry: CatalogEntry, folder: Path) -> ModelManifest:
 INSTALLERS["onnx"] = install_onnx
 
 
+def install_darknet(entry: CatalogEntry, folder: Path) -> ModelManifest:
+    """Imports a darknet cfg + weights to ONNX (imported lazily: the importer pulls in onnx)."""
+    from visionserve.darknet.importer import install_darknet as _install
+
+    return _install(entry, folder)
+
+
+INSTALLERS["darknet"] = install_darknet
+
+
 @dataclass(frozen=True, slots=True)
 class FileCheck:
     name: str

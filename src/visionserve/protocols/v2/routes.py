@@ -1,0 +1,441 @@
+"""Open Inference Protocol (V2) REST endpoints: health, metadata, inference, model repository.
+
+Every detection model has one input, either ``IMAGE`` (BYTES: encoded images) or ``PIXELS``
+(UINT8 RGB), and answers ``BOXES``, ``SCORES``, ``CLASS_IDS``, ``LABELS`` and
+``NUM_DETECTIONS``. A batched input (``IMAGE`` [N, 1] or [N>1], ``PIXELS`` [N, H, W, 3])
+gets batched outputs, padded to the largest detection count in the batch.
+Errors are ``{"error": "message"}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import zlib
+from typing import Any, Mapping
+
+import numpy as np
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.responses import JSONResponse, Response
+
+from visionserve import __version__
+from visionserve.errors import BadRequest, ModelNotFound
+from visionserve.protocols import Protocol
+from visionserve.protocols.v2.codec import (
+    InferRequest,
+    OutputTensor,
+    Tensor,
+    decompress,
+    encode_output,
+    encode_response,
+    parse_infer_request,
+    split_body,
+    wants_binary,
+)
+from visionserve.runtime.model import ModelState, ServedModel
+from visionserve.server.admission import admitted
+from visionserve.server.disconnect import unless_disconnected
+from visionserve.types import PredictParams, Prediction
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
+HEADER_LENGTH = "Inference-Header-Content-Length"
+INPUTS = {"IMAGE": "BYTES", "PIXELS": "UINT8"}
+INPUT_METADATA = [
+    {"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
+    {"name": "PIXELS", "datatype": "UINT8", "shape": [-1, -1, 3]},
+]
+OUTPUT_METADATA = [
+    {"name": "BOXES", "datatype": "FP32", "shape": [-1, 4]},
+    {"name": "SCORES", "datatype": "FP32", "shape": [-1]},
+    {"name": "CLASS_IDS", "datatype": "INT32", "shape": [-1]},
+    {"name": "LABELS", "datatype": "BYTES", "shape": [-1]},
+    {"name": "NUM_DETECTIONS", "datatype": "INT32", "shape": [1]},
+]
+OUTPUT_NAMES = [o["name"] for o in OUTPUT_METADATA]
+# V2 has no 422; a bad parameter is a bad request there.
+_STATUS = {422: 400}
+
+
+def render_error(status: int, code: str, message: str, headers: Mapping[str, str]) -> Response:
+    return JSONResponse({"error": message}, status_code=_STATUS.get(status, status), headers=dict(headers))
+
+
+# -- server ------------------------------------------------------------------------------
+
+
+@router.get("", summary="Server metadata: name, version and supported extensions")
+async def server_metadata() -> dict[str, Any]:
+    return {"name": "visionserve", "version": __version__, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Server liveness")
+async def server_live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Server readiness: every configured model is ready (503 until then)")
+async def server_ready(request: Request) -> Response:
+    ready = request.app.state.registry.ready
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+# -- models ------------------------------------------------------------------------------
+
+
+def _served(request: Request, name: str, version: str | None) -> ServedModel:
+    """The model by name whatever its state (not-ready models still have metadata)."""
+    registry = request.app.state.registry
+    model = registry.find(name)
+    if model is None:
+        # Not loaded at all: get() says precisely why (unknown, still loading, or failed).
+        return registry.get(name)
+    if version is not None and version != model.version:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has version {model.version!r}")
+    return model
+
+
+def _metadata(model: ServedModel) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "versions": [model.version],
+        "platform": "onnx_onnxv1",
+        "inputs": INPUT_METADATA,
+        "outputs": OUTPUT_METADATA,
+    }
+
+
+@router.get("/models/{name}", summary="Model metadata: inputs and outputs")
+async def model_metadata(request: Request, name: str) -> dict[str, Any]:
+    return _metadata(_served(request, name, None))
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model metadata for one version")
+async def model_version_metadata(request: Request, name: str, version: str) -> dict[str, Any]:
+    return _metadata(_served(request, name, version))
+
+
+async def _model_ready(request: Request, name: str, version: str | None) -> Response:
+    ready = _served(request, name, version).state is ModelState.READY
+    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+
+
+@router.get("/models/{name}/ready", summary="Model readiness (503 while not ready)")
+async def model_ready(request: Request, name: str) -> Response:
+    return await _model_ready(request, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Model version readiness (503 while not ready)")
+async def model_version_ready(request: Request, name: str, version: str) -> Response:
+    return await _model_ready(request, name, version)
+
+
+# -- inference ---------------------------------------------------------------------------
+
+_INFER_OPENAPI: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": (
+            "An inference request: JSON, or (binary tensor extension) JSON followed by the raw tensors, "
+            f"with the JSON's length in the {HEADER_LENGTH} header. gzip/deflate bodies are accepted. "
+            "Request parameters: min_confidence, iou, max_detections, classes (comma-separated labels)."
+        ),
+        "content": {
+            "application/json": {
+                "schema": {"type": "object", "required": ["inputs"], "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {"type": "array", "items": {"type": "object"}},
+                    "outputs": {"type": "array", "items": {"type": "object"}},
+                }},
+                "example": {
+                    "parameters": {"min_confidence": 0.4},
+                    "inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1],
+                                "parameters": {"content_type": "base64"}, "data": ["<base64 JPEG>"]}],
+                },
+            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+    "responses": {"200": {
+        "description": f"inference response; binary outputs follow the JSON ({HEADER_LENGTH} gives its length)",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }},
+}
+
+
+class InferParameters(BaseModel):
+    """The request parameters this server reads; others (Triton's priority...) are ignored.
+
+    ``timeout`` (microseconds, as in Triton) is the request's deadline, read by ``_deadline``.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    min_confidence: float | None = Field(None, ge=0, le=1)
+    iou: float | None = Field(None, ge=0, le=1)
+    max_detections: int | None = Field(None, ge=1, le=10_000)
+    classes: str | list[str] | None = None
+
+    def params(self) -> PredictParams:
+        classes = self.classes
+        if isinstance(classes, str):
+            classes = [c.strip() for c in classes.split(",")]
+        chosen = frozenset(c for c in classes if c) if classes is not None else None
+        return PredictParams(self.min_confidence, self.iou, self.max_detections, chosen)
+
+
+@router.post("/models/{name}/infer", summary="Detect objects (Open Inference Protocol)", openapi_extra=_INFER_OPENAPI)
+@admitted
+async def infer(request: Request, name: str) -> Response:
+    return await _infer(request, name, None)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/infer",
+    summary="Detect objects with one model version",
+    openapi_extra=_INFER_OPENAPI,
+)
+@admitted
+async def infer_version(request: Request, name: str, version: str) -> Response:
+    return await _infer(request, name, version)
+
+
+async def _infer(request: Request, name: str, version: str | None) -> Response:
+    settings = request.app.state.settings
+    model = request.app.state.registry.get(name)
+    if version is not None and version != model.version:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; it has version {model.version!r}")
+    body = decompress(
+        await request.body(), request.headers.get("content-encoding"), settings.limits.max_body_bytes
+    )
+    infer_request = parse_infer_request(*split_body(body, request.headers.get(HEADER_LENGTH)))
+    params = _predict_params(infer_request.parameters)
+    requested = _requested_outputs(infer_request)
+    tensor = _single_input(infer_request.inputs, name)
+    images, batched = _images(tensor, settings.v2.max_batch_size)
+
+    service = request.app.state.service
+    deadline = service.deadline(_timeout_ms(infer_request.parameters), request.scope.get("state", {}).get("received"))
+    if tensor.datatype == "BYTES":
+        jobs = [service.detect(name, data, params, deadline=deadline) for data in images]
+    else:
+        jobs = [service.detect_pixels(name, pixels, params, deadline=deadline) for pixels in images]
+    # Each image takes its own place in the queue (admission, 503 when full); a client that
+    # disconnects has its queued images dropped.
+    predictions: list[Prediction] = list(await unless_disconnected(request.receive, asyncio.gather(*jobs)))
+
+    tensors = {t.name: t for t in _output_tensors(predictions, batched)}
+    entries, chunks = [], []
+    for out_name, out_params in requested:
+        entry, raw = encode_output(tensors[out_name], wants_binary(infer_request.parameters, out_params))
+        entries.append(entry)
+        if raw is not None:
+            chunks.append(raw)
+    header: dict[str, Any] = {"model_name": name, "model_version": model.version, "outputs": entries}
+    if infer_request.id is not None:
+        header["id"] = infer_request.id
+    payload, json_length = encode_response(header, chunks)
+    headers = {} if json_length is None else {HEADER_LENGTH: str(json_length)}
+    payload = _compress(payload, request.headers.get("accept-encoding", ""), headers)
+    media_type = "application/json" if json_length is None else "application/octet-stream"
+    return Response(payload, media_type=media_type, headers=headers)
+
+
+def _timeout_ms(parameters: Mapping[str, Any] | None) -> float | None:
+    """The ``timeout`` request parameter (microseconds) in milliseconds."""
+    raw = (parameters or {}).get("timeout")
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw <= 0:
+        raise BadRequest(f"parameter timeout must be a positive number of microseconds, got {raw!r}")
+    return raw / 1e3
+
+
+def _predict_params(parameters: Mapping[str, Any]) -> PredictParams:
+    try:
+        return InferParameters.model_validate(parameters).params()
+    except ValidationError as e:
+        raise BadRequest(
+            "invalid request parameters: "
+            + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        ) from None
+
+
+def _requested_outputs(req: InferRequest) -> list[tuple[str, Mapping[str, Any] | None]]:
+    if req.outputs is None:
+        return [(n, None) for n in OUTPUT_NAMES]
+    chosen = []
+    for out in req.outputs:
+        if out["name"] not in OUTPUT_NAMES:
+            raise BadRequest(f"unknown output {out['name']!r}; this model has {', '.join(OUTPUT_NAMES)}")
+        params = out.get("parameters") or {}
+        if params.get("class_count"):
+            raise BadRequest("the classification extension (class_count) is not supported")
+        chosen.append((out["name"], params))
+    return chosen
+
+
+def _single_input(inputs: list[Tensor], model: str) -> Tensor:
+    if len(inputs) != 1:
+        raise BadRequest(f"model {model!r} takes exactly one input, IMAGE or PIXELS; got {len(inputs)}")
+    tensor = inputs[0]
+    expected = INPUTS.get(tensor.name)
+    if expected is None:
+        raise BadRequest(
+            f"unknown input {tensor.name!r} for model {model!r}: send IMAGE (BYTES, encoded images) "
+            "or PIXELS (UINT8, [H, W, 3] or [N, H, W, 3] RGB)"
+        )
+    if tensor.datatype != expected:
+        raise BadRequest(f"input {tensor.name!r} must be {expected}, got {tensor.datatype}")
+    return tensor
+
+
+def _images(tensor: Tensor, max_batch: int) -> tuple[list[Any], bool]:
+    """The images of the input and whether the input carries a batch dimension."""
+    shape = tensor.shape
+    if tensor.name == "IMAGE":
+        if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+            raise BadRequest(f"IMAGE must have shape [N] or [N, 1], got {list(shape)}")
+        batched = len(shape) == 2 or (len(shape) == 1 and shape[0] > 1)
+        images: list[Any] = list(tensor.data)
+    else:
+        if len(shape) not in (3, 4) or shape[-1] != 3:
+            raise BadRequest(f"PIXELS must have shape [H, W, 3] or [N, H, W, 3], got {list(shape)}")
+        batched = len(shape) == 4
+        array = tensor.data
+        images = list(array) if batched else [array]  # type: ignore[arg-type]
+    if not images:
+        raise BadRequest(f"{tensor.name} holds no image")
+    if len(images) > max_batch:
+        raise BadRequest(f"{len(images)} images in one request; the limit is {max_batch}")
+    return images, batched
+
+
+def _output_tensors(predictions: list[Prediction], batched: bool) -> list[OutputTensor]:
+    detections = [p.detections for p in predictions]
+    counts = np.array([len(d) for d in detections], np.int32)
+    if not batched:
+        (d,) = detections
+        return [
+            OutputTensor("BOXES", "FP32", array=d.boxes.astype(np.float32, copy=False).reshape(-1, 4)),
+            OutputTensor("SCORES", "FP32", array=d.scores.astype(np.float32, copy=False)),
+            OutputTensor("CLASS_IDS", "INT32", array=d.class_ids.astype(np.int32, copy=False)),
+            OutputTensor("LABELS", "BYTES", items=[s.encode() for s in d.label_names()], shape=(len(d),)),
+            OutputTensor("NUM_DETECTIONS", "INT32", array=counts),
+        ]
+    # Pad each image's detections to the batch's largest count: boxes and scores 0, class -1, label "".
+    n, k = len(detections), int(counts.max(initial=0))
+    boxes = np.zeros((n, k, 4), np.float32)
+    scores = np.zeros((n, k), np.float32)
+    class_ids = np.full((n, k), -1, np.int32)
+    labels: list[bytes] = []
+    for i, d in enumerate(detections):
+        boxes[i, : len(d)] = d.boxes
+        scores[i, : len(d)] = d.scores
+        class_ids[i, : len(d)] = d.class_ids
+        names = [s.encode() for s in d.label_names()]
+        labels += names + [b""] * (k - len(names))
+    return [
+        OutputTensor("BOXES", "FP32", array=boxes),
+        OutputTensor("SCORES", "FP32", array=scores),
+        OutputTensor("CLASS_IDS", "INT32", array=class_ids),
+        OutputTensor("LABELS", "BYTES", items=labels, shape=(n, k)),
+        OutputTensor("NUM_DETECTIONS", "INT32", array=counts),
+    ]
+
+
+def _compress(payload: bytes, accept_encoding: str, headers: dict[str, str]) -> bytes:
+    """gzip or deflate (zlib) the response when the client asks for it (tritonclient can)."""
+    accepted = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
+    if "gzip" in accepted:
+        headers["Content-Encoding"] = "gzip"
+        return gzip.compress(payload, compresslevel=5)
+    if "deflate" in accepted:
+        headers["Content-Encoding"] = "deflate"
+        return zlib.compress(payload, 5)
+    return payload
+
+
+# -- model repository extension ----------------------------------------------------------
+
+
+async def _json_object(request: Request, what: str) -> dict[str, Any]:
+    """An optional JSON object body; empty means {}."""
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except ValueError as e:
+        raise BadRequest(f"the {what} request is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"the {what} request must be a JSON object")
+    return value
+
+
+_STATES = {
+    ModelState.READY: "READY",
+    ModelState.LOADING: "LOADING",
+    ModelState.FAILED: "UNAVAILABLE",
+    ModelState.UNLOADED: "UNAVAILABLE",
+}
+
+
+@router.post("/repository/index", summary="Every model this server can serve, loaded or not")
+async def repository_index(request: Request) -> list[dict[str, Any]]:
+    body = await _json_object(request, "repository index")
+    ready_only = body.get("ready", False)
+    if not isinstance(ready_only, bool):
+        raise BadRequest("'ready' must be a boolean")
+    registry = request.app.state.registry
+    index: dict[str, dict[str, Any]] = {}
+    for entry in registry.status():
+        model = registry.find(entry["name"])
+        state = _STATES[model.state] if model is not None else ("UNAVAILABLE" if "error" in entry else "LOADING")
+        reason = entry.get("error") or ("unloaded" if model is not None and model.state is ModelState.UNLOADED else "")
+        item = {"name": entry["name"], "state": state, "reason": reason}
+        if "version" in entry:
+            item["version"] = entry["version"]
+        index[entry["name"]] = item
+    # Installed in the model store but not (yet) served: loadable with the load API.
+    for manifest in request.app.state.registry.store.installed():
+        index.setdefault(manifest.name, {"name": manifest.name, "version": manifest.version,
+                                         "state": "UNAVAILABLE", "reason": "not loaded"})
+    items = sorted(index.values(), key=lambda i: i["name"])
+    return [i for i in items if i["state"] == "READY"] if ready_only else items
+
+
+def _check_repository_parameters(body: dict[str, Any], allowed: set[str]) -> None:
+    params = body.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("'parameters' must be a JSON object")
+    unsupported = sorted(set(params) - allowed)
+    if unsupported:
+        raise BadRequest(f"unsupported parameter(s): {', '.join(unsupported)}")
+
+
+@router.post("/repository/models/{name}/load", summary="Load (or reload) a configured, installed or catalog model")
+async def repository_load(request: Request, name: str) -> dict[str, Any]:
+    _check_repository_parameters(await _json_object(request, "load"), set())
+    model = await asyncio.to_thread(request.app.state.registry.load, name)
+    return {"name": name, "version": model.version, "load": True}
+
+
+@router.post("/repository/models/{name}/unload", summary="Unload a model")
+async def repository_unload(request: Request, name: str) -> dict[str, Any]:
+    _check_repository_parameters(await _json_object(request, "unload"), {"unload_dependents"})
+    request.app.state.registry.unload(name)
+    return {"name": name, "unload": True}
+
+
+PROTOCOL = Protocol(
+    name="v2",
+    prefix="/v2",
+    router=router,
+    render_error=render_error,
+    description="Open Inference Protocol (KServe V2 / Triton) with the binary tensor and model repository extensions",
+)

@@ -1,0 +1,265 @@
+"""The V2 wire format without a server: binary tensors, BYTES packing, base64, compression."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import zlib
+
+import numpy as np
+import pytest
+
+from visionserve.errors import BadRequest, PayloadTooLarge
+from visionserve.protocols.v2.codec import (
+    OutputTensor,
+    decompress,
+    encode_output,
+    encode_response,
+    pack_bytes,
+    parse_infer_request,
+    split_body,
+    unpack_bytes,
+    wants_binary,
+)
+
+tritonutils = pytest.importorskip("tritonclient.utils")
+
+
+def _request(header: dict, *chunks: bytes) -> tuple[bytes, int | None]:
+    head = json.dumps(header).encode()
+    return head + b"".join(chunks), (len(head) if chunks else None)
+
+
+# -- BYTES packing ---------------------------------------------------------------------------
+
+
+def test_pack_bytes_matches_tritonclient_serialisation():
+    items = [b"dog", b"", b"\x00\xff binary \x00", "bicycle".encode()]
+    packed = pack_bytes(items)
+    expected = tritonutils.serialize_byte_tensor(np.array(items, dtype=object)).item()
+    assert packed == expected
+    assert packed[:4] == (3).to_bytes(4, "little")
+
+
+def test_unpack_bytes_reads_what_tritonclient_writes():
+    items = [b"\xff\xd8\xff\xe0" + bytes(range(256)) * 3, b"x"]
+    raw = tritonutils.serialize_byte_tensor(np.array(items, dtype=object)).item()
+    assert unpack_bytes(raw, expected=2) == items
+
+
+def test_unpack_bytes_round_trips_empty_elements():
+    assert unpack_bytes(pack_bytes([b"", b"", b"a"])) == [b"", b"", b"a"]
+    assert pack_bytes([]) == b"" and unpack_bytes(b"") == []
+
+
+@pytest.mark.parametrize(
+    "raw, expected, message",
+    [
+        (b"\x05\x00", None, "truncated"),
+        (b"\x05\x00\x00\x00abc", None, "declares 5 bytes but only 3 remain"),
+        (pack_bytes([b"a", b"b"]), 1, "more than the 1 element"),
+        (pack_bytes([b"a"]), 2, "holds 1 element(s), its shape declares 2"),
+    ],
+)
+def test_unpack_bytes_rejects_malformed_buffers(raw, expected, message):
+    with pytest.raises(BadRequest, match=message.replace("(", r"\(").replace(")", r"\)")):
+        unpack_bytes(raw, expected)
+
+
+# -- bodies ----------------------------------------------------------------------------------
+
+
+def test_split_body_uses_the_header_length():
+    body, n = _request({"inputs": []}, b"\x01\x02\x03")
+    header, rest = split_body(body, str(n))
+    assert header == {"inputs": []} and bytes(rest) == b"\x01\x02\x03"
+
+
+def test_split_body_without_header_length_is_all_json():
+    header, rest = split_body(b'{"a": 1}', None)
+    assert header == {"a": 1} and len(rest) == 0
+
+
+@pytest.mark.parametrize(
+    "body, length, message",
+    [
+        (b'{"a":1}', "abc", "must be an integer"),
+        (b'{"a":1}', "99", "outside the 7-byte"),
+        (b'{"a":1}', "-1", "outside"),
+        (b"", None, "empty"),
+        (b"{not json", None, "not valid JSON"),
+        (b'{"a":1}\x00\x01', None, "needs Inference-Header-Content-Length"),
+        (b"[1, 2]", None, "must be a JSON object"),
+    ],
+)
+def test_split_body_errors(body, length, message):
+    with pytest.raises(BadRequest, match=message):
+        split_body(body, length)
+
+
+def test_decompress_gzip_and_both_deflate_flavours():
+    data = b'{"inputs": []}' * 50
+    assert decompress(gzip.compress(data), "gzip", 10_000) == data
+    assert decompress(zlib.compress(data), "deflate", 10_000) == data
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert decompress(raw.compress(data) + raw.flush(), "deflate", 10_000) == data
+    assert decompress(data, None, 10) == data  # identity is not limited here: the body limit applies
+
+
+def test_decompress_limits_the_inflated_size():
+    bomb = gzip.compress(b"\x00" * 1_000_000)
+    with pytest.raises(PayloadTooLarge):
+        decompress(bomb, "gzip", 100_000)
+
+
+@pytest.mark.parametrize(
+    "body, encoding, message",
+    [
+        (b"not gzip", "gzip", "cannot decompress"),
+        (gzip.compress(b"x" * 1000)[:-30], "gzip", "truncated|cannot decompress"),
+        (b"data", "br", "unsupported Content-Encoding"),
+    ],
+)
+def test_decompress_errors(body, encoding, message):
+    with pytest.raises(BadRequest, match=message):
+        decompress(body, encoding, 10_000)
+
+
+# -- inference requests ----------------------------------------------------------------------
+
+
+def test_binary_inputs_follow_the_json_in_order():
+    pixels = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    image = pack_bytes([b"jpegdata"])
+    header = {
+        "id": "42",
+        "parameters": {"min_confidence": 0.5},
+        "inputs": [
+            {"name": "PIXELS", "datatype": "UINT8", "shape": [2, 3, 3], "parameters": {"binary_data_size": pixels.nbytes}},
+            {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(image)}},
+        ],
+        "outputs": [{"name": "BOXES", "parameters": {"binary_data": True}}],
+    }
+    body, n = _request(header, pixels.tobytes(), image)
+    req = parse_infer_request(*split_body(body, n))
+    assert req.id == "42" and req.parameters == {"min_confidence": 0.5}
+    assert np.array_equal(req.inputs[0].data, pixels) and req.inputs[0].shape == (2, 3, 3)
+    assert req.inputs[1].data == [b"jpegdata"]
+    assert req.outputs == [{"name": "BOXES", "parameters": {"binary_data": True}}]
+
+
+def test_json_inputs_nested_or_flat():
+    nested = {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 2, 3], "data": [[[1, 2, 3], [4, 5, 255]]]}
+    flat = {**nested, "data": [1, 2, 3, 4, 5, 255]}
+    for spec in (nested, flat):
+        (t,) = parse_infer_request({"inputs": [spec]}, memoryview(b"")).inputs
+        assert t.data.dtype == np.uint8 and t.data.tolist() == [[[1, 2, 3], [4, 5, 255]]]
+
+
+def test_json_bytes_plain_and_base64():
+    jpeg = b"\xff\xd8\xff\xe0 not utf-8 \x80"
+    b64 = {"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"content_type": "base64"},
+           "data": [base64.b64encode(jpeg).decode()]}
+    assert parse_infer_request({"inputs": [b64]}, memoryview(b"")).inputs[0].data == [jpeg]
+    # MLServer also allows the content type on the request
+    req_level = {"parameters": {"content_type": "base64"}, "inputs": [{**b64, "parameters": {}}]}
+    assert parse_infer_request(req_level, memoryview(b"")).inputs[0].data == [jpeg]
+    text = {"name": "IMAGE", "datatype": "BYTES", "shape": [2], "data": ["héllo", "x"]}
+    assert parse_infer_request({"inputs": [text]}, memoryview(b"")).inputs[0].data == ["héllo".encode(), b"x"]
+
+
+@pytest.mark.parametrize(
+    "inputs, binary, message",
+    [
+        (None, b"", "'inputs' must be a non-empty list"),
+        ([], b"", "'inputs' must be a non-empty list"),
+        (["x"], b"", r"inputs\[0\] must be a JSON object"),
+        ([{"datatype": "UINT8", "shape": [1], "data": [1]}], b"", "needs a string 'name'"),
+        ([{"name": "A", "datatype": "BF16", "shape": [1], "data": [1]}], b"", "unsupported datatype 'BF16'"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [-1], "data": [1]}], b"", "non-negative integers"),
+        ([{"name": "A", "datatype": "UINT8", "shape": "3", "data": [1]}], b"", "non-negative integers"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2]}], b"", "neither 'data' nor"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1]}], b"", "has 1 element"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, 300]}], b"", "out of range"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, -1]}], b"", "out of range"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, "a"]}], b"", "string values"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1.5, 2]}], b"", "number values"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2, 2], "data": [[1, 2], [3]]}], b"", "ragged"),
+        ([{"name": "A", "datatype": "BYTES", "shape": [1], "data": [5]}], b"", "must be strings"),
+        ([{"name": "A", "datatype": "BYTES", "shape": [1], "data": ["!!"], "parameters": {"content_type": "base64"}}],
+         b"", "not valid base64"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [4], "parameters": {"binary_data_size": 4}}], b"\x01\x02",
+         "only 2 byte"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [4], "parameters": {"binary_data_size": 3}}], b"\x01\x02\x03",
+         "does not match shape"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": 2}}], b"\x01\x02\x03",
+         "1 byte.* that no input claims"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, 2], "parameters": {"binary_data_size": 2}}],
+         b"\x01\x02", "both 'data' and binary_data_size"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "parameters": {"binary_data_size": "2"}}], b"\x01\x02",
+         "must be a non-negative integer"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, 2], "parameters": [1]}], b"",
+         "'parameters' must be a JSON object"),
+    ],
+)
+def test_malformed_requests_say_what_is_wrong(inputs, binary, message):
+    with pytest.raises(BadRequest, match=message):
+        parse_infer_request({"inputs": inputs}, memoryview(binary))
+
+
+def test_malformed_request_level_fields():
+    ok = [{"name": "A", "datatype": "UINT8", "shape": [1], "data": [1]}]
+    with pytest.raises(BadRequest, match="'id' must be a string"):
+        parse_infer_request({"id": 5, "inputs": ok}, memoryview(b""))
+    with pytest.raises(BadRequest, match="'outputs' must be a list"):
+        parse_infer_request({"inputs": ok, "outputs": {"name": "X"}}, memoryview(b""))
+    with pytest.raises(BadRequest, match=r"outputs\[0\] must be an object"):
+        parse_infer_request({"inputs": ok, "outputs": [{"nam": "X"}]}, memoryview(b""))
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def test_binary_and_json_outputs_in_one_response_read_back_by_tritonclient():
+    from tritonclient.http import InferResult
+
+    boxes = np.array([[1.5, 2, 3, 4], [5, 6, 7, 8.25]], np.float32)
+    labels = [b"dog", b"bicycle"]
+    entries, chunks = [], []
+    for out, binary in (
+        (OutputTensor("BOXES", "FP32", array=boxes), True),
+        (OutputTensor("LABELS", "BYTES", items=labels, shape=(2,)), True),
+        (OutputTensor("CLASS_IDS", "INT32", array=np.array([16, 1], np.int32)), False),
+        (OutputTensor("NAMES", "BYTES", items=labels, shape=(2,)), False),
+    ):
+        entry, raw = encode_output(out, binary)
+        entries.append(entry)
+        if raw is not None:
+            chunks.append(raw)
+    body, n = encode_response({"model_name": "m", "outputs": entries}, chunks)
+    assert n is not None and json.loads(body[:n])["outputs"][0]["parameters"] == {"binary_data_size": 32}
+    result = InferResult.from_response_body(body, header_length=n)
+    assert np.array_equal(result.as_numpy("BOXES"), boxes)
+    assert result.as_numpy("LABELS").tolist() == labels
+    assert result.as_numpy("CLASS_IDS").tolist() == [16, 1]
+    assert result.as_numpy("NAMES").tolist() == ["dog", "bicycle"]
+
+
+def test_empty_outputs_keep_their_shape():
+    entry, raw = encode_output(OutputTensor("BOXES", "FP32", array=np.zeros((0, 4), np.float32)), True)
+    assert entry["shape"] == [0, 4] and raw == b"" and entry["parameters"]["binary_data_size"] == 0
+    entry, raw = encode_output(OutputTensor("LABELS", "BYTES", items=[], shape=(0,)), False)
+    assert entry == {"name": "LABELS", "datatype": "BYTES", "shape": [0], "data": []} and raw is None
+
+
+def test_json_only_response_has_no_header_length():
+    body, n = encode_response({"model_name": "m", "outputs": []}, [])
+    assert n is None and json.loads(body) == {"model_name": "m", "outputs": []}
+
+
+def test_binary_choice_per_output_overrides_the_request():
+    assert wants_binary({"binary_data_output": True}, None)
+    assert not wants_binary({"binary_data_output": True}, {"binary_data": False})
+    assert wants_binary({}, {"binary_data": True})
+    assert not wants_binary({}, {})

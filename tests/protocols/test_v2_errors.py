@@ -1,0 +1,174 @@
+"""Every error path of the Open Inference Protocol over raw HTTP: the status code and the
+``{"error": "..."}`` body the protocol specifies."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+
+import pytest
+
+MODEL = "yolox-nano"
+INFER = f"/v2/models/{MODEL}/infer"
+
+
+def _binary(header: dict, *chunks: bytes) -> tuple[bytes, dict[str, str]]:
+    head = json.dumps(header).encode()
+    return head + b"".join(chunks), {"Inference-Header-Content-Length": str(len(head)),
+                                     "Content-Type": "application/octet-stream"}
+
+
+def _image_input(data: bytes, shape=(1,)) -> dict:
+    return {"name": "IMAGE", "datatype": "BYTES", "shape": list(shape), "parameters": {"content_type": "base64"},
+            "data": [base64.b64encode(data).decode()]}
+
+
+def _assert_error(r, status: int, fragment: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json"
+    body = r.json()
+    assert list(body) == ["error"] and isinstance(body["error"], str)
+    assert fragment in body["error"], body["error"]
+
+
+@pytest.fixture(scope="module")
+def dog(images) -> bytes:
+    return (images / "dog.jpg").read_bytes()
+
+
+# -- models and routes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method, path, status, fragment", [
+    ("GET", "/v2/models/nope", 404, "no model named 'nope'"),
+    ("GET", "/v2/models/nope/ready", 404, "no model named 'nope'"),
+    ("GET", f"/v2/models/{MODEL}/versions/9", 404, "no version '9'"),
+    ("GET", f"/v2/models/{MODEL}/versions/9/ready", 404, "no version '9'"),
+    ("POST", "/v2/models/nope/infer", 404, "no model named 'nope'"),
+    ("POST", f"/v2/models/{MODEL}/versions/2/infer", 404, "no version '2'"),
+    ("GET", "/v2/nothing/here", 404, "no route"),
+    ("GET", INFER, 405, "not allowed"),
+    ("DELETE", "/v2/health/live", 405, "not allowed"),
+])
+def test_unknown_models_versions_routes_and_methods(client, method, path, status, fragment):
+    _assert_error(client.request(method, path), status, fragment)
+
+
+# -- malformed inference requests ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body, headers, fragment", [
+    (b"", {}, "empty"),
+    (b"{not json", {"Content-Type": "application/json"}, "not valid JSON"),
+    (b"[]", {"Content-Type": "application/json"}, "must be a JSON object"),
+    (b'{"inputs": []}', {}, "'inputs' must be a non-empty list"),
+    (b'{"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1]}]}', {}, "neither 'data' nor"),
+    (b'{"inputs": []}', {"Inference-Header-Content-Length": "x"}, "must be an integer"),
+    (b'{"inputs": []}', {"Inference-Header-Content-Length": "500"}, "outside the"),
+    (b'{"inputs": []}', {"Content-Encoding": "br"}, "unsupported Content-Encoding"),
+    (b"definitely not gzip", {"Content-Encoding": "gzip"}, "cannot decompress"),
+])
+def test_malformed_bodies(client, body, headers, fragment):
+    _assert_error(client.post(INFER, content=body, headers=headers), 400, fragment)
+
+
+def test_binary_data_size_mismatches(client, dog):
+    packed = len(dog).to_bytes(4, "little") + dog
+    too_big = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1],
+                           "parameters": {"binary_data_size": len(packed) + 10}}]}
+    _assert_error(client.post(INFER, content=_binary(too_big, packed)[0], headers=_binary(too_big, packed)[1]),
+                  400, "only")
+    leftover = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1],
+                            "parameters": {"binary_data_size": len(packed)}}]}
+    body, headers = _binary(leftover, packed, b"extra")
+    _assert_error(client.post(INFER, content=body, headers=headers), 400, "no input claims")
+    bad_prefix = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1],
+                              "parameters": {"binary_data_size": 4 + 3}}]}
+    body, headers = _binary(bad_prefix, (99).to_bytes(4, "little") + b"abc")
+    _assert_error(client.post(INFER, content=body, headers=headers), 400, "declares 99 bytes")
+    wrong_pixels = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [2, 2, 3],
+                                "parameters": {"binary_data_size": 11}}]}
+    body, headers = _binary(wrong_pixels, bytes(11))
+    _assert_error(client.post(INFER, content=body, headers=headers), 400, "does not match shape")
+
+
+@pytest.mark.parametrize("inputs, fragment", [
+    ([{"name": "FRAME", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "unknown input 'FRAME'"),
+    ([{"name": "IMAGE", "datatype": "UINT8", "shape": [1], "data": [1]}], "must be BYTES"),
+    ([{"name": "PIXELS", "datatype": "FP32", "shape": [1, 1, 3], "data": [1, 2, 3]}], "must be UINT8"),
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [2, 2], "data": [1, 2, 3, 4]}], "PIXELS must have shape"),
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 4], "data": [1, 2, 3, 4]}], "PIXELS must have shape"),
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 4, 3], "data": []}], "pixels must be a non-empty"),
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 2, 2, 3], "data": []}], "holds no image"),
+    ([{"name": "IMAGE", "datatype": "BYTES", "shape": [1, 2], "data": ["a", "b"]}], "IMAGE must have shape"),
+    ([{"name": "IMAGE", "datatype": "BYTES", "shape": [0], "data": []}], "holds no image"),
+    ([{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}], "image"),
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, 2, 999]}], "out of range"),
+    ([{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["x"]},
+      {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, 2, 3]}], "exactly one input"),
+])
+def test_inputs_that_do_not_fit_the_model(client, inputs, fragment):
+    _assert_error(client.post(INFER, json={"inputs": inputs}), 400, fragment)
+
+
+def test_invalid_image_bytes_is_400(client):
+    r = client.post(INFER, json={"inputs": [_image_input(b"\x89PNG but broken")]})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+@pytest.mark.parametrize("parameters, fragment", [
+    ({"min_confidence": 2}, "min_confidence"),
+    ({"min_confidence": "high"}, "min_confidence"),
+    ({"iou": -0.1}, "iou"),
+    ({"max_detections": 0}, "max_detections"),
+    ({"classes": "dog,unicorn"}, "unicorn"),
+])
+def test_bad_parameters_are_400_not_422(client, dog, parameters, fragment):
+    r = client.post(INFER, json={"parameters": parameters, "inputs": [_image_input(dog)]})
+    _assert_error(r, 400, fragment)
+
+
+def test_bad_requested_outputs(client, dog):
+    r = client.post(INFER, json={"inputs": [_image_input(dog)], "outputs": [{"name": "MASKS"}]})
+    _assert_error(r, 400, "unknown output 'MASKS'")
+    r = client.post(INFER, json={"inputs": [_image_input(dog)],
+                                 "outputs": [{"name": "LABELS", "parameters": {"class_count": 3}}]})
+    _assert_error(r, 400, "classification extension")
+
+
+def test_batch_limit(client):
+    inputs = [{"name": "IMAGE", "datatype": "BYTES", "shape": [17], "data": ["x"] * 17}]
+    _assert_error(client.post(INFER, json={"inputs": inputs}), 400, "the limit is 16")
+
+
+def test_body_over_the_limit_is_413_in_v2_form(client):
+    r = client.post(INFER, content=b"{" + b" " * 21_000_000 + b"}")
+    _assert_error(r, 413, "exceeds the limit")
+
+
+def test_gzip_bomb_is_413(client):
+    bomb = gzip.compress(b" " * 30_000_000)
+    r = client.post(INFER, content=bomb, headers={"Content-Encoding": "gzip"})
+    _assert_error(r, 413, "decompressed request body exceeds")
+
+
+# -- model repository ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path, body, status, fragment", [
+    ("/v2/repository/index", b"{oops", 400, "not valid JSON"),
+    ("/v2/repository/index", b'{"ready": "yes"}', 400, "'ready' must be a boolean"),
+    ("/v2/repository/index", b"[1]", 400, "must be a JSON object"),
+    ("/v2/repository/models/no-such-model/load", b"", 404, "no-such-model"),
+    ("/v2/repository/models/no-such-model/unload", b"", 404, "no-such-model"),
+    (f"/v2/repository/models/{MODEL}/load", b'{"parameters": {"config": "{}"}}', 400, "unsupported parameter"),
+    (f"/v2/repository/models/{MODEL}/unload", b'{"parameters": 5}', 400, "must be a JSON object"),
+])
+def test_repository_errors(client, path, body, status, fragment):
+    _assert_error(client.post(path, content=body), status, fragment)
+
+
+def test_failed_load_of_an_unknown_name_leaves_it_unknown(client):
+    _assert_error(client.post("/v2/repository/models/never-heard-of-it/load"), 404, "never-heard-of-it")
+    _assert_error(client.get("/v2/models/never-heard-of-it"), 404, "no model named 'never-heard-of-it'")
