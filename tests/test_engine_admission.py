@@ -97,3 +97,23 @@ def test_work_of_a_disconnected_client_is_dropped(server_factory, images):
     runs = sum(metric(text, "visionserve_inference_runs_total", mode=m) for m in ("wide", "worker"))
     assert runs < 6  # at least one dropped job never ran (warm-up runs are not counted)
     assert post_image(srv.url, images / "dog.jpg").status_code == 200
+
+
+def _v2_body(image_bytes: bytes, **parameters: object) -> dict:
+    import base64
+
+    return {
+        "parameters": parameters,
+        "inputs": [{
+            "name": "IMAGE", "datatype": "BYTES", "shape": [1],
+            "parameters": {"content_type": "base64"}, "data": [base64.b64encode(image_bytes).decode()],
+        }],
+    }
+
+
+def test_v2_timeout_parameter_is_a_deadline(client, images):
+    body = (images / "dog.jpg").read_bytes()
+    late = client.post("/v2/models/yolox-nano/infer", json=_v2_body(body, timeout=1))  # 1 microsecond
+    assert late.status_code == 504, late.text
+    ok = client.post("/v2/models/yolox-nano/infer", json=_v2_body(body, timeout=60_000_000))
+    assert ok.status_code == 200, ok.text
