@@ -49,7 +49,10 @@ class DetectionService:
         """Detects objects in an encoded image (JPEG, PNG, ...); ``deadline`` is time.monotonic()."""
         served = self.registry.get(model)
         thresholds = served.thresholds(params)  # bad parameters fail before any decoding
-        prepare = partial(decode_image, data, max_pixels=self.settings.limits.max_image_pixels)
+        factor = self.settings.runtime.jpeg_reduced_decode
+        spec = served.family.input
+        min_size = (int(spec.width * factor), int(spec.height * factor)) if factor > 0 else None
+        prepare = partial(decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=min_size)
         return await self._predict(served.name, prepare, thresholds, deadline)
 
     async def detect_pixels(
