@@ -64,9 +64,8 @@ def serve(
     log_level: Annotated[Optional[str], typer.Option(help="debug, info, warning or error")] = None,
 ) -> None:
     """Run the HTTP server."""
-    import uvicorn
-
     from visionserve.server.app import create_app
+    from visionserve.server.lifecycle import serve as serve_app
     from visionserve.server.logs import configure_logging
     from visionserve.store.store import ModelStore
 
@@ -79,15 +78,8 @@ def serve(
     for m in settings.models:  # pull missing catalog models before listening
         if m.path is None and store.manifest(m.name) is None:
             _pull(store, m.name)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        timeout_graceful_shutdown=30,
-        server_header=False,
-    )
+    if not serve_app(create_app(settings), settings.host, settings.port, settings.queue.drain_timeout_s):
+        raise typer.Exit(3)
 
 
 @app.command()

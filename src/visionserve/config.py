@@ -63,12 +63,67 @@ class Limits(BaseModel):
 
 
 class RuntimeSettings(BaseModel):
+    """How inference uses the cores (defaults chosen by the measurements in docs/benchmarks.md).
+
+    A lone request runs on a session with ``intra_op_threads`` threads (all cores), so one
+    image gets the whole machine; when several requests wait, ``inference_workers`` of them
+    run at once, each on its own core. Decode, pre- and post-processing run on the same
+    worker as the inference, so one image decodes while another is in the model.
+    """
+
     model_config = ConfigDict(extra="forbid")
 
-    intra_op_threads: int = Field(default=0, ge=0, description="ONNX Runtime threads per inference; 0 = all cores")
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime threads for a lone request's inference; 0 = all cores"
+    )
     inter_op_threads: int = Field(default=1, ge=1)
-    decode_threads: int = Field(default=0, ge=0, description="image decode threads; 0 = number of cores")
+    inference_workers: int = Field(
+        default=0, ge=0, description="inferences run at once when requests queue up; 0 = one per core"
+    )
+    decode_threads: int = Field(default=0, ge=0, description="threads for image encoding (annotated images); 0 = number of cores")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    allow_spinning: bool = Field(
+        default=False,
+        description="let ONNX Runtime's idle threads spin; faster only on an otherwise idle machine",
+    )
+    memory_arena: bool = Field(default=True, description="ONNX Runtime's CPU memory arena (reuses buffers between runs)")
+    jpeg_reduced_decode: float = Field(
+        default=2.0, ge=0,
+        description="large JPEGs decode at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling) while staying at "
+        "least this many times the model's input size; 0 = always full size. At 2 the detections on the test "
+        "images are unchanged (at 1 they move by a few pixels)",
+    )
+    gil_switch_interval_ms: float = Field(
+        default=1.0, gt=0,
+        description="how often Python hands the GIL between threads; short keeps workers from "
+        "waiting behind a busy HTTP loop",
+    )
+
+
+class QueueSettings(BaseModel):
+    """Admission control, deadlines and dynamic batching (protocol-neutral: every API gets them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_queue: int = Field(
+        default=14, ge=0,
+        description="requests admitted beyond those running (inference_workers); more get 503 with "
+        "Retry-After at once. Each queued request adds about one image's time / workers to the wait",
+    )
+    max_batch_size: int = Field(
+        default=1, ge=1, le=256,
+        description="images per inference for models with a batch dimension (1 = no batching)",
+    )
+    max_queue_delay_ms: float = Field(
+        default=2.0, ge=0, description="how long the first image of a batch may wait for more"
+    )
+    default_timeout_ms: float | None = Field(
+        default=None, gt=0,
+        description="deadline for requests that set none; past it a request is dropped and answered 504",
+    )
+    drain_timeout_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
+    )
 
 
 class DeepStackSettings(BaseModel):
@@ -105,6 +160,7 @@ class Settings(BaseSettings):
     default_model: str | None = None
     limits: Limits = Field(default_factory=Limits)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
     deepstack: DeepStackSettings = Field(default_factory=DeepStackSettings)
     v2: V2Settings = Field(default_factory=V2Settings)
     log_format: Literal["text", "json"] = "text"

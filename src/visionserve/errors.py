@@ -69,3 +69,9 @@ class ModelError(VisionServeError):
 
 class ConfigError(Exception):
     """A configuration is invalid; the message names the bad key."""
+
+
+class ClientDisconnected(VisionServeError):
+    """The client went away before the answer (nginx's 499); nothing reaches it."""
+
+    code, status = "client_closed_request", 499

@@ -1,11 +1,17 @@
 """The protocol-neutral detection service every protocol adapter calls.
 
 bytes -> decode -> model (family pre-processing, runtime, family post-processing) -> Prediction
+
+Admission control, deadlines and dropping work for departed clients live here and in the
+scheduler, so every protocol gets them: an adapter calls ``admit()`` before reading the
+request body (refusing is then nearly free), passes the request's deadline, and cancels
+the ``detect`` call when its client disconnects.
 """
 
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import numpy as np
 
@@ -13,7 +19,7 @@ from visionserve.config import Settings
 from visionserve.errors import InvalidImage
 from visionserve.imaging.decode import decode_image
 from visionserve.runtime.registry import ModelRegistry
-from visionserve.runtime.scheduler import Scheduler
+from visionserve.runtime.scheduler import Scheduler, Ticket
 from visionserve.types import DecodedImage, PredictParams, Prediction
 
 
@@ -22,30 +28,49 @@ class DetectionService:
         self.settings = settings
         self.registry = registry
         self.scheduler = scheduler
+        self.metrics = scheduler.metrics
 
-    async def detect(self, model: str | None, data: bytes, params: PredictParams) -> Prediction:
-        """Detects objects in an encoded image (JPEG, PNG, ...)."""
+    def admit(self) -> Ticket:
+        """A place for one detection request (``with service.admit(): ...``); raises
+        ``Overloaded`` (503 with Retry-After) when the server is full or draining."""
+        return self.scheduler.admit()
+
+    def deadline(self, timeout_ms: float | None, received: float | None = None) -> float | None:
+        """The absolute deadline (time.monotonic()) of a request received at ``received`` that
+        allows ``timeout_ms``; the server's default timeout applies when it gives none."""
+        timeout_ms = timeout_ms if timeout_ms is not None else self.settings.queue.default_timeout_ms
+        if timeout_ms is None:
+            return None
+        return (received if received is not None else time.monotonic()) + timeout_ms / 1e3
+
+    async def detect(
+        self, model: str | None, data: bytes, params: PredictParams, *, deadline: float | None = None
+    ) -> Prediction:
+        """Detects objects in an encoded image (JPEG, PNG, ...); ``deadline`` is time.monotonic()."""
         served = self.registry.get(model)
         thresholds = served.thresholds(params)  # bad parameters fail before any decoding
-        t0 = time.perf_counter()
-        image = await self.scheduler.decode(
-            decode_image, data, max_pixels=self.settings.limits.max_image_pixels
-        )
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        return await self._predict(served.name, image, thresholds, {"decode": decode_ms})
+        factor = self.settings.runtime.jpeg_reduced_decode
+        spec = served.family.input
+        min_size = (int(spec.width * factor), int(spec.height * factor)) if factor > 0 else None
+        prepare = partial(decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=min_size)
+        return await self._predict(served.name, prepare, thresholds, deadline)
 
-    async def detect_pixels(self, model: str | None, pixels: np.ndarray, params: PredictParams) -> Prediction:
+    async def detect_pixels(
+        self, model: str | None, pixels: np.ndarray, params: PredictParams, *, deadline: float | None = None
+    ) -> Prediction:
         """Detects objects in an RGB HxWx3 uint8 array."""
         served = self.registry.get(model)
         thresholds = served.thresholds(params)
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8 or 0 in pixels.shape:
             raise InvalidImage(f"pixels must be a non-empty HxWx3 uint8 array, got {pixels.dtype} {list(pixels.shape)}")
         image = DecodedImage(np.ascontiguousarray(pixels), pixels.shape[1], pixels.shape[0], "raw")
-        return await self._predict(served.name, image, thresholds, {})
+        return await self._predict(served.name, lambda: image, thresholds, deadline)
 
-    async def _predict(self, model: str, image: DecodedImage, thresholds, timings: dict[str, float]) -> Prediction:
+    async def _predict(self, model: str, prepare, thresholds, deadline: float | None) -> Prediction:  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
         served = self.registry.get(model)
-        detections, stage_ms = await self.scheduler.predict(served, image.pixels, thresholds)
+        image, detections, timings = await self.scheduler.run(served, prepare, thresholds, deadline)
         detections = detections.scaled(image.scale_x, image.scale_y, image.width, image.height)
-        timings.update(stage_ms)
+        timings["total"] = (time.perf_counter() - start) * 1e3
+        self.metrics.observe_stages(served.name, timings)
         return Prediction(served.name, served.version, image, detections, timings)

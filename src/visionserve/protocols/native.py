@@ -15,12 +15,18 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
-from visionserve.errors import InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
+from visionserve.errors import BadRequest, InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
 from visionserve.imaging.draw import annotate, encode_image
 from visionserve.protocols import Protocol
+from visionserve.server.admission import admitted
+from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
 
 router = APIRouter()
+
+# Milliseconds the client will wait, counted from when the server received the request;
+# past it the request is dropped (before inference when it has not started) and answered 504.
+TIMEOUT_HEADER = "x-timeout-ms"
 
 IMAGE_FIELDS = ("image", "file")
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
@@ -108,6 +114,8 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", summary="Readiness: every configured model is loaded and warmed up (503 until then)")
 async def readyz(request: Request) -> dict[str, str]:
+    if request.app.state.scheduler.draining:
+        raise ModelNotReady("the server is shutting down")
     if not request.app.state.registry.ready:
         raise ModelNotReady("models are still loading")
     return {"status": "ready"}
@@ -117,31 +125,51 @@ async def readyz(request: Request) -> dict[str, str]:
 
 
 @router.post("/predict", summary="Detect objects with the default model", openapi_extra=_PREDICT_OPENAPI)
+@admitted
 async def predict_default(request: Request) -> Response:
     return await _predict(request, None)
 
 
 @router.post("/predict/{model}", summary="Detect objects with a named model", openapi_extra=_PREDICT_OPENAPI)
+@admitted
 async def predict_model(request: Request, model: str) -> Response:
     return await _predict(request, model)
 
 
 async def _predict(request: Request, model: str | None) -> Response:
-    data, fields = await _read_image(request)
-    merged = {**fields, **{k: v for k, v in request.query_params.items() if v != ""}}
-    try:
-        options = PredictOptions.model_validate(merged)
-    except ValidationError as e:
-        raise InvalidParameter(
-            "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        ) from None
     service = request.app.state.service
-    prediction = await service.detect(model, data, options.params())
+    # Admission before the body is read: a full server refuses at once and for nearly free.
+    with service.admit():
+        deadline = service.deadline(_timeout_ms(request), request.scope.get("state", {}).get("received"))
+        data, fields = await _read_image(request)
+        merged = {**fields, **{k: v for k, v in request.query_params.items() if v != ""}}
+        try:
+            options = PredictOptions.model_validate(merged)
+        except ValidationError as e:
+            raise InvalidParameter(
+                "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            ) from None
+        prediction = await unless_disconnected(
+            request.receive, service.detect(model, data, options.params(), deadline=deadline)
+        )
     image_format = options.format or _negotiate(request.headers.get("accept", ""))
     if image_format in ("jpeg", "png"):
         body = await service.scheduler.decode(_draw, prediction, image_format)
         return Response(body, media_type=f"image/{image_format}", headers=_server_timing(prediction))
     return JSONResponse(prediction_json(prediction), headers=_server_timing(prediction))
+
+
+def _timeout_ms(request: Request) -> float | None:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+    return value
 
 
 async def _read_image(request: Request) -> tuple[bytes, dict[str, str]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from enum import Enum
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -13,9 +15,12 @@ from visionserve.config import RuntimeSettings
 from visionserve.errors import InvalidParameter, ModelError
 from visionserve.families import get_family
 from visionserve.families.base import ModelFamily
-from visionserve.runtime.session import create_session
+from visionserve.runtime.batching import dynamic_batch_variant, graph_batch_size, same_outputs
+from visionserve.runtime.session import cpu_count, create_session
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, PredictParams, Thresholds
+
+log = logging.getLogger("visionserve.models")
 
 
 class ModelState(str, Enum):
@@ -26,7 +31,14 @@ class ModelState(str, Enum):
 
 
 class ServedModel:
-    def __init__(self, manifest: ModelManifest, runtime: RuntimeSettings) -> None:
+    """Serves one model with two ONNX Runtime sessions over the same graph.
+
+    ``worker_sessions`` (one per scheduler worker thread, each with that worker's share of
+    the cores, normally one) serve requests that run side by side; ``session`` (all cores)
+    serves a request that has the machine to itself. On a one-core machine they are the same.
+    """
+
+    def __init__(self, manifest: ModelManifest, runtime: RuntimeSettings, *, max_batch_size: int = 1) -> None:
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version
@@ -36,34 +48,91 @@ class ServedModel:
         self._label_ids = {label: i for i, label in enumerate(self.labels)}
         self.state = ModelState.LOADING
         self.error: str | None = None
-        self.session = None
+        self.requested_batch_size = max_batch_size
+        self.max_batch_size = 1  # what the graph allows, known after load()
+        self.session = None  # the wide session (all cores); None when unloaded
+        self.worker_sessions: list = []
+        self._free_sessions: list = []
+        self._thread_session = threading.local()
         self.input_name = ""
         self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------
 
     def load(self) -> None:
-        """Creates the session, checks the graph fits the family, and runs one warm-up inference."""
+        """Creates the sessions, checks the graph fits the family, and warms every session up."""
         try:
-            session = create_session(self.manifest.path, self.runtime)
+            cores = cpu_count()
+            workers = self.runtime.inference_workers or cores
+            worker_threads = max(1, cores // workers)
+            wide_threads = self.runtime.intra_op_threads or cores
+            source = self._batch_source() if self.requested_batch_size > 1 else None
+            source = source or self.manifest.path
+            session = create_session(source, self.runtime, intra_op_threads=wide_threads, name=str(self.manifest.path))
             inputs = session.get_inputs()
             if len(inputs) != 1:
                 raise ModelError(f"{self.name}: expected one input, the graph has {[i.name for i in inputs]}")
             self.family.validate_outputs([o.shape for o in session.get_outputs()])
-            self.session, self.input_name = session, inputs[0].name
+            # One session per worker, as in the in-process ceiling (one per process): no
+            # shared arena between concurrent runs.
+            worker_sessions = [session]
+            if worker_threads != wide_threads:
+                worker_sessions = [
+                    create_session(source, self.runtime, intra_op_threads=worker_threads, name=str(self.manifest.path))
+                    for _ in range(workers)
+                ]
+            self.session, self.worker_sessions, self.input_name = session, worker_sessions, inputs[0].name
+            self._free_sessions = list(worker_sessions)
+            if self.requested_batch_size > 1:
+                self.max_batch_size = self._checked_batch_size()
             self.warm_up()
             self.state = ModelState.READY
         except Exception as e:
             self.state, self.error = ModelState.FAILED, str(e)
             raise
 
+    def _batch_source(self) -> Path | bytes | None:
+        """The graph to load when batching is wanted: as is when its batch dimension is dynamic,
+        else a dynamic-batch variant made in memory (falls back to the file when impossible)."""
+        batch = graph_batch_size(self.manifest.path)
+        if isinstance(batch, str):
+            return None
+        variant = dynamic_batch_variant(self.manifest.path) if batch == 1 else None
+        if variant is None:
+            log.warning("%s: the graph has a fixed batch size; serving without batching", self.name)
+        return variant
+
+    def _checked_batch_size(self) -> int:
+        """Runs two different images as one batch and singly; batching is used only if they agree."""
+        spec = self.family.input
+        rng = np.random.default_rng(0)
+        images = rng.integers(0, 256, (2, spec.height, spec.width, 3), dtype=np.uint8)
+        tensors = np.stack([self.family.preprocess(img)[0] for img in images])
+        try:
+            batched = self.run(tensors)
+            singles = [self.run(tensors[i : i + 1]) for i in range(2)]
+        except Exception as e:
+            log.warning("%s: batched inference failed (%s); serving without batching", self.name, e)
+            return 1
+        for i in range(2):
+            if not same_outputs(list(singles[i]), [o[i : i + 1] for o in batched]):
+                log.warning("%s: batched outputs differ from single ones; serving without batching", self.name)
+                return 1
+        log.info("%s: dynamic batching up to %d images", self.name, self.requested_batch_size)
+        return self.requested_batch_size
+
     def warm_up(self) -> None:
         blank = np.full((self.family.input.height, self.family.input.width, 3), 114, np.uint8)
         tensor, _ = self.family.preprocess(blank)
-        self.run(tensor[None])
+        for session in {id(s): s for s in (self.session, *self.worker_sessions)}.values():
+            session.run(None, {self.input_name: tensor[None]})
+
+    @property
+    def has_wide_session(self) -> bool:
+        return bool(self.worker_sessions) and self.worker_sessions[0] is not self.session
 
     def unload(self) -> None:
-        self.session, self.state = None, ModelState.UNLOADED
+        self.session, self.worker_sessions, self.state = None, [], ModelState.UNLOADED
 
     # -- inference ---------------------------------------------------------------------
 
@@ -83,12 +152,22 @@ class ServedModel:
             class_ids=class_ids,
         )
 
-    def run(self, batch: np.ndarray) -> Sequence[np.ndarray]:
-        """Raw inference on an [N, C, H, W] batch."""
-        session = self.session
+    def run(self, batch: np.ndarray, *, wide: bool = True) -> Sequence[np.ndarray]:
+        """Raw inference on an [N, C, H, W] batch, on all cores (``wide``) or one worker's share."""
+        session = self.session if wide else self._worker_session()
         if session is None:
             raise ModelError(f"model {self.name!r} is not loaded")
         return session.run(None, {self.input_name: batch})
+
+    def _worker_session(self):  # type: ignore[no-untyped-def]
+        """This thread's own worker session (each scheduler worker thread keeps one)."""
+        local = self._thread_session
+        if getattr(local, "owner", None) is not self.worker_sessions:
+            with self._lock:
+                pool = self._free_sessions
+                local.session = pool.pop() if pool else self.worker_sessions[0]
+                local.owner = self.worker_sessions
+        return local.session
 
     def predict(self, pixels: np.ndarray, thresholds: Thresholds, timings: dict[str, float]) -> Detections:
         """One RGB image -> detections in its pixels; adds stage times (ms) to ``timings``."""

@@ -106,7 +106,7 @@ class ModelRegistry:
                 self._failures[name] = str(e)
             raise
         self._failures.pop(name, None)
-        model = ServedModel(manifest, self.settings.runtime)
+        model = ServedModel(manifest, self.settings.runtime, max_batch_size=self.settings.queue.max_batch_size)
         with self._lock:
             previous = self._models.get(name)
             if previous is None or previous.state is not ModelState.READY:

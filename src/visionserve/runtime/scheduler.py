@@ -1,47 +1,337 @@
-"""Where work runs: decode and inference on thread pools, never on the event loop.
+"""Where and when detection work runs: admission, a bounded queue, deadlines, dynamic
+batching, and the inference workers. Never on the event loop.
 
-Decode and inference have separate pools so that the next image decodes while the current
-one is in the model. Inferences run one at a time, each using all the intra-op threads the
-session was given, which keeps single-request latency at the model's best.
+Policy (measured in docs/benchmarks.md):
+
+* A request is *admitted* before its body is read; at most ``workers + max_queue`` are
+  admitted at once, and the next one gets 503 with Retry-After at once, so accepted
+  requests never wait behind an unbounded queue.
+* Each job runs decode, pre-processing, inference and post-processing on one worker
+  thread, so while one image is in the model the next one decodes on the other core.
+* When a request is the only one admitted, it runs on the *wide* session (all cores):
+  one image gets the whole machine. When several are admitted, up to ``workers`` run at
+  once on the single-threaded worker sessions: several images use the cores side by side.
+* Models whose graph takes a batch run up to ``max_batch_size`` queued images at once,
+  waiting at most ``max_queue_delay_ms`` for the batch to fill, and only while more
+  admitted requests are on their way.
+* A job past its deadline is dropped (504), before inference when it has not started;
+  a job whose caller is cancelled (client disconnected) is dropped from the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, TypeVar
 
 import numpy as np
 
+from visionserve.config import QueueSettings, RuntimeSettings
+from visionserve.errors import DeadlineExceeded, Overloaded
+from visionserve.metrics import Metrics
 from visionserve.runtime.model import ServedModel
-from visionserve.types import Detections, Thresholds
+from visionserve.runtime.session import cpu_count
+from visionserve.types import DecodedImage, Detections, Thresholds
 
 T = TypeVar("T")
 
+RETRY_AFTER_S = "1"
+
+
+class Ticket:
+    """One admitted request. Releasing it (once) frees its place."""
+
+    __slots__ = ("_scheduler", "_released", "_token")
+
+    def __init__(self, scheduler: "Scheduler") -> None:
+        self._scheduler = scheduler
+        self._released = False
+        self._token = None
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._scheduler.admitted -= 1
+
+    def __enter__(self) -> "Ticket":
+        self._token = _current_ticket.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _current_ticket.reset(self._token)
+        self.release()
+
+
+# The ticket of the request the current task serves, so that ``run`` does not admit twice.
+_current_ticket: ContextVar[Ticket | None] = ContextVar("visionserve_ticket", default=None)
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    model: ServedModel
+    prepare: Callable[[], DecodedImage]  # decodes on the worker (or returns ready pixels)
+    thresholds: Thresholds
+    deadline: float | None  # time.monotonic()
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+    timings: dict[str, float] = field(default_factory=dict)
+    started: bool = False
+    cancelled: bool = False  # read by the worker thread: skip if not begun
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    image: DecodedImage | None = None
+    detections: Detections | None = None
+    error: BaseException | None = None
+
 
 class Scheduler:
-    def __init__(self, decode_threads: int, inference_workers: int = 1) -> None:
-        self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="decode")
-        self._infer = ThreadPoolExecutor(inference_workers, thread_name_prefix="infer")
+    def __init__(
+        self,
+        runtime: RuntimeSettings,
+        queue: QueueSettings,
+        metrics: Metrics | None = None,
+    ) -> None:
+        cores = cpu_count()
+        self.workers = runtime.inference_workers or cores
+        self.capacity = self.workers + queue.max_queue
+        self.settings = queue
+        self.metrics = metrics or Metrics()
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="infer")
+        self._aux = ThreadPoolExecutor(runtime.decode_threads or cores, thread_name_prefix="aux")
+        self._queue: deque[Job] = deque()
+        self._free = self.workers  # worker slots; a wide run takes them all
+        self._batch_timer: asyncio.TimerHandle | None = None
+        self.admitted = 0
+        self.running = 0
+        self.draining = False
+        self.metrics.watch(lambda: len(self._queue), lambda: self.admitted, self.capacity)
+
+    # -- admission ---------------------------------------------------------------------
+
+    def admit(self) -> Ticket:
+        """Takes a place for one request, or raises ``Overloaded`` (503 + Retry-After) at once.
+
+        Call it before reading the request body, so that refusing costs next to nothing.
+        """
+        if self.draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise Overloaded("the server is shutting down", headers={"Retry-After": RETRY_AFTER_S})
+        if self.admitted >= self.capacity:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise Overloaded(
+                f"server at capacity ({self.capacity} requests in progress); retry shortly",
+                headers={"Retry-After": RETRY_AFTER_S},
+            )
+        self.admitted += 1
+        return Ticket(self)
+
+    @property
+    def full(self) -> bool:
+        """Whether ``admit`` would refuse now."""
+        return self.draining or self.admitted >= self.capacity
+
+    @property
+    def idle(self) -> bool:
+        return self.admitted == 0 and self.running == 0
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    # -- running detections ------------------------------------------------------------
+
+    async def run(
+        self,
+        model: ServedModel,
+        prepare: Callable[[], DecodedImage],
+        thresholds: Thresholds,
+        deadline: float | None = None,
+    ) -> tuple[DecodedImage, Detections, dict[str, float]]:
+        """Decodes (via ``prepare``) and detects on a worker; returns the image, its detections
+        (in the decoded pixels) and stage timings in ms."""
+        if _current_ticket.get() is None:
+            with self.admit():
+                return await self.run(model, prepare, thresholds, deadline)
+        loop = asyncio.get_running_loop()
+        job = Job(model, prepare, thresholds, deadline, loop.create_future())
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.metrics.deadline_exceeded.labels("admission").inc()
+                raise DeadlineExceeded("the request's deadline passed before it could be queued")
+            job.timer = loop.call_later(remaining, self._expire, job)
+        self._queue.append(job)
+        self._dispatch()
+        try:
+            outcome: Outcome = await job.future
+        except asyncio.CancelledError:
+            self._drop(job)
+            raise
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.image is not None and outcome.detections is not None
+        return outcome.image, outcome.detections, job.timings
 
     async def decode(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._decode, partial(fn, *args, **kwargs))
+        """Runs other CPU work (e.g. drawing and encoding an annotated image) off the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._aux, partial(fn, *args, **kwargs))
 
-    async def predict(
-        self, model: ServedModel, pixels: np.ndarray, thresholds: Thresholds
-    ) -> tuple[Detections, dict[str, float]]:
-        queued = time.perf_counter()
-        timings: dict[str, float] = {}
+    # -- dispatch (event loop thread only) -----------------------------------------------
 
-        def work() -> Detections:
-            timings["queue"] = (time.perf_counter() - queued) * 1e3
-            return model.predict(pixels, thresholds, timings)
+    def _dispatch(self) -> None:
+        while self._queue and self._free > 0:
+            head = self._queue[0]
+            model = head.model
+            if self._free == self.workers and self.admitted <= 1 and len(self._queue) == 1 and model.has_wide_session:
+                self._queue.popleft()
+                self._start([head], wide=True)
+                continue
+            if model.max_batch_size > 1:
+                batch = [j for j in self._queue if j.model is model][: model.max_batch_size]
+                if len(batch) < model.max_batch_size and self._worth_waiting(head):
+                    return
+                for j in batch:
+                    self._queue.remove(j)
+            else:
+                batch = [self._queue.popleft()]
+            self._start(batch, wide=False)
 
-        detections = await asyncio.get_running_loop().run_in_executor(self._infer, work)
-        return detections, timings
+    def _worth_waiting(self, head: Job) -> bool:
+        """Whether to hold a partial batch for more images: only while other admitted requests
+        could still join, and not past the delay."""
+        arriving = self.admitted - len(self._queue) - self.running
+        waited_ms = (time.perf_counter() - head.enqueued) * 1e3
+        delay = self.settings.max_queue_delay_ms
+        if arriving <= 0 or waited_ms >= delay:
+            return False
+        if self._batch_timer is None:
+            def fire() -> None:
+                self._batch_timer = None
+                self._dispatch()
+
+            self._batch_timer = asyncio.get_running_loop().call_later((delay - waited_ms) / 1e3, fire)
+        return True
+
+    def _start(self, jobs: list[Job], wide: bool) -> None:
+        slots = self.workers if wide else 1
+        self._free -= slots
+        self.running += len(jobs)
+        for j in jobs:
+            j.started = True
+        model = jobs[0].model
+        self.metrics.batch_size.labels(model.name).observe(len(jobs))
+        self.metrics.inference_runs.labels(model.name, "wide" if wide else "worker").inc()
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, _execute, jobs, wide)
+        fut.add_done_callback(partial(self._finished, jobs, slots))
+
+    def _finished(self, jobs: list[Job], slots: int, fut: asyncio.Future) -> None:
+        self._free += slots
+        self.running -= len(jobs)
+        try:
+            outcomes = fut.result()
+        except BaseException as e:  # the executor itself failed (e.g. shut down)
+            outcomes = [Outcome(error=e) for _ in jobs]
+        for job, outcome in zip(jobs, outcomes):
+            if job.timer is not None:
+                job.timer.cancel()
+            if isinstance(outcome.error, DeadlineExceeded):
+                self.metrics.deadline_exceeded.labels("worker").inc()
+            if not job.future.done():
+                job.future.set_result(outcome)
+        self._dispatch()
+
+    def _expire(self, job: Job) -> None:
+        if job.future.done():
+            return
+        job.cancelled = True
+        if job.started:
+            stage, message = "inference", "the request's deadline passed during inference"
+        else:
+            self._queue.remove(job)
+            stage, message = "queue", "the request's deadline passed while it waited; it was dropped before inference"
+        self.metrics.deadline_exceeded.labels(stage).inc()
+        job.future.set_result(Outcome(error=DeadlineExceeded(message)))
+        self._dispatch()
+
+    def _drop(self, job: Job) -> None:
+        """The caller went away: forget the job if it has not started."""
+        job.cancelled = True
+        if job.timer is not None:
+            job.timer.cancel()
+        self.metrics.cancelled.inc()
+        if not job.started:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                pass
+            self._dispatch()
 
     def shutdown(self) -> None:
-        self._decode.shutdown(wait=False, cancel_futures=True)
-        self._infer.shutdown(wait=False, cancel_futures=True)
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._aux.shutdown(wait=False, cancel_futures=True)
+
+
+def _execute(jobs: list[Job], wide: bool) -> list[Outcome]:
+    """On a worker thread: decode and pre-process each image, run them as one batch, post-process."""
+    model = jobs[0].model
+    outcomes = [Outcome() for _ in jobs]
+    ready: list[int] = []
+    tensors = []
+    placements = []
+    for i, job in enumerate(jobs):
+        t0 = time.perf_counter()
+        job.timings["queue"] = (t0 - job.enqueued) * 1e3
+        try:
+            if job.cancelled:
+                raise DeadlineExceeded("dropped")  # its caller is gone or timed out: result unused
+            if job.deadline is not None and time.monotonic() >= job.deadline:
+                raise DeadlineExceeded("the request's deadline passed before inference; it was dropped")
+            image = job.prepare()
+            t1 = time.perf_counter()
+            tensor, placement = model.family.preprocess(image.pixels)
+            t2 = time.perf_counter()
+        except BaseException as e:
+            outcomes[i].error = e
+            continue
+        job.timings["decode"] = (t1 - t0) * 1e3
+        job.timings["preprocess"] = (t2 - t1) * 1e3
+        outcomes[i].image = image
+        ready.append(i)
+        tensors.append(tensor)
+        placements.append(placement)
+    if not ready:
+        return outcomes
+    t2 = time.perf_counter()
+    batch = tensors[0][None] if len(tensors) == 1 else np.stack(tensors)
+    try:
+        outputs = model.run(batch, wide=wide)
+    except BaseException as e:
+        for i in ready:
+            outcomes[i].error = e
+        return outcomes
+    t3 = time.perf_counter()
+    for k, i in enumerate(ready):
+        job, image = jobs[i], outcomes[i].image
+        assert image is not None
+        t4 = time.perf_counter()
+        try:
+            h, w = image.pixels.shape[:2]
+            outcomes[i].detections = model.family.postprocess(
+                [o[k] for o in outputs], placements[k], (w, h), job.thresholds
+            )
+        except BaseException as e:
+            outcomes[i].error = e
+        job.timings["inference"] = (t3 - t2) * 1e3
+        job.timings["postprocess"] = (time.perf_counter() - t4) * 1e3
+    return outcomes

@@ -10,14 +10,17 @@ from functools import partial
 from typing import AsyncIterator
 
 from fastapi import FastAPI
+from starlette.requests import Request
+from starlette.responses import Response
 
 from visionserve import __version__
 from visionserve.config import Settings
+from visionserve.metrics import CONTENT_TYPE, Metrics
 from visionserve.protocols import discover, renderer_for
 from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler
-from visionserve.runtime.session import cpu_count
 from visionserve.server import web
+from visionserve.server.admission import AdmissionGateMiddleware, admitted_routes
 from visionserve.server.errors import install_error_handlers
 from visionserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from visionserve.service import DetectionService
@@ -29,7 +32,8 @@ log = logging.getLogger("visionserve")
 def create_app(settings: Settings) -> FastAPI:
     store = ModelStore(settings.model_dir, mirror=settings.model_mirror)
     registry = ModelRegistry(settings, store)
-    scheduler = Scheduler(decode_threads=settings.runtime.decode_threads or cpu_count())
+    metrics = Metrics()
+    scheduler = Scheduler(settings.runtime, settings.queue, metrics)
     service = DetectionService(settings, registry, scheduler)
 
     @asynccontextmanager
@@ -53,6 +57,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.service = service
+    app.state.scheduler = scheduler
+    app.state.metrics = metrics
     app.state.started = time.time()
 
     protocols = discover()
@@ -60,7 +66,15 @@ def create_app(settings: Settings) -> FastAPI:
     for proto in protocols:
         app.include_router(proto.router)
     app.include_router(web.router)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     install_error_handlers(app, pick)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick)
-    app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log)
+    app.add_middleware(
+        AdmissionGateMiddleware, scheduler=scheduler, routes=lambda: admitted_routes(app.routes), renderer_for=pick
+    )
+    app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log, metrics=metrics)
     return app

@@ -12,6 +12,7 @@ from typing import Callable
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visionserve.errors import PayloadTooLarge
+from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 
 access_log = logging.getLogger("visionserve.access")
@@ -23,10 +24,17 @@ class RequestContextMiddleware:
     """Outermost layer: assigns ``X-Request-ID``, logs one line per request, and turns any
     unhandled exception into the protocol's JSON 500."""
 
-    def __init__(self, app: ASGIApp, renderer_for: Callable[[str], ErrorRenderer], access: bool = True) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        renderer_for: Callable[[str], ErrorRenderer],
+        access: bool = True,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.app = app
         self.renderer_for = renderer_for
         self.access = access
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -34,7 +42,9 @@ class RequestContextMiddleware:
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["received"] = time.monotonic()  # deadlines count from here
         start = time.perf_counter()
         status = 0
         sent = 0
@@ -56,8 +66,14 @@ class RequestContextMiddleware:
                 response = self.renderer_for(scope["path"])(500, "internal_error", "internal server error", {})
                 await response(scope, receive, send_wrapper)
         finally:
+            seconds = time.perf_counter() - start
+            if self.metrics is not None:
+                # The route template (not the raw path) keeps the label set bounded.
+                route = getattr(scope.get("route"), "path", None) or "unmatched"
+                self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+                self.metrics.request_seconds.labels(route).observe(seconds)
             if self.access:
-                ms = (time.perf_counter() - start) * 1e3
+                ms = seconds * 1e3
                 client = scope.get("client")
                 access_log.info(
                     '%s %s %s %d %.1fms %s',

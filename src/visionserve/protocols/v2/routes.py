@@ -35,6 +35,8 @@ from visionserve.protocols.v2.codec import (
     wants_binary,
 )
 from visionserve.runtime.model import ModelState, ServedModel
+from visionserve.server.admission import admitted
+from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
@@ -166,7 +168,10 @@ _INFER_OPENAPI: dict[str, Any] = {
 
 
 class InferParameters(BaseModel):
-    """The request parameters this server reads; others (Triton's priority, timeout...) are ignored."""
+    """The request parameters this server reads; others (Triton's priority...) are ignored.
+
+    ``timeout`` (microseconds, as in Triton) is the request's deadline, read by ``_deadline``.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
@@ -184,6 +189,7 @@ class InferParameters(BaseModel):
 
 
 @router.post("/models/{name}/infer", summary="Detect objects (Open Inference Protocol)", openapi_extra=_INFER_OPENAPI)
+@admitted
 async def infer(request: Request, name: str) -> Response:
     return await _infer(request, name, None)
 
@@ -193,6 +199,7 @@ async def infer(request: Request, name: str) -> Response:
     summary="Detect objects with one model version",
     openapi_extra=_INFER_OPENAPI,
 )
+@admitted
 async def infer_version(request: Request, name: str, version: str) -> Response:
     return await _infer(request, name, version)
 
@@ -212,11 +219,14 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     images, batched = _images(tensor, settings.v2.max_batch_size)
 
     service = request.app.state.service
+    deadline = service.deadline(_timeout_ms(infer_request.parameters), request.scope.get("state", {}).get("received"))
     if tensor.datatype == "BYTES":
-        jobs = [service.detect(name, data, params) for data in images]
+        jobs = [service.detect(name, data, params, deadline=deadline) for data in images]
     else:
-        jobs = [service.detect_pixels(name, pixels, params) for pixels in images]
-    predictions: list[Prediction] = list(await asyncio.gather(*jobs))
+        jobs = [service.detect_pixels(name, pixels, params, deadline=deadline) for pixels in images]
+    # Each image takes its own place in the queue (admission, 503 when full); a client that
+    # disconnects has its queued images dropped.
+    predictions: list[Prediction] = list(await unless_disconnected(request.receive, asyncio.gather(*jobs)))
 
     tensors = {t.name: t for t in _output_tensors(predictions, batched)}
     entries, chunks = [], []
@@ -233,6 +243,16 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     payload = _compress(payload, request.headers.get("accept-encoding", ""), headers)
     media_type = "application/json" if json_length is None else "application/octet-stream"
     return Response(payload, media_type=media_type, headers=headers)
+
+
+def _timeout_ms(parameters: Mapping[str, Any] | None) -> float | None:
+    """The ``timeout`` request parameter (microseconds) in milliseconds."""
+    raw = (parameters or {}).get("timeout")
+    if raw is None:
+        return None
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw <= 0:
+        raise BadRequest(f"parameter timeout must be a positive number of microseconds, got {raw!r}")
+    return raw / 1e3
 
 
 def _predict_params(parameters: Mapping[str, Any]) -> PredictParams:

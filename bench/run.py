@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""The benchmark suite in one command: in-process ceiling, then the server under wrk load.
+
+    python bench/run.py                 # full run: concurrency 1, 4, 16, 64, 10 s each
+    python bench/run.py --smoke         # CI: 2 s per level, checks it all works, not the targets
+
+Steps: measures the in-process ceiling (``bench/ceiling.py --json``, same decode and
+pre/post-processing, no HTTP), starts ``visionserve serve`` on a free loopback port,
+records how long it takes to be ready, drives it with wrk (one thread per connection,
+bench/post.lua: multipart uploads, latency of accepted requests kept apart from 503s) at
+each concurrency, samples the RSS of the server's processes, and prints one table plus the
+targets of issue 6. Everything it starts, it stops. ``--json FILE`` writes the raw figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+MIRROR = Path(os.environ.get("VISIONSERVE_MODEL_MIRROR", REPO.parent / "shared" / "models")).resolve()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_wrk() -> str:
+    path = shutil.which("wrk")
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("installing wrk (apt-get install -y wrk) ...", file=sys.stderr)
+        subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, capture_output=True)
+        if not shutil.which("wrk"):
+            subprocess.run(["apt-get", "update"], check=False, capture_output=True)
+            subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, capture_output=True)
+    path = shutil.which("wrk")
+    if not path:
+        sys.exit("wrk is needed: apt-get install wrk")
+    return path
+
+
+def machine() -> dict[str, object]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+def ceiling(env: dict[str, str], image: Path, smoke: bool) -> dict | None:
+    """Runs bench/ceiling.py --json (the in-process ceiling); None if it is missing or fails."""
+    script = BENCH / "ceiling.py"
+    if not script.is_file():
+        print("bench/ceiling.py not found: no ceiling, ratios left out", file=sys.stderr)
+        return None
+    cmd = [sys.executable, str(script), "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if proc.returncode != 0:
+        print(f"ceiling.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+def pick(d: dict | None, *fragments: str) -> float | None:
+    """The first numeric value whose key contains all the fragments (ceiling.py's keys)."""
+    if not d:
+        return None
+    stack = [d]
+    while stack:
+        cur = stack.pop(0)
+        for k, v in cur.items():
+            if isinstance(v, dict):
+                stack.append(v)
+            elif isinstance(v, (int, float)) and all(f in k.lower() for f in fragments):
+                return float(v)
+    return None
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and all its descendants, MB."""
+    total = 0
+    pids = [pid]
+    while pids:
+        p = pids.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+            pids.extend(int(c) for c in children)
+        except OSError:
+            continue
+    return total / 1024
+
+
+class Server:
+    def __init__(self, env: dict[str, str], args: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="visionserve-bench-", suffix=".log", delete=False)
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "visionserve", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "warning", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        self.ready_s = self._wait_ready(t0)
+        self.peak_rss = rss_mb(self.proc.pid)
+        self._sampling = True
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+
+    def _wait_ready(self, t0: float) -> float:
+        with httpx.Client(timeout=1) as c:
+            while time.monotonic() - t0 < 60:
+                if self.proc.poll() is not None:
+                    sys.exit(f"server exited: {Path(self.log.name).read_text()[-2000:]}")
+                try:
+                    if c.get(self.url + "/readyz").status_code == 200:
+                        return time.monotonic() - t0
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.01)
+        self.stop()
+        sys.exit("server not ready within 60 s")
+
+    def _sample(self) -> None:
+        while self._sampling:
+            self.peak_rss = max(self.peak_rss, rss_mb(self.proc.pid))
+            time.sleep(0.2)
+
+    def stop(self) -> int | None:
+        self._sampling = False
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def drive(wrk: str, url: str, image: Path, concurrency: int, seconds: float) -> dict:
+    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": "/predict"}
+    cmd = [wrk, f"-t{concurrency}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
+           "-s", str(BENCH / "post.lua"), url]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60).stdout
+    line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if line is None:
+        sys.exit(f"wrk gave no result:\n{out}")
+    r = json.loads(line.removeprefix("BENCH_JSON "))
+    r["concurrency"] = concurrency
+    r["ok_per_s"] = r["ok"] / r["duration_s"]
+    refused = r["other_status"].get("503", 0)
+    r["refused_503"] = refused
+    r["errors"] = sum(v for k, v in r["other_status"].items() if k != "503") + sum(r["socket_errors"].values())
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="short run (2 s per level) that only checks it all works")
+    ap.add_argument("--levels", default="1,4,16,64", help="concurrency levels")
+    ap.add_argument("--seconds", type=float, default=10.0, help="duration of each level")
+    ap.add_argument("--image", type=Path, default=MIRROR / "test_images" / "dog.jpg")
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the in-process ceiling")
+    ap.add_argument("--json", type=Path, help="write all figures here")
+    ap.add_argument("server_args", nargs="*", help="extra arguments for visionserve serve (after --)")
+    args = ap.parse_args()
+    seconds = 2.0 if args.smoke else args.seconds
+    levels = [int(x) for x in args.levels.split(",")]
+
+    wrk = ensure_wrk()
+    model_dir = os.environ.get("VISIONSERVE_MODEL_DIR") or tempfile.mkdtemp(prefix="visionserve-bench-models-")
+    env = {
+        **os.environ,
+        "VISIONSERVE_MODEL_DIR": model_dir,
+        "VISIONSERVE_MODEL_MIRROR": os.environ.get("VISIONSERVE_MODEL_MIRROR", str(MIRROR)),
+        "VISIONSERVE_ACCESS_LOG": "false",
+        "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
+    sys.path.insert(0, str(REPO / "src"))
+    from visionserve.store.store import ModelStore
+
+    ModelStore(Path(model_dir), mirror=env["VISIONSERVE_MODEL_MIRROR"]).ensure("yolox-nano")
+
+    report: dict = {"machine": machine(), "image": args.image.name, "seconds_per_level": seconds}
+    report["ceiling"] = None if args.no_ceiling else ceiling(env, args.image, args.smoke)
+    server = Server(env, args.server_args)
+    report["ready_s"] = server.ready_s
+    try:
+        with httpx.Client() as c:  # one request to check the answer before timing anything
+            r = c.post(server.url + "/predict", files={"image": (args.image.name, args.image.read_bytes(), "image/jpeg")})
+            r.raise_for_status()
+        report["levels"] = [drive(wrk, server.url, args.image, c, seconds) for c in levels]
+    finally:
+        report["peak_rss_mb"] = server.peak_rss
+        report["exit_code"] = server.stop()
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    bad = [lv for lv in report["levels"] if lv["errors"] or lv["ok"] == 0]
+    if bad or report["exit_code"] != 0:
+        sys.exit(f"benchmark errors: {bad or ''} exit code {report['exit_code']}")
+
+
+def print_report(rep: dict) -> None:
+    m = rep["machine"]
+    print(f"\nmachine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, {m['date']}, load {m['load_avg_at_start']}")
+    ceil = rep["ceiling"]
+    ceil_ips = pick(ceil, "per_s") or pick(ceil, "throughput") or pick(ceil, "ips")
+    ceil_ms = pick(ceil, "single", "ms") or pick(ceil, "latency", "ms")
+    print(f"in-process ceiling: {ceil_ips and f'{ceil_ips:.1f} images/s'}, single image (all cores) {ceil_ms and f'{ceil_ms:.2f} ms'}")
+    print(f"server ready {rep['ready_s']:.2f} s after start; peak RSS {rep['peak_rss_mb']:.0f} MB; exit code {rep['exit_code']}")
+    print(f"\n{'conc':>5} {'ok/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'503/s':>8} {'errors':>6} {'vs ceiling':>10}")
+    for lv in rep["levels"]:
+        ratio = f"{lv['ok_per_s'] / ceil_ips:.0%}" if ceil_ips else "n/a"
+        print(f"{lv['concurrency']:>5} {lv['ok_per_s']:>8.1f} {lv['p50_ms']:>8.1f} {lv['p90_ms']:>8.1f} {lv['p99_ms']:>8.1f} "
+              f"{lv['refused_503'] / lv['duration_s']:>8.1f} {lv['errors']:>6} {ratio:>10}")
+    by_c = {lv["concurrency"]: lv for lv in rep["levels"]}
+    print("\ntargets (issue 6):")
+    if 16 in by_c and ceil_ips:
+        print(f"  c=16 throughput >= 95% of ceiling: {by_c[16]['ok_per_s'] / ceil_ips:.0%}")
+    if 1 in by_c and ceil_ms:
+        print(f"  c=1 p50 <= single-image ceiling + 1 ms: {by_c[1]['p50_ms']:.1f} vs {ceil_ms + 1:.1f} ms")
+    if 1 in by_c and 64 in by_c:
+        print(f"  c=64 p99 of accepted <= 4x c=1 p50: {by_c[64]['p99_ms']:.1f} vs {4 * by_c[1]['p50_ms']:.1f} ms")
+    print(f"  ready within 1 s: {rep['ready_s']:.2f} s; RSS under 250 MB: {rep['peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

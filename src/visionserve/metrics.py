@@ -1,0 +1,78 @@
+"""Prometheus metrics of one server instance (its own registry, so several apps can coexist
+in one process, as in tests).
+
+Names follow Prometheus conventions: seconds, ``_total`` counters, base units.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, disable_created_metrics, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# 1 ms .. 10 s: a detection takes ~5-50 ms on CPU; overload and big images reach seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
+                   0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)
+STAGES = ("queue", "decode", "preprocess", "inference", "postprocess", "total")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+disable_created_metrics()  # the *_created series double the output and no dashboard uses them
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "visionserve_http_requests", "HTTP requests by route template, method and status",
+            ["route", "method", "status"], registry=r,
+        )
+        self.request_seconds = Histogram(
+            "visionserve_http_request_duration_seconds", "HTTP request latency, first byte in to last byte out",
+            ["route"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "visionserve_stage_duration_seconds", "Time per processing stage of successful detections",
+            ["model", "stage"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "visionserve_batch_size", "Images per inference run", ["model"], buckets=BATCH_BUCKETS, registry=r,
+        )
+        self.inference_runs = Counter(
+            "visionserve_inference_runs", "Inference runs by mode: wide (a lone request on all cores) or worker",
+            ["model", "mode"], registry=r,
+        )
+        self.rejected = Counter(
+            "visionserve_rejected_requests", "Requests refused with 503 before any work: queue full or draining",
+            ["reason"], registry=r,
+        )
+        self.deadline_exceeded = Counter(
+            "visionserve_deadline_exceeded", "Requests answered 504 because their deadline passed, by where they were",
+            ["stage"], registry=r,
+        )
+        self.cancelled = Counter(
+            "visionserve_cancelled_requests", "Requests whose client went away before the answer; queued work is dropped",
+            registry=r,
+        )
+        self.queue_depth = Gauge("visionserve_queue_depth", "Requests waiting for a worker", registry=r)
+        self.in_flight = Gauge("visionserve_requests_in_flight", "Detection requests admitted and not yet answered", registry=r)
+        self.capacity = Gauge("visionserve_capacity", "Detection requests admitted at most at once (beyond: 503)", registry=r)
+        for reason in ("queue_full", "draining"):
+            self.rejected.labels(reason)
+
+    def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float], capacity: float) -> None:
+        """Gauges read from the scheduler's live state at scrape time."""
+        self.queue_depth.set_function(queue_depth)
+        self.in_flight.set_function(in_flight)
+        self.capacity.set(capacity)
+
+    def observe_stages(self, model: str, timings_ms: dict[str, float]) -> None:
+        for stage, ms in timings_ms.items():
+            if stage in STAGES:
+                self.stage_seconds.labels(model, stage).observe(ms / 1e3)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

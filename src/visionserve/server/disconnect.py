@@ -1,0 +1,39 @@
+"""Dropping work whose client has gone away."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, TypeVar
+
+from starlette.types import Receive
+
+from visionserve.errors import ClientDisconnected
+
+T = TypeVar("T")
+
+
+async def _disconnected(receive: Receive) -> None:
+    # Once the body is read, the server's receive() returns only when the client disconnects.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Awaits ``work``; if the client disconnects first, cancels it (the scheduler then drops
+    the job if it has not started) and raises ``ClientDisconnected``.
+
+    Call only after the request body has been read.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise ClientDisconnected("the client disconnected before the answer")

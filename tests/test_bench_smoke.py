@@ -1,0 +1,30 @@
+"""A short run of the benchmark suite (not its targets), so that bench/ never rots."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_run(model_dir, mirror, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "VISIONSERVE_MODEL_DIR": str(model_dir), "VISIONSERVE_MODEL_MIRROR": str(mirror)}
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--levels", "1,16", "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [lv["concurrency"] for lv in report["levels"]] == [1, 16]
+    for lv in report["levels"]:
+        assert lv["ok"] > 0 and lv["errors"] == 0 and lv["p50_ms"] > 0
+    assert report["exit_code"] == 0 and report["ready_s"] > 0 and report["peak_rss_mb"] > 0
+    assert "ok/s" in proc.stdout

@@ -1,0 +1,119 @@
+"""Admission control and deadlines, against real servers with tiny capacities."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+
+from engine_helpers import concurrent_posts, metric, post_image
+
+ONE_WORKER_NO_QUEUE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
+
+
+def test_flood_beyond_capacity_gets_503_with_retry_after_and_accepted_ones_succeed(server_factory, images):
+    srv = server_factory(env=ONE_WORKER_NO_QUEUE)
+    responses = concurrent_posts(srv.url, [images / "kite.jpg"] * 12)
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503}, codes
+    refused = [r for r in responses if r.status_code == 503]
+    accepted = [r for r in responses if r.status_code == 200]
+    assert refused and accepted, codes
+    for r in refused:
+        assert r.headers["retry-after"].isdigit()
+        assert r.json()["error"]["code"] == "overloaded"
+    for r in accepted:
+        assert "kite" in {d["label"] for d in r.json()["detections"]}
+    text = httpx.get(srv.url + "/metrics").text
+    assert metric(text, "visionserve_rejected_requests_total", reason="queue_full") == len(refused)
+    assert metric(text, "visionserve_capacity") == 1
+    # Refusals do not leak places: once the flood is over, the server takes requests again.
+    assert post_image(srv.url, images / "dog.jpg").status_code == 200
+
+
+def test_deadline_header_already_passed_is_504_and_never_reaches_inference(server_factory, images):
+    srv = server_factory()
+    before = httpx.get(srv.url + "/metrics").text
+    r = post_image(srv.url, images / "dog.jpg", headers={"x-timeout-ms": "0.001"})
+    assert r.status_code == 504, r.text
+    assert r.json()["error"]["code"] == "deadline_exceeded"
+    after = httpx.get(srv.url + "/metrics").text
+    runs = lambda t: sum(metric(t, "visionserve_inference_runs_total", mode=m) for m in ("wide", "worker"))  # noqa: E731
+    assert runs(after) == runs(before)
+    assert metric(after, "visionserve_deadline_exceeded_total", stage="admission") == 1
+    # A generous deadline changes nothing.
+    ok = post_image(srv.url, images / "dog.jpg", headers={"x-timeout-ms": "60000"})
+    assert ok.status_code == 200 and ok.json()["detections"]
+
+
+def test_requests_whose_deadline_passes_in_the_queue_are_dropped_with_504(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "8"})
+    # Eight 1.4 MB images on one worker cannot all be answered within 30 ms.
+    responses = concurrent_posts(srv.url, [images / "kite.jpg"] * 8, headers={"x-timeout-ms": "30"})
+    codes = [r.status_code for r in responses]
+    assert 504 in codes and set(codes) <= {200, 504}, codes
+    text = httpx.get(srv.url + "/metrics").text
+    # Dropped before inference: on arrival, while queued, or by the worker before running it.
+    dropped = sum(metric(text, "visionserve_deadline_exceeded_total", stage=s) for s in ("admission", "queue", "worker"))
+    assert dropped >= 1
+    assert metric(text, "visionserve_requests_in_flight") == 0
+
+
+def test_bad_timeout_header_is_400(client, images):
+    r = client.post("/predict", files={"image": ("d.jpg", (images / "dog.jpg").read_bytes())}, headers={"x-timeout-ms": "soon"})
+    assert r.status_code == 400 and "x-timeout-ms" in r.json()["error"]["message"]
+
+
+def test_default_timeout_from_config_applies(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_QUEUE__DEFAULT_TIMEOUT_MS": "0.001"})
+    assert post_image(srv.url, images / "dog.jpg").status_code == 504
+
+
+def test_work_of_a_disconnected_client_is_dropped(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "8"})
+    host, port = srv.url.removeprefix("http://").split(":")
+    body = (images / "kite.jpg").read_bytes()
+    boundary = "xXxboundaryxXx"
+    payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"k.jpg\"\r\n\r\n").encode() \
+        + body + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    # Six clients send and hang up at once; one worker can start only one of them at a time.
+    socks = []
+    for _ in range(6):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(head + payload)
+        socks.append(s)
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(srv.url + "/metrics").text
+        if metric(text, "visionserve_requests_in_flight") == 0 and metric(text, "visionserve_cancelled_requests_total") > 0:
+            break
+        time.sleep(0.05)
+    assert metric(text, "visionserve_cancelled_requests_total") >= 1
+    runs = sum(metric(text, "visionserve_inference_runs_total", mode=m) for m in ("wide", "worker"))
+    assert runs < 6  # at least one dropped job never ran (warm-up runs are not counted)
+    assert post_image(srv.url, images / "dog.jpg").status_code == 200
+
+
+def _v2_body(image_bytes: bytes, **parameters: object) -> dict:
+    import base64
+
+    return {
+        "parameters": parameters,
+        "inputs": [{
+            "name": "IMAGE", "datatype": "BYTES", "shape": [1],
+            "parameters": {"content_type": "base64"}, "data": [base64.b64encode(image_bytes).decode()],
+        }],
+    }
+
+
+def test_v2_timeout_parameter_is_a_deadline(client, images):
+    body = (images / "dog.jpg").read_bytes()
+    late = client.post("/v2/models/yolox-nano/infer", json=_v2_body(body, timeout=1))  # 1 microsecond
+    assert late.status_code == 504, late.text
+    ok = client.post("/v2/models/yolox-nano/infer", json=_v2_body(body, timeout=60_000_000))
+    assert ok.status_code == 200, ok.text

@@ -1,0 +1,61 @@
+"""Start-up readiness and graceful drain on SIGTERM."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+
+from engine_helpers import metric, post_image
+
+
+def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "8"})
+    results: list[httpx.Response] = []
+
+    def send() -> None:
+        results.append(post_image(srv.url, images / "kite.jpg"))
+
+    threads = [threading.Thread(target=send) for _ in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while metric(httpx.get(srv.url + "/metrics").text, "visionserve_requests_in_flight") < 4:
+        assert time.monotonic() < deadline, "requests never arrived"
+        time.sleep(0.005)
+    srv.process.send_signal(signal.SIGTERM)
+    # While draining: still listening, new detections and readiness refused.
+    late = None
+    try:
+        late = post_image(srv.url, images / "dog.jpg")
+        ready = httpx.get(srv.url + "/readyz")
+    except httpx.TransportError:
+        ready = None  # already drained and gone
+    for t in threads:
+        t.join(60)
+    assert [r.status_code for r in results] == [200] * 4
+    assert all(r.json()["detections"] for r in results)
+    if late is not None:
+        assert late.status_code == 503 and late.json()["error"]["code"] == "overloaded"
+        assert ready is None or ready.status_code == 503
+    assert srv.process.wait(30) == 0
+    assert "draining" in srv.output()
+
+
+def test_sigterm_when_idle_exits_0_at_once(server_factory):
+    srv = server_factory()
+    srv.process.send_signal(signal.SIGTERM)
+    assert srv.process.wait(15) == 0
+
+
+def test_not_ready_until_warm(server_factory):
+    srv = server_factory(wait_ready=False)
+    # /healthz answers while loading; once /readyz says ready, a detection needs no warm-up.
+    deadline = time.monotonic() + 60
+    while httpx.get(srv.url + "/readyz").status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    status = httpx.get(srv.url + "/status").json()
+    assert all(m["ready"] for m in status["models"])

@@ -1,0 +1,38 @@
+"""/metrics and the Server-Timing header after real requests."""
+
+from __future__ import annotations
+
+from engine_helpers import metric
+
+STAGES = ("queue", "decode", "preprocess", "inference", "postprocess", "total")
+
+
+def test_server_timing_names_every_stage(client, images):
+    r = client.post("/predict", files={"image": ("dog.jpg", (images / "dog.jpg").read_bytes(), "image/jpeg")})
+    assert r.status_code == 200
+    entries = dict(part.strip().split(";dur=") for part in r.headers["server-timing"].split(","))
+    assert set(STAGES) <= set(entries)
+    assert all(float(v) >= 0 for v in entries.values())
+    assert float(entries["total"]) >= float(entries["inference"])
+
+
+def test_metrics_count_requests_by_route_and_status_and_time_each_stage(client, images):
+    before = client.get("/metrics").text
+    body = (images / "dog.jpg").read_bytes()
+    for _ in range(3):
+        assert client.post("/predict", files={"image": ("dog.jpg", body, "image/jpeg")}).status_code == 200
+    assert client.post("/predict/no-such-model", files={"image": ("dog.jpg", body)}).status_code == 404
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    ok = lambda t: metric(t, "visionserve_http_requests_total", route="/predict", method="POST", status="200")  # noqa: E731
+    assert ok(text) - ok(before) == 3
+    assert metric(text, "visionserve_http_requests_total", route="/predict/{model}", method="POST", status="404") >= 1
+    for stage in STAGES:
+        done = metric(text, "visionserve_stage_duration_seconds_count", model="yolox-nano", stage=stage)
+        assert done >= 3, stage
+    assert metric(text, "visionserve_batch_size_count", model="yolox-nano") >= 3
+    assert metric(text, "visionserve_http_request_duration_seconds_count", route="/predict") >= 3
+    for gauge in ("visionserve_queue_depth", "visionserve_requests_in_flight", "visionserve_capacity"):
+        assert f"\n{gauge} " in text
+    assert "visionserve_rejected_requests_total" in text and "visionserve_deadline_exceeded_total" in text
