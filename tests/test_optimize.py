@@ -140,3 +140,31 @@ def test_matching_is_per_label_and_one_to_one() -> None:
     assert (a.matched, a.reference, a.candidate) == (1, 3, 3)
     assert a.fraction == pytest.approx(1 / 3)
     assert agreement([_dets([], [])], [got]).fraction == 1.0
+
+
+def test_server_serves_the_installed_version_under_the_model_name(
+    store: ModelStore, report, mirror: Path, images: Path, tmp_path: Path
+) -> None:
+    from conftest import start_server
+
+    config = tmp_path / "versions.toml"
+    config.write_text('[[models]]\nname = "yolox-nano"\nversion = "int8"\n')
+    server = start_server(store.root, mirror, tmp_path, "--config", str(config))
+    try:
+        with server.client() as c:
+            r = c.post("/predict", files={"image": ("dog.jpg", (images / "dog.jpg").read_bytes())})
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"]["name"] == "yolox-nano" and body["model"]["version"] == "int8"
+    assert {"dog", "bicycle", "car"} <= {d["label"] for d in body["detections"]}
+    # The scores are the quantized graph's, not the float model's relabelled.
+    served = sorted(d["confidence"] for d in body["detections"])
+    expected = {}
+    for ref in ("yolox-nano", "yolox-nano@int8"):
+        model = ServedModel(store.manifest(ref), RuntimeSettings(intra_op_threads=1))
+        model.load()
+        expected[ref] = sorted(detect(model, images / "dog.jpg").scores.tolist())
+    assert served == pytest.approx(expected["yolox-nano@int8"], abs=1e-4)
+    assert served != pytest.approx(expected["yolox-nano"], abs=1e-4)
