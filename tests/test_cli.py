@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,3 +107,12 @@ def test_bad_config_fails_at_start_naming_the_key(model_dir, mirror, tmp_path):
     cfg.write_text("[limits]\nmax_body_bites = 3\n")
     r = run("serve", "--config", str(cfg), model_dir=model_dir, mirror=mirror)
     assert r.returncode == 2 and "limits.max_body_bites" in r.stderr
+
+
+def test_config_file_from_env(model_dir, mirror, tmp_path, monkeypatch):
+    """Containers point at a mounted TOML file with VISIONSERVE_CONFIG instead of --config."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[limits]\nmax_body_bites = 3\n")
+    monkeypatch.setenv("VISIONSERVE_CONFIG", str(cfg))
+    r = run("models", "list", model_dir=model_dir, mirror=mirror, timeout=60)
+    assert r.returncode == 2 and "limits.max_body_bites" in r.stderr and str(cfg) in r.stderr

@@ -24,7 +24,9 @@ err = Console(stderr=True)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file", exists=False)]
+ConfigOpt = Annotated[
+    Optional[Path], typer.Option("--config", "-c", envvar="VISIONSERVE_CONFIG", help="TOML config file [env VISIONSERVE_CONFIG]")
+]
 ModelDirOpt = Annotated[Optional[Path], typer.Option("--model-dir", help="local model store [env VISIONSERVE_MODEL_DIR]")]
 MirrorOpt = Annotated[Optional[str], typer.Option("--mirror", help="model mirror folder or URL base [env VISIONSERVE_MODEL_MIRROR]")]
 

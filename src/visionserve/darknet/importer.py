@@ -18,6 +18,7 @@ from visionserve.darknet.onnx_graph import build_onnx
 from visionserve.darknet.weights import read_weights
 from visionserve.errors import ModelError
 from visionserve.store.catalog import CatalogEntry
+from visionserve.store.labels import read_labels
 from visionserve.store.manifest import ModelManifest, write_atomic
 
 REGION_FAMILY = "yolov2-region"
@@ -25,15 +26,6 @@ YOLO_FAMILY = "darknet-yolo"
 # Darknet's letterbox fills with 0.5 of full scale.
 LETTERBOX_PAD = 128
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-
-def read_labels(path: Path) -> list[str]:
-    """A darknet ``.names`` file: one label a line, blank lines ignored."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DarknetError(f"cannot read labels {path}: {e}") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def import_darknet(
@@ -46,7 +38,7 @@ def import_darknet(
     """
     if not _NAME.match(name):
         raise DarknetError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
-    label_list = read_labels(labels) if isinstance(labels, (str, Path)) else [str(x) for x in labels]
+    label_list = read_labels(labels)
     network = plan_network(parse_cfg(Path(cfg)))
     _check_labels(network, label_list)
     weights_file = read_weights(Path(weights))

@@ -21,10 +21,7 @@ from visionserve.errors import ModelError
 from visionserve.families import register
 from visionserve.families.base import Candidates, InputSpec, ModelFamily, input_spec_from, multilabel_candidates
 from visionserve.store.manifest import ModelManifest
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
+from visionserve.vision.grid import grid_boxes, sigmoid
 
 
 def decode_yolo_head(
@@ -32,22 +29,13 @@ def decode_yolo_head(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[A*(5+C), H, W] -> (boxes [A*H*W, 4] x1y1x2y2 in network pixels, objectness [A*H*W], class scores [A*H*W, C]).
 
-    Rows are ordered anchor-major, then row, then column, as darknet walks them.
+    Anchors are in network pixels. Rows are ordered anchor-major, then row, then column, as darknet walks them.
     """
-    num_anchors = anchors.shape[0]
     _, gh, gw = raw.shape
-    p = raw.reshape(num_anchors, 5 + num_classes, gh, gw)
-    net_w, net_h = net_size
-    col = np.arange(gw, dtype=np.float32)[None, None, :]
-    row = np.arange(gh, dtype=np.float32)[None, :, None]
-    shift = (scale_x_y - 1.0) / 2.0
-    cx = (col + _sigmoid(p[:, 0]) * scale_x_y - shift) / gw * net_w
-    cy = (row + _sigmoid(p[:, 1]) * scale_x_y - shift) / gh * net_h
-    w = np.exp(p[:, 2]) * anchors[:, 0, None, None]
-    h = np.exp(p[:, 3]) * anchors[:, 1, None, None]
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1).reshape(-1, 4)
-    objectness = _sigmoid(p[:, 4]).reshape(-1)
-    scores = _sigmoid(p[:, 5:]).transpose(0, 2, 3, 1).reshape(-1, num_classes)
+    p = raw.reshape(anchors.shape[0], 5 + num_classes, gh, gw)
+    boxes = grid_boxes(p, anchors, net_size, scale_x_y)
+    objectness = sigmoid(p[:, 4]).reshape(-1)
+    scores = sigmoid(p[:, 5:]).transpose(0, 2, 3, 1).reshape(-1, num_classes)
     return boxes, objectness, scores
 
 

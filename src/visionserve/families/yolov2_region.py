@@ -17,13 +17,10 @@ from visionserve.errors import ModelError
 from visionserve.families import register
 from visionserve.families.base import Candidates, InputSpec, ModelFamily, input_spec_from, multilabel_candidates
 from visionserve.store.manifest import ModelManifest
+from visionserve.vision.grid import grid_boxes, sigmoid
 
 # Tiny YOLOv2 VOC's anchors (yolov2-tiny-voc.cfg), in 32-pixel grid cells.
 TINY_YOLOV2_VOC_ANCHORS = [(1.08, 1.19), (3.42, 4.41), (6.63, 11.38), (9.42, 5.11), (16.62, 10.52)]
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def decode_region(
@@ -31,20 +28,14 @@ def decode_region(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[A*(5+C), H, W] -> (boxes [A*H*W, 4] x1y1x2y2 in network pixels, objectness [A*H*W], class probs [A*H*W, C]).
 
-    Rows are ordered anchor-major, then row, then column, as darknet walks them.
+    Anchors are in grid cells. Rows are ordered anchor-major, then row, then column, as darknet walks them.
     """
     num_anchors = anchors.shape[0]
     _, gh, gw = raw.shape
     p = raw.reshape(num_anchors, 5 + num_classes, gh, gw)
     net_w, net_h = net_size
-    col = np.arange(gw, dtype=np.float32)[None, None, :]
-    row = np.arange(gh, dtype=np.float32)[None, :, None]
-    cx = (col + _sigmoid(p[:, 0])) / gw * net_w
-    cy = (row + _sigmoid(p[:, 1])) / gh * net_h
-    w = np.exp(p[:, 2]) * anchors[:, 0, None, None] / gw * net_w
-    h = np.exp(p[:, 3]) * anchors[:, 1, None, None] / gh * net_h
-    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=-1).reshape(-1, 4)
-    objectness = _sigmoid(p[:, 4]).reshape(-1)
+    boxes = grid_boxes(p, anchors * np.array([net_w / gw, net_h / gh], np.float32), net_size)
+    objectness = sigmoid(p[:, 4]).reshape(-1)
     logits = p[:, 5:]
     e = np.exp(logits - logits.max(axis=1, keepdims=True))
     probs = (e / e.sum(axis=1, keepdims=True)).transpose(0, 2, 3, 1).reshape(-1, num_classes)

@@ -9,19 +9,11 @@ from pathlib import Path
 from visionserve.config import ModelConfig, Settings
 from visionserve.errors import ModelError, ModelNotFound, ModelNotReady
 from visionserve.runtime.model import ModelState, ServedModel
+from visionserve.store.labels import read_labels
 from visionserve.store.manifest import ModelManifest
 from visionserve.store.store import ModelStore, version_ref
 
 log = logging.getLogger("visionserve.models")
-
-
-def read_labels(labels: Path | list[str]) -> list[str]:
-    if isinstance(labels, list):
-        return labels
-    try:
-        return [line.strip() for line in Path(labels).read_text().splitlines() if line.strip()]
-    except OSError as e:
-        raise ModelError(f"cannot read labels file {labels}: {e}") from None
 
 
 def manifest_for(config: ModelConfig, store: ModelStore) -> ModelManifest:

@@ -1,4 +1,23 @@
-"""Label lists of the public datasets the catalog's models were trained on (darknet spelling)."""
+"""Label lists of the public datasets the catalog's models were trained on (darknet spelling),
+and reading a user's labels file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from visionserve.errors import ModelError
+
+
+def read_labels(labels: str | Path | list[str]) -> list[str]:
+    """A list as given, or a labels file (darknet ``.names``): one label a line, blank lines ignored."""
+    if isinstance(labels, list):
+        return [str(x) for x in labels]
+    try:
+        text = Path(labels).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ModelError(f"cannot read labels file {labels}: {e}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
 
 COCO_80 = (
     "person", "bicycle", "car", "motorbike", "aeroplane", "bus", "train", "truck", "boat",
