@@ -11,7 +11,7 @@ from visionserve.errors import ModelError, ModelNotFound, ModelNotReady
 from visionserve.runtime.model import ModelState, ServedModel
 from visionserve.store.labels import read_labels
 from visionserve.store.manifest import ModelManifest
-from visionserve.store.store import ModelStore
+from visionserve.store.store import ModelStore, version_ref
 
 log = logging.getLogger("visionserve.models")
 
@@ -35,7 +35,10 @@ def manifest_for(config: ModelConfig, store: ModelStore) -> ModelManifest:
             source="file",
         )
     else:
-        manifest = store.ensure(config.name)
+        # A version derived in the store (``visionserve models optimize``) is served under the
+        # model's own name: name "yolox-nano", version "int8" -> the folder yolox-nano@int8.
+        derived = store.manifest(version_ref(config.name, config.version)) if config.version else None
+        manifest = derived or store.ensure(config.name)
         updates = {"options": {**manifest.options, **config.options}} if config.options else {}
         if config.version:
             updates["version"] = config.version

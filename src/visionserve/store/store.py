@@ -13,7 +13,15 @@ from typing import Callable
 from visionserve.errors import ModelError, ModelNotFound
 from visionserve.store.catalog import CATALOG, CatalogEntry, get_entry
 from visionserve.store.fetch import FetchError, Progress, fetch, sha256_file
-from visionserve.store.manifest import MANIFEST_NAME, ModelManifest
+from visionserve.store.manifest import MANIFEST_NAME, ModelManifest, write_atomic
+
+# A derived version of a model (e.g. a quantized graph) lives in its own folder ``<name>@<version>``
+# beside the model it came from, and is addressed by that same string.
+VERSION_SEP = "@"
+
+
+def version_ref(name: str, version: str) -> str:
+    return f"{name}{VERSION_SEP}{version}"
 
 # Turns an entry's downloaded files into a manifest (and any derived files). One per format.
 Installer = Callable[[CatalogEntry, Path], ModelManifest]
@@ -114,6 +122,23 @@ class ModelStore:
         if name in CATALOG:
             return self.pull(name)
         raise ModelNotFound(f"model {name!r} is neither installed in {self.root} nor in the catalog")
+
+    def add_version(self, base: ModelManifest, version: str, model_file: Path, *, description: str = "") -> ModelManifest:
+        """Installs a derived ONNX graph of ``base`` as ``<name>@<version>`` (its own folder and manifest)."""
+        folder = self.folder(version_ref(base.name, version))
+        target = folder / Path(model_file).name
+        write_atomic(target, Path(model_file).read_bytes())
+        manifest = base.model_copy(
+            update={
+                "version": version,
+                "file": target.name,
+                "sha256": sha256_file(target),
+                "source": f"derived:{version_ref(base.name, base.version)}",
+                "description": description or base.description,
+            }
+        )
+        manifest.save(folder)
+        return ModelManifest.load(folder)
 
     def verify(self, name: str) -> list[FileCheck]:
         """Re-hashes an installed model's files against the catalog (or its manifest)."""

@@ -1,0 +1,12 @@
+"""Faster versions of installed models, chosen by measurement on this machine.
+
+``optimize_model`` builds reduced-precision candidates of a model's ONNX graph (ONNX Runtime
+static INT8 quantization, calibrated on the user's images), measures each against the float
+model at full load and for agreement of detections, and installs the fastest one that
+agrees well enough as ``<name>@<version>`` in the store.
+"""
+
+from visionserve.optimize.optimizer import CandidateResult, OptimizeReport, optimize_model
+from visionserve.optimize.recipes import RECIPES, Recipe
+
+__all__ = ["CandidateResult", "OptimizeReport", "RECIPES", "Recipe", "optimize_model"]

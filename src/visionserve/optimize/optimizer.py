@@ -1,0 +1,198 @@
+"""``optimize_model``: build candidates, measure them against the float model, keep the best."""
+
+from __future__ import annotations
+
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from visionserve.errors import ModelError
+from visionserve.families import get_family
+from visionserve.optimize.calibration import TensorReader, calibration_tensors, load_rgb
+from visionserve.optimize.graph import prepare_float_graph
+from visionserve.optimize.measure import Agreement, Speed, agreement, measure_speeds, served_detections
+from visionserve.optimize.recipes import RECIPES, Recipe
+from visionserve.runtime.session import cpu_count
+from visionserve.store.store import ModelStore, version_ref
+from visionserve.types import Thresholds
+
+FLOAT = "float"
+
+
+@dataclass(slots=True)
+class CandidateResult:
+    name: str
+    description: str
+    throughput: float  # images/s at full load
+    speedup: float  # throughput / float model's throughput, same run
+    cpu_ms: float  # CPU ms per inference at full load
+    cpu_speedup: float  # float model's cpu_ms / this one's
+    latency_ms: float  # one image, all cores
+    agreement: float  # fraction of the float model's detections matched
+    matched: int
+    reference_detections: int
+    candidate_detections: int
+    build_s: float
+    accepted: bool = False
+    reason: str = ""
+
+
+@dataclass(slots=True)
+class OptimizeReport:
+    model: str
+    base_version: str
+    cpu: str
+    cores: int
+    workers: int
+    calibration_images: int
+    calibration_tensors: int
+    eval_images: int
+    min_agreement: float
+    min_speedup: float
+    float_throughput: float
+    float_cpu_ms: float
+    float_latency_ms: float
+    candidates: list[CandidateResult] = field(default_factory=list)
+    chosen: str | None = None  # recipe name of the installed version
+    installed: str | None = None  # store reference, ``name@version``
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"{self.model} v{self.base_version} on {self.cpu} ({self.cores} cores), "
+            f"{self.workers} single-threaded workers at full load:",
+            f"  float        {self.float_throughput:7.1f} img/s  {self.float_cpu_ms:6.2f} CPU ms/inf  "
+            f"{self.float_latency_ms:6.2f} ms latency",
+        ]
+        for c in self.candidates:
+            lines.append(
+                f"  {c.name:12s} {c.throughput:7.1f} img/s  {c.cpu_ms:6.2f} CPU ms/inf  {c.latency_ms:6.2f} ms latency  "
+                f"x{c.speedup:.2f} (CPU x{c.cpu_speedup:.2f})  agreement {c.matched}/{c.reference_detections} "
+                f"= {c.agreement:.0%}  {'ACCEPTED' if c.accepted else 'rejected: ' + c.reason}"
+            )
+        lines.append(f"  installed: {self.installed}" if self.installed else "  nothing installed: no candidate qualified")
+        return "\n".join(lines)
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def optimize_model(
+    store: ModelStore,
+    name: str,
+    calibration_images: Sequence[Path],
+    eval_images: Sequence[Path] | None = None,
+    *,
+    output_version: str | None = None,
+    recipes: Iterable[Recipe | str] | None = None,
+    min_agreement: float = 0.95,
+    min_iou: float = 0.8,
+    min_speedup: float = 1.05,
+    augment: bool = True,
+    workers: int | None = None,
+    seconds: float = 2.0,
+    rounds: int = 3,
+) -> OptimizeReport:
+    """Builds reduced-precision versions of an installed model and installs the fastest one
+    whose detections agree with the float model's.
+
+    A candidate qualifies when at least ``min_agreement`` of the float model's detections on
+    ``eval_images`` (default: the calibration images) have a same-label candidate box at IoU
+    >= ``min_iou``, and its throughput at full load (``workers`` single-threaded sessions,
+    default one per core) is at least ``min_speedup`` times the float model's in the same
+    run. The winner goes into the store as ``<name>@<output_version or recipe name>``.
+    """
+    manifest = store.manifest(name)
+    if manifest is None:
+        raise ModelError(f"model {name!r} is not installed")
+    if not calibration_images:
+        raise ModelError("no calibration images given")
+    chosen_recipes = [RECIPES[r] if isinstance(r, str) else r for r in (recipes or RECIPES.values())]
+    family = get_family(manifest.family)(manifest)
+    eval_paths = list(eval_images) if eval_images else list(calibration_images)
+    eval_pixels = [load_rgb(p) for p in eval_paths]
+    thresholds = Thresholds(manifest.min_confidence, manifest.iou, manifest.max_detections)
+    workers = workers or cpu_count()
+
+    with tempfile.TemporaryDirectory(prefix="visionserve-optimize-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        tensors = calibration_tensors(family, calibration_images, augment=augment)
+        float_graph = prepare_float_graph(manifest.path, tmp / "float.onnx")
+        import onnx  # the input name, without a session
+
+        input_name = onnx.load(str(float_graph), load_external_data=False).graph.input[0].name
+        reader = TensorReader(input_name, tensors)
+
+        graphs: dict[str, Path] = {FLOAT: manifest.path}
+        build_s: dict[str, float] = {}
+        for recipe in chosen_recipes:
+            t0 = time.perf_counter()
+            graphs[recipe.name] = recipe.build(float_graph, reader, tmp / f"{manifest.path.stem}.{recipe.name}.onnx")
+            build_s[recipe.name] = time.perf_counter() - t0
+
+        reference = served_detections(manifest, manifest.path, eval_pixels, thresholds)
+        agreements: dict[str, Agreement] = {
+            r.name: agreement(reference, served_detections(manifest, graphs[r.name], eval_pixels, thresholds), min_iou)
+            for r in chosen_recipes
+        }
+        speeds = measure_speeds(graphs, tensors[0], workers=workers, seconds=seconds, rounds=rounds)
+
+        base: Speed = speeds[FLOAT]
+        report = OptimizeReport(
+            model=name,
+            base_version=manifest.version,
+            cpu=cpu_model_name(),
+            cores=cpu_count(),
+            workers=workers,
+            calibration_images=len(calibration_images),
+            calibration_tensors=int(tensors.shape[0]),
+            eval_images=len(eval_paths),
+            min_agreement=min_agreement,
+            min_speedup=min_speedup,
+            float_throughput=base.throughput,
+            float_cpu_ms=base.cpu_ms,
+            float_latency_ms=base.latency_ms,
+        )
+        for recipe in chosen_recipes:
+            s, a = speeds[recipe.name], agreements[recipe.name]
+            result = CandidateResult(
+                name=recipe.name,
+                description=recipe.description,
+                throughput=s.throughput,
+                speedup=s.throughput / base.throughput,
+                cpu_ms=s.cpu_ms,
+                cpu_speedup=base.cpu_ms / s.cpu_ms,
+                latency_ms=s.latency_ms,
+                agreement=a.fraction,
+                matched=a.matched,
+                reference_detections=a.reference,
+                candidate_detections=a.candidate,
+                build_s=build_s[recipe.name],
+            )
+            if result.agreement < min_agreement:
+                result.reason = f"agreement {result.agreement:.0%} < {min_agreement:.0%}"
+            elif result.speedup < min_speedup:
+                result.reason = f"speed-up x{result.speedup:.2f} < x{min_speedup:.2f}"
+            else:
+                result.accepted = True
+            report.candidates.append(result)
+
+        accepted = [c for c in report.candidates if c.accepted]
+        if accepted:
+            best = max(accepted, key=lambda c: c.throughput)
+            version = output_version or best.name
+            store.add_version(manifest, version, graphs[best.name], description=f"{manifest.description}; {best.description}")
+            report.chosen, report.installed = best.name, version_ref(manifest.name, version)
+        return report

@@ -1,0 +1,29 @@
+"""The in-process ceiling benchmark runs the server's path on the real model and reports figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import ceiling
+
+
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_ceiling_json(model_dir: Path, images: Path, mode: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code = ceiling.main([
+        "--model-dir", str(model_dir), "--image", str(images / "dog.jpg"),
+        "--seconds", "0.3", "--workers", "2", "--mode", mode, "--json",
+    ])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["model"], result["version"]) == ("yolox-nano", "1")
+    assert result["single"]["intra_op_threads"] == result["cores"]
+    assert (result["throughput"]["workers"], result["throughput"]["mode"]) == (2, mode)
+    for key in ("single", "throughput"):
+        r = result[key]
+        assert r["images"] > 0 and r["images_per_s"] > 0
+        assert 0 < r["ms_p50"] <= r["ms_p90"] <= r["ms_p99"]
+        assert set(r["stage_ms_p50"]) == {"decode", "preprocess", "inference", "postprocess"}
+        assert all(v > 0 for v in r["stage_ms_p50"].values())
