@@ -93,6 +93,16 @@ class RuntimeSettings(BaseModel):
         "least this many times the model's input size; 0 = always full size. At 2 the detections on the test "
         "images are unchanged (at 1 they move by a few pixels)",
     )
+    worker_mode: Literal["processes", "threads"] = Field(
+        default="processes",
+        description="where inference runs: worker processes (own GIL each; the HTTP process only "
+        "does HTTP) or threads of the HTTP process",
+    )
+    http_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="with worker processes, how much lower the HTTP process's CPU priority is than the "
+        "workers', so that refusing a flood of excess requests only uses CPU the workers leave",
+    )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,
         description="how often Python hands the GIL between threads; short keeps workers from "

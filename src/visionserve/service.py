@@ -44,16 +44,26 @@ class DetectionService:
         return (received if received is not None else time.monotonic()) + timeout_ms / 1e3
 
     async def detect(
-        self, model: str | None, data: bytes, params: PredictParams, *, deadline: float | None = None
+        self,
+        model: str | None,
+        data: bytes,
+        params: PredictParams,
+        *,
+        deadline: float | None = None,
+        keep_pixels: bool = False,
     ) -> Prediction:
-        """Detects objects in an encoded image (JPEG, PNG, ...); ``deadline`` is time.monotonic()."""
+        """Detects objects in an encoded image (JPEG, PNG, ...); ``deadline`` is time.monotonic().
+
+        ``keep_pixels``: the caller needs ``prediction.image.pixels`` (e.g. to draw on them);
+        otherwise, with worker processes, the image carries its sizes and a zero-byte
+        stand-in for the pixels, which stay in the worker."""
         served = self.registry.get(model)
         thresholds = served.thresholds(params)  # bad parameters fail before any decoding
         factor = self.settings.runtime.jpeg_reduced_decode
         spec = served.family.input
         min_size = (int(spec.width * factor), int(spec.height * factor)) if factor > 0 else None
         prepare = partial(decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=min_size)
-        return await self._predict(served.name, prepare, thresholds, deadline)
+        return await self._predict(served.name, prepare, thresholds, deadline, keep_pixels)
 
     async def detect_pixels(
         self, model: str | None, pixels: np.ndarray, params: PredictParams, *, deadline: float | None = None
@@ -64,13 +74,18 @@ class DetectionService:
         if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8 or 0 in pixels.shape:
             raise InvalidImage(f"pixels must be a non-empty HxWx3 uint8 array, got {pixels.dtype} {list(pixels.shape)}")
         image = DecodedImage(np.ascontiguousarray(pixels), pixels.shape[1], pixels.shape[0], "raw")
-        return await self._predict(served.name, lambda: image, thresholds, deadline)
+        # A picklable "prepare" (worker processes receive it); the caller has the pixels already.
+        return await self._predict(served.name, partial(_given, image), thresholds, deadline, False)
 
-    async def _predict(self, model: str, prepare, thresholds, deadline: float | None) -> Prediction:  # type: ignore[no-untyped-def]
+    async def _predict(self, model: str, prepare, thresholds, deadline: float | None, keep_pixels: bool) -> Prediction:  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         served = self.registry.get(model)
-        image, detections, timings = await self.scheduler.run(served, prepare, thresholds, deadline)
+        image, detections, timings = await self.scheduler.run(served, prepare, thresholds, deadline, keep_pixels)
         detections = detections.scaled(image.scale_x, image.scale_y, image.width, image.height)
         timings["total"] = (time.perf_counter() - start) * 1e3
         self.metrics.observe_stages(served.name, timings)
         return Prediction(served.name, served.version, image, detections, timings)
+
+
+def _given(image: DecodedImage) -> DecodedImage:
+    return image

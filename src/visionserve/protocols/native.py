@@ -149,10 +149,12 @@ async def _predict(request: Request, model: str | None) -> Response:
             raise InvalidParameter(
                 "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             ) from None
+        image_format = options.format or _negotiate(request.headers.get("accept", ""))
+        annotated = image_format in ("jpeg", "png")
         prediction = await unless_disconnected(
-            request.receive, service.detect(model, data, options.params(), deadline=deadline)
+            request.receive,
+            service.detect(model, data, options.params(), deadline=deadline, keep_pixels=annotated),
         )
-    image_format = options.format or _negotiate(request.headers.get("accept", ""))
     if image_format in ("jpeg", "png"):
         body = await service.scheduler.decode(_draw, prediction, image_format)
         return Response(body, media_type=f"image/{image_format}", headers=_server_timing(prediction))

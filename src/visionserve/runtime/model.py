@@ -38,7 +38,18 @@ class ServedModel:
     serves a request that has the machine to itself. On a one-core machine they are the same.
     """
 
-    def __init__(self, manifest: ModelManifest, runtime: RuntimeSettings, *, max_batch_size: int = 1) -> None:
+    def __init__(
+        self,
+        manifest: ModelManifest,
+        runtime: RuntimeSettings,
+        *,
+        max_batch_size: int = 1,
+        sessions: int | None = None,
+        wide: bool = True,
+    ) -> None:
+        """``sessions``: how many worker sessions to create (default: one per scheduler
+        worker); ``wide``: whether to add the all-cores session. An inference worker process
+        holds one worker session, and worker 0 also the wide one."""
         self.manifest = manifest
         self.name = manifest.name
         self.version = manifest.version
@@ -56,6 +67,9 @@ class ServedModel:
         self._thread_session = threading.local()
         self.input_name = ""
         self._lock = threading.Lock()
+        self._sessions = sessions
+        self._wide = wide
+        self._remote_wide: bool | None = None  # set when worker processes hold the sessions
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -65,7 +79,8 @@ class ServedModel:
             cores = cpu_count()
             workers = self.runtime.inference_workers or cores
             worker_threads = max(1, cores // workers)
-            wide_threads = self.runtime.intra_op_threads or cores
+            wide_threads = (self.runtime.intra_op_threads or cores) if self._wide else worker_threads
+            workers = self._sessions or workers
             source = self._batch_source() if self.requested_batch_size > 1 else None
             source = source or self.manifest.path
             session = create_session(source, self.runtime, intra_op_threads=wide_threads, name=str(self.manifest.path))
@@ -90,6 +105,13 @@ class ServedModel:
         except Exception as e:
             self.state, self.error = ModelState.FAILED, str(e)
             raise
+
+    def attach_workers(self, report: dict) -> None:
+        """Marks the model ready with its sessions held by inference worker processes
+        (``report``: what the wide worker said after loading it)."""
+        self.max_batch_size = int(report["max_batch_size"])
+        self._remote_wide = bool(report["has_wide_session"])
+        self.state = ModelState.READY
 
     def _batch_source(self) -> Path | bytes | None:
         """The graph to load when batching is wanted: as is when its batch dimension is dynamic,
@@ -129,6 +151,8 @@ class ServedModel:
 
     @property
     def has_wide_session(self) -> bool:
+        if self._remote_wide is not None:
+            return self._remote_wide
         return bool(self.worker_sessions) and self.worker_sessions[0] is not self.session
 
     def unload(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from visionserve.config import ModelConfig, Settings
 from visionserve.errors import ModelError, ModelNotFound, ModelNotReady
@@ -12,6 +13,9 @@ from visionserve.runtime.model import ModelState, ServedModel
 from visionserve.store.labels import read_labels
 from visionserve.store.manifest import ModelManifest
 from visionserve.store.store import ModelStore, version_ref
+
+if TYPE_CHECKING:
+    from visionserve.runtime.workers import WorkerPool
 
 log = logging.getLogger("visionserve.models")
 
@@ -63,8 +67,11 @@ def _graph_input_size(path: Path) -> tuple[int, int]:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, store: ModelStore) -> None:
+    def __init__(self, settings: Settings, store: ModelStore, workers: "WorkerPool | None" = None) -> None:
+        """``workers``: inference worker processes that hold the models' sessions; without
+        them, sessions live in this process."""
         self.settings = settings
+        self.workers = workers
         self.store = store
         self.default_name: str = settings.default_model or settings.models[0].name
         self._configs = {m.name: m for m in settings.models}
@@ -114,7 +121,10 @@ class ModelRegistry:
             previous = self._models.get(name)
             if previous is None or previous.state is not ModelState.READY:
                 self._models[name] = model  # shows "loading" while it loads
-        model.load()
+        if self.workers is not None:
+            model.attach_workers(self.workers.load(manifest, self.settings.queue.max_batch_size))
+        else:
+            model.load()
         with self._lock:
             self._models[name] = model
         log.info("model %s (version %s, family %s) ready", name, model.version, model.manifest.family)
@@ -134,6 +144,8 @@ class ModelRegistry:
             if model is None:
                 raise ModelNotFound(f"no model named {name!r}")
             model.unload()
+        if self.workers is not None:
+            self.workers.unload(name)
 
     def status(self) -> list[dict]:
         out = []

@@ -21,6 +21,7 @@ Policy (measured in docs/benchmarks.md):
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from visionserve.errors import DeadlineExceeded, Overloaded
 from visionserve.metrics import Metrics
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.session import cpu_count
+from visionserve.runtime.workers import WorkerPool, unpack_image
 from visionserve.types import DecodedImage, Detections, Thresholds
 
 T = TypeVar("T")
@@ -78,12 +80,13 @@ class Job:
     prepare: Callable[[], DecodedImage]  # decodes on the worker (or returns ready pixels)
     thresholds: Thresholds
     deadline: float | None  # time.monotonic()
-    future: asyncio.Future
+    future: asyncio.Future | None  # None in a worker process
     enqueued: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
     started: bool = False
     cancelled: bool = False  # read by the worker thread: skip if not begun
     timer: asyncio.TimerHandle | None = None
+    keep_pixels: bool = False  # the caller needs the decoded pixels (worker processes send them back)
 
 
 @dataclass(slots=True)
@@ -105,7 +108,12 @@ class Scheduler:
         self.capacity = self.workers + queue.max_queue
         self.settings = queue
         self.metrics = metrics or Metrics()
+        self.processes: WorkerPool | None = None
+        if runtime.worker_mode == "processes":
+            self.processes = WorkerPool(self.workers, runtime)
+            self._idle = list(range(self.workers))  # worker processes without a job
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="infer")
+        self._http_nice = runtime.http_nice
         self._aux = ThreadPoolExecutor(runtime.decode_threads or cores, thread_name_prefix="aux")
         self._queue: deque[Job] = deque()
         self._free = self.workers  # worker slots; a wide run takes them all
@@ -114,6 +122,18 @@ class Scheduler:
         self.running = 0
         self.draining = False
         self.metrics.watch(lambda: len(self._queue), lambda: self.admitted, self.capacity)
+
+    def start(self) -> None:
+        """Starts the inference worker processes (worker_mode "processes"); on the event loop,
+        before any model loads."""
+        if self.processes is None:
+            return
+        self.processes.start()
+        if self._http_nice:
+            try:  # the forks keep the normal priority; only this (HTTP) process steps back
+                os.nice(self._http_nice)
+            except OSError:
+                pass
 
     # -- admission ---------------------------------------------------------------------
 
@@ -155,14 +175,15 @@ class Scheduler:
         prepare: Callable[[], DecodedImage],
         thresholds: Thresholds,
         deadline: float | None = None,
+        keep_pixels: bool = True,
     ) -> tuple[DecodedImage, Detections, dict[str, float]]:
         """Decodes (via ``prepare``) and detects on a worker; returns the image, its detections
         (in the decoded pixels) and stage timings in ms."""
         if _current_ticket.get() is None:
             with self.admit():
-                return await self.run(model, prepare, thresholds, deadline)
+                return await self.run(model, prepare, thresholds, deadline, keep_pixels)
         loop = asyncio.get_running_loop()
-        job = Job(model, prepare, thresholds, deadline, loop.create_future())
+        job = Job(model, prepare, thresholds, deadline, loop.create_future(), keep_pixels=keep_pixels)
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -230,22 +251,60 @@ class Scheduler:
         model = jobs[0].model
         self.metrics.batch_size.labels(model.name).observe(len(jobs))
         self.metrics.inference_runs.labels(model.name, "wide" if wide else "worker").inc()
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, _execute, jobs, wide)
+        if self.processes is not None:
+            self._submit(jobs, wide, slots)
+            return
+        fut = asyncio.get_running_loop().run_in_executor(self._pool, execute_jobs, jobs, wide)
         fut.add_done_callback(partial(self._finished, jobs, slots))
 
+    def _submit(self, jobs: list[Job], wide: bool, slots: int) -> None:
+        """Hands jobs to an idle worker process (worker 0, with the wide session, for a wide run)."""
+        assert self.processes is not None
+        if wide:
+            workers, self._idle = self._idle, []
+            index = 0
+        else:
+            index = self._idle.pop()
+            workers = [index]
+        specs = [
+            (j.model.name, j.prepare, j.thresholds, j.deadline, j.enqueued, j.keep_pixels) for j in jobs
+        ]
+        self.processes.submit(index, specs, wide, partial(self._replied, jobs, slots, workers))
+
+    def _replied(self, jobs: list[Job], slots: int, workers: list[int], reply: tuple) -> None:
+        self._idle.extend(workers)
+        status, value = reply
+        if status != "ok":
+            outcomes = [Outcome(error=value) for _ in jobs]
+        else:
+            outcomes = []
+            for job, (error, meta, arrays, timings) in zip(jobs, value):
+                job.timings.update(timings)
+                if error is not None:
+                    outcomes.append(Outcome(error=error))
+                    continue
+                boxes, scores, class_ids = arrays
+                outcomes.append(
+                    Outcome(unpack_image(meta), Detections(boxes, scores, class_ids, job.model.labels))
+                )
+        self._complete(jobs, slots, outcomes)
+
     def _finished(self, jobs: list[Job], slots: int, fut: asyncio.Future) -> None:
-        self._free += slots
-        self.running -= len(jobs)
         try:
             outcomes = fut.result()
         except BaseException as e:  # the executor itself failed (e.g. shut down)
             outcomes = [Outcome(error=e) for _ in jobs]
+        self._complete(jobs, slots, outcomes)
+
+    def _complete(self, jobs: list[Job], slots: int, outcomes: list[Outcome]) -> None:
+        self._free += slots
+        self.running -= len(jobs)
         for job, outcome in zip(jobs, outcomes):
             if job.timer is not None:
                 job.timer.cancel()
             if isinstance(outcome.error, DeadlineExceeded):
                 self.metrics.deadline_exceeded.labels("worker").inc()
-            if not job.future.done():
+            if job.future is not None and not job.future.done():
                 job.future.set_result(outcome)
         self._dispatch()
 
@@ -279,11 +338,13 @@ class Scheduler:
         if self._batch_timer is not None:
             self._batch_timer.cancel()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.processes is not None:
+            self.processes.close()
         self._aux.shutdown(wait=False, cancel_futures=True)
 
 
-def _execute(jobs: list[Job], wide: bool) -> list[Outcome]:
-    """On a worker thread: decode and pre-process each image, run them as one batch, post-process."""
+def execute_jobs(jobs: list[Job], wide: bool) -> list[Outcome]:
+    """On a worker thread or process: decode and pre-process each image, run them as one batch, post-process."""
     model = jobs[0].model
     outcomes = [Outcome() for _ in jobs]
     ready: list[int] = []

@@ -31,15 +31,16 @@ log = logging.getLogger("visionserve")
 
 def create_app(settings: Settings) -> FastAPI:
     store = ModelStore(settings.model_dir, mirror=settings.model_mirror)
-    registry = ModelRegistry(settings, store)
     metrics = Metrics()
     scheduler = Scheduler(settings.runtime, settings.queue, metrics)
+    registry = ModelRegistry(settings, store, workers=scheduler.processes)
     service = DetectionService(settings, registry, scheduler)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Models load in the background so /healthz answers at once and /readyz says when
-        # they are warm.
+        # they are warm. Worker processes fork first, before any thread or session exists.
+        scheduler.start()
         loading = asyncio.create_task(asyncio.to_thread(registry.load_configured))
         yield
         if not loading.done():
