@@ -65,7 +65,13 @@ def _portable_error(e: BaseException) -> BaseException:
     return ModelError(f"inference failed: {type(e).__name__}: {e}")
 
 
-def _worker_main(index: int, runtime: RuntimeSettings, jobs: Connection, results: Connection) -> None:
+def _worker_main(
+    index: int, runtime: RuntimeSettings, jobs: Connection, results: Connection, inherited: list[Connection]
+) -> None:
+    # Forked after the earlier workers: their pipe ends are open here too, and a job pipe
+    # reaches end-of-file (the signal to stop) only when every copy of its writer is closed.
+    for conn in inherited:
+        conn.close()
     # The HTTP process decides when workers stop (after draining): closing the job pipe.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -175,7 +181,9 @@ class WorkerPool:
             for c in (job_w, res_w):
                 _enlarge(c)
             proc = ctx.Process(
-                target=_worker_main, args=(i, self.runtime, job_r, res_w), name=f"visionserve-infer-{i}", daemon=True
+                target=_worker_main,
+                args=(i, self.runtime, job_r, res_w, [c for w in self._workers for c in (w.jobs, w.results)]),
+                name=f"visionserve-infer-{i}", daemon=True
             )
             proc.start()
             job_r.close()
