@@ -102,6 +102,8 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
+        if self.workers is not None and self.workers.broken:
+            return False
         return all(
             (m := self._models.get(n)) is not None and m.state is ModelState.READY for n in self._configs
         )

@@ -43,6 +43,7 @@ from visionserve.types import DecodedImage, Detections, Thresholds
 T = TypeVar("T")
 
 RETRY_AFTER_S = "1"
+PROCESS_DEPTH = 2  # jobs handed to one worker process at a time
 
 
 class Ticket:
@@ -87,6 +88,7 @@ class Job:
     cancelled: bool = False  # read by the worker thread: skip if not begun
     timer: asyncio.TimerHandle | None = None
     keep_pixels: bool = False  # the caller needs the decoded pixels (worker processes send them back)
+    slot: int | None = None  # its drop flag in the worker processes
 
 
 @dataclass(slots=True)
@@ -111,12 +113,16 @@ class Scheduler:
         self.processes: WorkerPool | None = None
         if runtime.worker_mode == "processes":
             self.processes = WorkerPool(self.workers, runtime)
-            self._idle = list(range(self.workers))  # worker processes without a job
+            self._load = [0] * self.workers  # jobs sent to each worker process and not answered
+        # A worker process gets its next job while it still runs one (depth 2), so it never
+        # waits for the HTTP process between images; a thread pool needs no such hand-off.
+        self.depth = PROCESS_DEPTH if self.processes is not None else 1
+        self._slots = self.workers * self.depth
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="infer")
         self._http_nice = runtime.http_nice
         self._aux = ThreadPoolExecutor(runtime.decode_threads or cores, thread_name_prefix="aux")
         self._queue: deque[Job] = deque()
-        self._free = self.workers  # worker slots; a wide run takes them all
+        self._free = self._slots  # worker slots; a wide run takes them all
         self._batch_timer: asyncio.TimerHandle | None = None
         self.admitted = 0
         self.running = 0
@@ -212,7 +218,7 @@ class Scheduler:
         while self._queue and self._free > 0:
             head = self._queue[0]
             model = head.model
-            if self._free == self.workers and self.admitted <= 1 and len(self._queue) == 1 and model.has_wide_session:
+            if self._free == self._slots and self.admitted <= 1 and len(self._queue) == 1 and model.has_wide_session:
                 self._queue.popleft()
                 self._start([head], wide=True)
                 continue
@@ -243,42 +249,43 @@ class Scheduler:
         return True
 
     def _start(self, jobs: list[Job], wide: bool) -> None:
-        slots = self.workers if wide else 1
+        slots = self._slots if wide else 1
         self._free -= slots
         self.running += len(jobs)
         for j in jobs:
             j.started = True
         model = jobs[0].model
         self.metrics.batch_size.labels(model.name).observe(len(jobs))
-        self.metrics.inference_runs.labels(model.name, "wide" if wide else "worker").inc()
-        if self.processes is not None:
+        if self.processes is not None:  # counted when the worker says it ran (it skips dropped jobs)
             self._submit(jobs, wide, slots)
             return
+        self.metrics.inference_runs.labels(model.name, "wide" if wide else "worker").inc()
         fut = asyncio.get_running_loop().run_in_executor(self._pool, execute_jobs, jobs, wide)
         fut.add_done_callback(partial(self._finished, jobs, slots))
 
     def _submit(self, jobs: list[Job], wide: bool, slots: int) -> None:
         """Hands jobs to an idle worker process (worker 0, with the wide session, for a wide run)."""
         assert self.processes is not None
-        if wide:
-            workers, self._idle = self._idle, []
-            index = 0
-        else:
-            index = self._idle.pop()
-            workers = [index]
+        index = 0 if wide else min(range(self.workers), key=self._load.__getitem__)
+        self._load[index] += 1
+        for j in jobs:
+            j.slot = self.processes.slot()
         specs = [
-            (j.model.name, j.prepare, j.thresholds, j.deadline, j.enqueued, j.keep_pixels) for j in jobs
+            (j.model.name, j.prepare, j.thresholds, j.deadline, j.enqueued, j.keep_pixels, j.slot) for j in jobs
         ]
-        self.processes.submit(index, specs, wide, partial(self._replied, jobs, slots, workers))
+        self.processes.submit(index, specs, wide, partial(self._replied, jobs, slots, index, wide))
 
-    def _replied(self, jobs: list[Job], slots: int, workers: list[int], reply: tuple) -> None:
-        self._idle.extend(workers)
+    def _replied(self, jobs: list[Job], slots: int, index: int, wide: bool, reply: tuple) -> None:
+        self._load[index] -= 1
         status, value = reply
         if status != "ok":
             outcomes = [Outcome(error=value) for _ in jobs]
         else:
+            results, ran = value
+            if ran:
+                self.metrics.inference_runs.labels(jobs[0].model.name, "wide" if wide else "worker").inc()
             outcomes = []
-            for job, (error, meta, arrays, timings) in zip(jobs, value):
+            for job, (error, meta, arrays, timings) in zip(jobs, results):
                 job.timings.update(timings)
                 if error is not None:
                     outcomes.append(Outcome(error=error))
@@ -309,9 +316,11 @@ class Scheduler:
         self._dispatch()
 
     def _expire(self, job: Job) -> None:
-        if job.future.done():
+        if job.future is None or job.future.done():
             return
         job.cancelled = True
+        if job.slot is not None and self.processes is not None:
+            self.processes.drop(job.slot)
         if job.started:
             stage, message = "inference", "the request's deadline passed during inference"
         else:
@@ -324,6 +333,8 @@ class Scheduler:
     def _drop(self, job: Job) -> None:
         """The caller went away: forget the job if it has not started."""
         job.cancelled = True
+        if job.slot is not None and self.processes is not None:
+            self.processes.drop(job.slot)
         if job.timer is not None:
             job.timer.cancel()
         self.metrics.cancelled.inc()

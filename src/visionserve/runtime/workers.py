@@ -44,6 +44,7 @@ log = logging.getLogger("visionserve.workers")
 
 PIPE_BYTES = 1 << 20  # Linux's default ceiling for unprivileged pipe sizes
 LOAD_TIMEOUT_S = 300.0
+DROP_SLOTS = 1 << 16
 
 Reply = tuple[str, Any]
 
@@ -66,7 +67,12 @@ def _portable_error(e: BaseException) -> BaseException:
 
 
 def _worker_main(
-    index: int, runtime: RuntimeSettings, jobs: Connection, results: Connection, inherited: list[Connection]
+    index: int,
+    runtime: RuntimeSettings,
+    jobs: Connection,
+    results: Connection,
+    inherited: list[Connection],
+    dropped: Any,
 ) -> None:
     # Forked after the earlier workers: their pipe ends are open here too, and a job pipe
     # reaches end-of-file (the signal to stop) only when every copy of its writer is closed.
@@ -93,13 +99,16 @@ def _worker_main(
             if op == "run":
                 _, specs, wide = message
                 batch = []
-                for name, prepare, thresholds, deadline, enqueued, _keep in specs:
+                for name, prepare, thresholds, deadline, enqueued, _keep, slot in specs:
                     model = models.get(name)
                     if model is None:
                         raise ModelNotReady(f"model {name!r} is not loaded in worker {index}")
-                    batch.append(Job(model, prepare, thresholds, deadline, None, enqueued))  # type: ignore[arg-type]
+                    job = Job(model, prepare, thresholds, deadline, None, enqueued)  # type: ignore[arg-type]
+                    job.cancelled = bool(dropped[slot])  # its caller went away while it waited here
+                    batch.append(job)
                 outcomes = execute_jobs(batch, wide)
-                reply: Reply = ("ok", [_pack(o, spec[5], job.timings) for o, spec, job in zip(outcomes, specs, batch)])
+                ran = any("inference" in job.timings for job in batch)
+                reply: Reply = ("ok", ([_pack(o, spec[5], job.timings) for o, spec, job in zip(outcomes, specs, batch)], ran))
             elif op == "load":
                 _, manifest, max_batch_size = message
                 model = ServedModel(manifest, runtime, max_batch_size=max_batch_size, sessions=1, wide=index == 0)
@@ -167,6 +176,10 @@ class WorkerPool:
         self._workers: list[_Worker] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.broken: str | None = None
+        # One byte per job in flight, shared with the workers: set when the job's caller is
+        # gone (disconnected, deadline passed), so a worker skips it if it has not begun.
+        self.dropped: Any = None
+        self._next_slot = 0
 
     @property
     def pids(self) -> list[int]:
@@ -175,6 +188,7 @@ class WorkerPool:
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         ctx = mp.get_context("fork")  # shares the imported libraries; no threads run yet
+        self.dropped = ctx.RawArray("b", DROP_SLOTS)
         for i in range(self.count):
             job_r, job_w = ctx.Pipe(duplex=False)
             res_r, res_w = ctx.Pipe(duplex=False)
@@ -182,7 +196,7 @@ class WorkerPool:
                 _enlarge(c)
             proc = ctx.Process(
                 target=_worker_main,
-                args=(i, self.runtime, job_r, res_w, [c for w in self._workers for c in (w.jobs, w.results)]),
+                args=(i, self.runtime, job_r, res_w, [c for w in self._workers for c in (w.jobs, w.results)], self.dropped),
                 name=f"visionserve-infer-{i}", daemon=True
             )
             proc.start()
@@ -219,21 +233,36 @@ class WorkerPool:
     def _send(self, worker: _Worker, message: tuple, callback: Callable[[Reply], None]) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with worker.lock:
-            if not worker.alive:
-                callback(("error", ModelError(self.broken or "inference worker gone")))
-                return
-            worker.pending.append(callback)
-            try:
-                worker.jobs.send_bytes(data)
-            except OSError:
-                worker.pending.pop()
-                callback(("error", ModelError(f"inference worker {worker.index} is gone")))
+            if worker.alive:
+                worker.pending.append(callback)
+                try:
+                    worker.jobs.send_bytes(data)
+                    return
+                except OSError:
+                    worker.pending.pop()
+        # Answered later on the event loop, as a real reply would be (never re-entering the caller).
+        failure = ("error", ModelError(self.broken or f"inference worker {worker.index} is gone"))
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(callback, failure)
+        else:
+            callback(failure)
 
     # -- jobs --------------------------------------------------------------------------
 
+    def slot(self) -> int:
+        """A drop flag for a new job (ring; admission keeps far fewer jobs in flight)."""
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % DROP_SLOTS
+        self.dropped[slot] = 0
+        return slot
+
+    def drop(self, slot: int) -> None:
+        self.dropped[slot] = 1
+
     def submit(self, index: int, specs: list[tuple], wide: bool, callback: Callable[[Reply], None]) -> None:
         """Sends a batch of jobs (model name, prepare, thresholds, deadline, enqueued,
-        keep_pixels) to one worker; ``callback`` runs on the event loop with its reply."""
+        keep_pixels, drop slot) to one worker; ``callback`` runs on the event loop with its
+        reply: ("ok", (per-job results, whether inference ran)) or ("error", exception)."""
         self._send(self._workers[index], ("run", specs, wide), callback)
 
     # -- models (any thread but the event loop's) ------------------------------------

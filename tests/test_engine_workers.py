@@ -1,0 +1,117 @@
+"""Inference in worker processes (runtime.worker_mode): the same answers as in threads,
+workers that start with the server, stop with it, and a lost worker that fails requests
+instead of hanging them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from engine_helpers import concurrent_posts, metric, post_image
+
+
+def children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone too
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def answer(r: httpx.Response) -> list[tuple[str, float, tuple[float, ...]]]:
+    assert r.status_code == 200, r.text
+    return [(d["label"], d["confidence"], tuple(d["box"].values())) for d in r.json()["detections"]]
+
+
+def test_processes_and_threads_give_the_same_detections(server_factory, images):
+    two = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"}
+    procs = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    threads = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "threads"})
+    assert len(children(procs.process.pid)) == 2
+    assert children(threads.process.pid) == []
+    for name in ("dog.jpg", "horses.jpg", "kite.jpg"):
+        expected = answer(post_image(threads.url, images / name))
+        assert expected and answer(post_image(procs.url, images / name)) == expected
+    # Several at once: run side by side on the single-threaded worker sessions.
+    batch = concurrent_posts(procs.url, [images / "dog.jpg", images / "person.jpg"] * 3)
+    assert [answer(r) for r in batch] == [answer(post_image(threads.url, images / n))
+                                          for n in ("dog.jpg", "person.jpg") * 3]
+    text = httpx.get(procs.url + "/metrics").text
+    # Stage times measured in the workers reach the HTTP process's histograms.
+    for stage in ("decode", "preprocess", "inference", "postprocess"):
+        assert metric(text, "visionserve_stage_duration_seconds_count", model="yolox-nano", stage=stage) >= 9
+
+
+def test_annotated_image_comes_back_from_a_worker(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    with srv.client() as c:
+        body = (images / "dog.jpg").read_bytes()
+        r = c.post("/predict", params={"format": "png"}, files={"image": ("dog.jpg", body, "image/jpeg")})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    import cv2
+    import numpy as np
+
+    drawn = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+    original = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_COLOR)
+    assert drawn.shape == original.shape
+    # Boxes were drawn on the real pixels (not on a blank stand-in): mostly the photo, partly changed.
+    same = np.mean(np.abs(drawn.astype(int) - original.astype(int)).max(axis=2) < 40)
+    assert 0.5 < same < 0.999
+
+
+def test_raw_pixels_run_in_a_worker(server_factory, images):
+    """The V2 protocol's UINT8 tensors go to the workers as pixels, not as encoded bytes."""
+    import cv2
+    import numpy as np
+
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    rgb = cv2.cvtColor(cv2.imread(str(images / "dog.jpg")), cv2.COLOR_BGR2RGB)
+    payload = {"inputs": [{"name": "PIXELS", "shape": list(rgb.shape), "datatype": "UINT8",
+                           "data": rgb.flatten().tolist()}]}
+    r = httpx.post(srv.url + "/v2/models/yolox-nano/infer", json=payload, timeout=60)
+    assert r.status_code == 200, r.text
+    labels = r.json()["outputs"]
+    assert "dog" in str(labels)
+
+
+def test_sigterm_stops_the_workers_and_exits_0(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    workers = children(srv.process.pid)
+    assert len(workers) >= 1 and all(alive(p) for p in workers)
+    assert post_image(srv.url, images / "dog.jpg").status_code == 200
+    assert srv.stop(signal.SIGTERM) == 0
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in workers):
+        assert time.monotonic() < deadline, "inference workers outlived the server"
+        time.sleep(0.05)
+
+
+def test_a_lost_worker_fails_requests_and_readiness_instead_of_hanging(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes",
+                              "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1"})
+    (worker,) = children(srv.process.pid)
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while httpx.get(srv.url + "/readyz").status_code == 200:
+        assert time.monotonic() < deadline, "still ready without its inference worker"
+        time.sleep(0.05)
+    r = post_image(srv.url, images / "dog.jpg")
+    assert r.status_code >= 500 and "worker" in r.json()["error"]["message"]
+    assert srv.stop(signal.SIGTERM) == 0
