@@ -99,9 +99,9 @@ class RuntimeSettings(BaseModel):
         "does HTTP) or threads of the HTTP process",
     )
     http_nice: int = Field(
-        default=10, ge=0, le=19,
-        description="with worker processes, how much lower the HTTP process's CPU priority is than the "
-        "workers', so that refusing a flood of excess requests only uses CPU the workers leave",
+        default=0, ge=0, le=19,
+        description="with worker processes, how much lower (nice) the HTTP process's CPU priority is than "
+        "the workers'; 0-19 measured the same on 2 cores under overload (docs/benchmarks.md)",
     )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,

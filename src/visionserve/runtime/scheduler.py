@@ -49,12 +49,13 @@ PROCESS_DEPTH = 2  # jobs handed to one worker process at a time
 class Ticket:
     """One admitted request. Releasing it (once) frees its place."""
 
-    __slots__ = ("_scheduler", "_released", "_token")
+    __slots__ = ("_scheduler", "_released", "_token", "claimed")
 
     def __init__(self, scheduler: "Scheduler") -> None:
         self._scheduler = scheduler
         self._released = False
         self._token = None
+        self.claimed = False  # a reserved ticket taken by the request's handler
 
     def release(self) -> None:
         if not self._released:
@@ -73,6 +74,19 @@ class Ticket:
 
 # The ticket of the request the current task serves, so that ``run`` does not admit twice.
 _current_ticket: ContextVar[Ticket | None] = ContextVar("visionserve_ticket", default=None)
+# A place taken for the request before routing (server/admission.py): the handler's
+# ``admit()`` claims it instead of competing again with every request that arrived since.
+_reserved_ticket: ContextVar[Ticket | None] = ContextVar("visionserve_reserved_ticket", default=None)
+
+
+def reserve(ticket: Ticket):  # type: ignore[no-untyped-def]
+    """Makes ``ticket`` the one ``Scheduler.admit`` hands out in this context; returns the
+    token for ``_reserved_ticket.reset``."""
+    return _reserved_ticket.set(ticket)
+
+
+def unreserve(token) -> None:  # type: ignore[no-untyped-def]
+    _reserved_ticket.reset(token)
 
 
 @dataclass(eq=False, slots=True)
@@ -147,7 +161,12 @@ class Scheduler:
         """Takes a place for one request, or raises ``Overloaded`` (503 + Retry-After) at once.
 
         Call it before reading the request body, so that refusing costs next to nothing.
+        When the request already holds a place (taken before routing), returns that one.
         """
+        reserved = _reserved_ticket.get()
+        if reserved is not None and not reserved.claimed:
+            reserved.claimed = True
+            return reserved
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise Overloaded("the server is shutting down", headers={"Retry-After": RETRY_AFTER_S})

@@ -1,9 +1,11 @@
-"""Refusing detection requests at the door when the server is full.
+"""Admission at the door: a detection request takes its place before routing.
 
-Protocol handlers still take their place with ``service.admit()`` (which also refuses);
-this gate only makes refusal nearly free under overload: a full server answers 503 before
-routing, body parsing or any handler runs, so a flood of excess requests costs little of
-the CPU the accepted ones need.
+Protocol handlers still call ``service.admit()`` (which refuses when full); this gate takes
+the place earlier, before routing, body parsing or any handler runs, and hands it to the
+handler's ``admit()``. So a full server refuses for nearly free, and when a place frees up
+only one of the requests that arrived meanwhile goes on (the others are refused here, not
+after reading their bodies). The HTTP protocol of ``visionserve serve`` takes the place even
+earlier, right after the headers (server/refusal.py), and passes it in the scope's state.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from visionserve.errors import Overloaded
 from visionserve.protocols import ErrorRenderer
-from visionserve.runtime.scheduler import Scheduler
+from visionserve.runtime.scheduler import Scheduler, Ticket, reserve, unreserve
 
 F = TypeVar("F", bound=Callable)
+
+RESERVED = "visionserve_ticket"  # scope["state"] key of a place taken by the HTTP protocol
 
 
 def admitted(endpoint: F) -> F:
@@ -33,6 +37,15 @@ def admitted_routes(routes: Iterable[BaseRoute]) -> list[tuple[re.Pattern[str], 
         for r in routes
         if isinstance(r, Route) and getattr(r.endpoint, "__visionserve_admitted__", False)
     ]
+
+
+def match_admitted(
+    routes: list[tuple[re.Pattern[str], set[str], BaseRoute]], method: str, path: str
+) -> BaseRoute | None:
+    for regex, methods, route in routes:
+        if method in methods and regex.match(path):
+            return route
+    return None
 
 
 class AdmissionGateMiddleware:
@@ -50,18 +63,29 @@ class AdmissionGateMiddleware:
         self._routes: list[tuple[re.Pattern[str], set[str], BaseRoute]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and self.scheduler.full:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ticket: Ticket | None = scope.get("state", {}).pop(RESERVED, None)
+        if ticket is None:
             if self._routes is None:
                 self._routes = self.routes()
-            path, method = scope["path"], scope["method"]
-            for regex, methods, route in self._routes:
-                if method in methods and regex.match(path):
-                    scope["route"] = route  # for the metrics' route label
-                    try:
-                        self.scheduler.admit().release()  # refuses (and counts it) while full
-                    except Overloaded as e:
-                        response = self.renderer_for(path)(e.status, e.code, e.message, e.headers)
-                        await response(scope, receive, send)
-                        return
-                    break
-        await self.app(scope, receive, send)
+            path = scope["path"]
+            route = match_admitted(self._routes, scope["method"], path)
+            if route is not None:
+                scope["route"] = route  # for the metrics' route label
+                try:
+                    ticket = self.scheduler.admit()  # refuses (and counts it) while full
+                except Overloaded as e:
+                    response = self.renderer_for(path)(e.status, e.code, e.message, e.headers)
+                    await response(scope, receive, send)
+                    return
+        if ticket is None:
+            await self.app(scope, receive, send)
+            return
+        token = reserve(ticket)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            unreserve(token)
+            ticket.release()

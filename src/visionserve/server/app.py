@@ -21,6 +21,7 @@ from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler
 from visionserve.server import web
 from visionserve.server.admission import AdmissionGateMiddleware, admitted_routes
+from visionserve.server.refusal import Refusals
 from visionserve.server.errors import install_error_handlers
 from visionserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from visionserve.service import DetectionService
@@ -77,5 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(
         AdmissionGateMiddleware, scheduler=scheduler, routes=lambda: admitted_routes(app.routes), renderer_for=pick
     )
+    # The same refusal, earlier still: in the HTTP parser (used by ``serve``).
+    app.state.refusals = Refusals(scheduler, metrics, lambda: admitted_routes(app.routes), pick)
     app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log, metrics=metrics)
     return app

@@ -17,6 +17,7 @@ from types import FrameType
 import uvicorn
 
 from visionserve.runtime.scheduler import Scheduler
+from visionserve.server.refusal import refusing_protocol
 
 log = logging.getLogger("visionserve")
 
@@ -59,8 +60,10 @@ def serve(app, host: str, port: int, drain_timeout_s: float) -> bool:  # type: i
     # Python's default 5 ms switch interval it waits up to that long behind a busy event
     # loop, many times per image. 1 ms measured far lower tail latency under load.
     sys.setswitchinterval(app.state.settings.runtime.gil_switch_interval_ms / 1e3)
+    refusing = refusing_protocol(app.state.refusals) if hasattr(app.state, "refusals") else None
     config = uvicorn.Config(
         app,
+        http=refusing or "auto",
         host=host,
         port=port,
         log_config=None,

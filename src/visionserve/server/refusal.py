@@ -1,0 +1,140 @@
+"""Refusing excess detection requests inside the HTTP parser, before any ASGI work.
+
+Under overload, clients that re-send at once after each 503 make refusals most of what the
+HTTP process does (thousands per second), and every CPU cycle they take is one the
+inference workers lack on a small machine. The admission gate middleware already refuses
+before routing and body parsing; this goes one step earlier: as soon as a request's
+headers are parsed and the server is full, the HTTP protocol writes a ready-made 503 (the
+protocol's own error body, Retry-After, X-Request-ID) and discards the body as it arrives,
+with no ASGI scope, task or middleware. Counted in the same metrics as any refusal.
+
+A request that is let in takes its place here too (passed on in the scope's state), so
+when a place frees up, the requests that arrived meanwhile do not all go on to be refused
+later, after their bodies were read. Used by ``visionserve serve`` with uvicorn's httptools
+parser; anything unusual (HTTP/1.0,
+``Connection: close``, ``Expect: 100-continue``, pipelined requests, escaped paths) takes
+the ordinary path, where the gate middleware refuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from typing import Callable
+
+from starlette.routing import BaseRoute
+
+from visionserve.errors import Overloaded
+from visionserve.metrics import Metrics
+from visionserve.protocols import ErrorRenderer
+from visionserve.runtime.scheduler import Scheduler, Ticket
+from visionserve.server.admission import RESERVED, match_admitted
+
+log = logging.getLogger("visionserve")
+_VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class Refusals:
+    """Builds (and caches) the raw 503 for a request to a detection route while full."""
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        metrics: Metrics,
+        routes: Callable[[], list[tuple[re.Pattern[str], set[str], BaseRoute]]],
+        renderer_for: Callable[[str], ErrorRenderer],
+    ) -> None:
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self._routes_factory = routes
+        self._routes: list[tuple[re.Pattern[str], set[str], BaseRoute]] | None = None
+        self.renderer_for = renderer_for
+        self._heads: dict[tuple[int, str], tuple[bytes, bytes]] = {}
+
+    def admit(
+        self, method: str, path: str, headers: list[tuple[bytes, bytes]], default_headers: list
+    ) -> Ticket | bytes | None:
+        """For a detection route: its place (a Ticket) or, when full, the complete 503
+        response; None for other routes."""
+        if self._routes is None:
+            self._routes = self._routes_factory()
+        route = match_admitted(self._routes, method, path)
+        if route is None:
+            return None
+        try:
+            return self.scheduler.admit()
+        except Overloaded as e:
+            renderer = self.renderer_for(path)
+            key = (id(renderer), e.message)
+            cached = self._heads.get(key)
+            if cached is None:
+                cached = self._heads[key] = _render(renderer(e.status, e.code, e.message, e.headers))
+            head, body = cached
+            route_path = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(route_path, method, str(e.status)).inc()
+            self.metrics.request_seconds.labels(route_path).observe(0.0)
+        request_id = next((v for k, v in headers if k == b"x-request-id"), b"")
+        if not _VALID_ID.match(request_id):
+            request_id = uuid.uuid4().hex.encode()
+        extra = b"".join(k + b": " + v + b"\r\n" for k, v in default_headers)
+        return head + extra + b"x-request-id: " + request_id + b"\r\n\r\n" + body
+
+
+def _render(response) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
+    from http import HTTPStatus
+
+    status = response.status_code
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
+    lines += [k + b": " + v + b"\r\n" for k, v in response.raw_headers]
+    return b"".join(lines), bytes(response.body)
+
+
+class _Event:
+    def set(self) -> None:
+        pass
+
+
+class _Refused:
+    """Stands in for uvicorn's request cycle after a refusal: its body is discarded."""
+
+    response_complete = True
+    disconnected = False
+    keep_alive = True
+    message_event = _Event()
+
+
+def refusing_protocol(refusals: Refusals) -> type | None:
+    """uvicorn's httptools protocol with the early refusal; None without httptools."""
+    try:
+        import httptools
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return None
+
+    class RefusingHttpToolsProtocol(HttpToolsProtocol):
+        def on_headers_complete(self) -> None:
+            if (
+                (self.cycle is None or self.cycle.response_complete)
+                and not self.expect_100_continue
+                and self.parser.should_keep_alive()
+                and self.parser.get_http_version() == "1.1"
+                and not self.parser.should_upgrade()
+            ):
+                raw_path = httptools.parse_url(self.url).path
+                if b"%" not in raw_path:
+                    method = self.parser.get_method().decode("ascii")
+                    answer = refusals.admit(
+                        method, self.root_path + raw_path.decode("ascii"), self.headers,
+                        self.server_state.default_headers,
+                    )
+                    if isinstance(answer, bytes):
+                        self.cycle = _Refused()  # type: ignore[assignment]
+                        self.transport.write(answer)
+                        self.on_response_complete()
+                        return
+                    if answer is not None:  # admitted: the gate middleware hands it on
+                        self.scope["state"][RESERVED] = answer
+            super().on_headers_complete()
+
+    return RefusingHttpToolsProtocol
