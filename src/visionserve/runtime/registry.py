@@ -124,7 +124,12 @@ class ModelRegistry:
             if previous is None or previous.state is not ModelState.READY:
                 self._models[name] = model  # shows "loading" while it loads
         if self.workers is not None:
-            model.attach_workers(self.workers.load(manifest, self.settings.queue.max_batch_size))
+            try:
+                model.attach_workers(self.workers.load(manifest, self.settings.queue.max_batch_size))
+            except Exception as e:
+                model.state, model.error = ModelState.FAILED, str(e)
+                self.workers.unload(name)  # from the workers where it did load
+                raise
         else:
             model.load()
         with self._lock:

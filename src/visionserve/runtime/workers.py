@@ -28,6 +28,7 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import struct
 import threading
 from collections import deque
 from multiprocessing.connection import Connection
@@ -74,8 +75,9 @@ def _worker_main(
     inherited: list[Connection],
     dropped: Any,
 ) -> None:
-    # Forked after the earlier workers: their pipe ends are open here too, and a job pipe
-    # reaches end-of-file (the signal to stop) only when every copy of its writer is closed.
+    # The HTTP process's ends of this worker's pipes and of earlier workers' are open here
+    # too (fork), and a job pipe reaches end-of-file (the signal to stop) only when every
+    # copy of its writer is closed.
     for conn in inherited:
         conn.close()
     # The HTTP process decides when workers stop (after draining): closing the job pipe.
@@ -116,9 +118,9 @@ def _worker_main(
                 models[manifest.name] = model
                 reply = ("ok", {"max_batch_size": model.max_batch_size, "has_wide_session": model.has_wide_session})
             elif op == "unload":
-                dropped = models.pop(message[1], None)
-                if dropped is not None:
-                    dropped.unload()
+                gone = models.pop(message[1], None)
+                if gone is not None:
+                    gone.unload()
                 reply = ("ok", None)
             else:
                 reply = ("error", ModelError(f"unknown worker command {op!r}"))
@@ -156,6 +158,13 @@ def unpack_image(meta: DecodedImage | tuple) -> DecodedImage:
 # -- in the HTTP process ----------------------------------------------------------------
 
 
+def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
 class _Worker:
     def __init__(self, index: int, process: mp.process.BaseProcess, jobs: Connection, results: Connection) -> None:
         self.index = index
@@ -165,6 +174,7 @@ class _Worker:
         self.pending: deque[Callable[[Reply], None]] = deque()  # replies come back in order
         self.lock = threading.Lock()  # jobs (event loop) and loads (loader thread) both send
         self.alive = True
+        self.inbox = bytearray()  # reply bytes read so far (the loop reads without blocking)
 
 
 class WorkerPool:
@@ -196,7 +206,8 @@ class WorkerPool:
                 _enlarge(c)
             proc = ctx.Process(
                 target=_worker_main,
-                args=(i, self.runtime, job_r, res_w, [c for w in self._workers for c in (w.jobs, w.results)], self.dropped),
+                args=(i, self.runtime, job_r, res_w,
+                      [job_w, res_r, *(c for w in self._workers for c in (w.jobs, w.results))], self.dropped),
                 name=f"visionserve-infer-{i}", daemon=True
             )
             proc.start()
@@ -210,13 +221,37 @@ class WorkerPool:
     # -- replies (event loop thread) ---------------------------------------------------
 
     def _on_reply(self, worker: _Worker) -> None:
+        # The event loop made the pipe non-blocking: read what is there, answer every
+        # complete message (multiprocessing's framing: a 4-byte length, or -1 and 8 bytes).
+        fd = worker.results.fileno()
         try:
-            reply: Reply = pickle.loads(worker.results.recv_bytes())
-        except (EOFError, OSError):
+            while True:
+                chunk = os.read(fd, PIPE_BYTES)
+                if not chunk:
+                    self._lost(worker)
+                    return
+                worker.inbox += chunk
+                if len(chunk) < PIPE_BYTES:
+                    break
+        except BlockingIOError:
+            pass
+        except OSError:
             self._lost(worker)
             return
-        callback = worker.pending.popleft()
-        callback(reply)
+        inbox = worker.inbox
+        while len(inbox) >= 4:
+            (size,) = struct.unpack_from("!i", inbox)
+            start = 4
+            if size == -1:
+                if len(inbox) < 12:
+                    return
+                (size,) = struct.unpack_from("!Q", inbox, 4)
+                start = 12
+            if len(inbox) < start + size:
+                return
+            reply: Reply = pickle.loads(memoryview(inbox)[start : start + size])
+            del inbox[: start + size]
+            worker.pending.popleft()(reply)
 
     def _lost(self, worker: _Worker) -> None:
         if not worker.alive:
@@ -232,6 +267,14 @@ class WorkerPool:
 
     def _send(self, worker: _Worker, message: tuple, callback: Callable[[Reply], None]) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        if len(data) > PIPE_BYTES // 2 and self._loop is not None and _on_loop(self._loop):
+            # Would block the event loop until the worker, maybe busy, reads it: write it
+            # from a thread (replies still match: callbacks queue in the order of writing).
+            self._loop.run_in_executor(None, self._write, worker, data, callback)
+            return
+        self._write(worker, data, callback)
+
+    def _write(self, worker: _Worker, data: bytes, callback: Callable[[Reply], None]) -> None:
         with worker.lock:
             if worker.alive:
                 worker.pending.append(callback)

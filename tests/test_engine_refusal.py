@@ -1,0 +1,94 @@
+"""Admission right after the headers (server/refusal.py): a request takes its place before
+its body arrives, a full server answers each protocol's own 503 at once, and every place is
+given back however the request ends."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+
+from engine_helpers import metric, post_image
+
+ONE_PLACE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
+
+
+def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.socket, bytes]:
+    """Sends the headers and half the body of a multipart upload; returns the socket and the rest."""
+    host, port = url.removeprefix("http://").split(":")
+    boundary = "b0undary"
+    payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"d.jpg\"\r\n\r\n").encode() \
+        + body + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    s = socket.create_connection((host, int(port)), timeout=30)
+    half = len(payload) // 2
+    s.sendall(head + payload[:half])
+    return s, payload[half:]
+
+
+def read_response(s: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return head + b"\r\n\r\n" + rest
+
+
+def wait_in_flight(url: str, n: int) -> None:
+    for _ in range(200):
+        if metric(httpx.get(url + "/metrics").text, "visionserve_requests_in_flight") == n:
+            return
+        import time
+
+        time.sleep(0.02)
+    raise AssertionError(f"in-flight never reached {n}")
+
+
+def test_a_request_holds_its_place_from_its_headers_and_others_get_503_at_once(server_factory, images):
+    srv = server_factory(env=ONE_PLACE)
+    dog = (images / "dog.jpg").read_bytes()
+    s, rest = start_upload(srv.url, dog)
+    try:
+        wait_in_flight(srv.url, 1)  # admitted with half its body still to come
+        r = httpx.post(srv.url + "/predict", files={"image": ("d.jpg", dog, "image/jpeg")},
+                       headers={"X-Request-ID": "refused-1"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.headers["x-request-id"] == "refused-1"
+        assert r.json()["error"]["code"] == "overloaded"
+        # Another protocol's route: its own error shape.
+        d = httpx.post(srv.url + "/v1/vision/detection", files={"image": ("d.jpg", dog, "image/jpeg")})
+        assert d.status_code == 503 and d.json()["success"] is False and d.json()["code"] == 503
+        # Other routes are not gated.
+        assert httpx.get(srv.url + "/healthz").status_code == 200
+        # The held request completes normally.
+        s.sendall(rest)
+        answer = read_response(s)
+        assert answer.startswith(b"HTTP/1.1 200") and b'"dog"' in answer
+    finally:
+        s.close()
+    wait_in_flight(srv.url, 0)
+    assert post_image(srv.url, images / "dog.jpg").status_code == 200
+    text = httpx.get(srv.url + "/metrics").text
+    assert metric(text, "visionserve_rejected_requests_total", reason="queue_full") == 2
+    assert metric(text, "visionserve_http_requests_total", route="/predict", method="POST", status="503") == 1
+    assert metric(text, "visionserve_http_requests_total", route="/v1/vision/detection", method="POST", status="503") == 1
+
+
+def test_places_are_given_back_when_requests_fail_or_clients_leave(server_factory, images):
+    srv = server_factory(env=ONE_PLACE)
+    dog = (images / "dog.jpg").read_bytes()
+    # Fails before any detection (unknown model, bad parameter): the place comes back.
+    assert httpx.post(srv.url + "/predict/nope", files={"image": ("d.jpg", dog, "image/jpeg")}).status_code == 404
+    assert httpx.post(srv.url + "/predict", params={"min_confidence": "2"},
+                      files={"image": ("d.jpg", dog, "image/jpeg")}).status_code == 422
+    # A client that leaves halfway through its upload.
+    s, _ = start_upload(srv.url, dog)
+    wait_in_flight(srv.url, 1)
+    s.close()
+    wait_in_flight(srv.url, 0)
+    for _ in range(3):
+        assert post_image(srv.url, images / "dog.jpg").status_code == 200
