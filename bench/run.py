@@ -8,7 +8,8 @@ Steps: measures the in-process ceiling (``bench/ceiling.py --json``, same decode
 pre/post-processing, no HTTP), starts ``visionserve serve`` on a free loopback port,
 records how long it takes to be ready, drives it with wrk (one thread per connection,
 bench/post.lua: multipart uploads, latency of accepted requests kept apart from 503s) at
-each concurrency, samples the RSS of the server's processes, and prints one table plus the
+each concurrency, samples the memory of the server's processes (summed RSS and summed PSS:
+forked workers share pages), and prints one table plus the
 targets of issue 6. Everything it starts, it stops. ``--json FILE`` writes the raw figures.
 """
 

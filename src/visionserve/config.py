@@ -68,7 +68,9 @@ class RuntimeSettings(BaseModel):
     A lone request runs on a session with ``intra_op_threads`` threads (all cores), so one
     image gets the whole machine; when several requests wait, ``inference_workers`` of them
     run at once, each on its own core. Decode, pre- and post-processing run on the same
-    worker as the inference, so one image decodes while another is in the model.
+    worker as the inference, so one image decodes while another is in the model. Workers
+    are separate processes by default (``worker_mode``), so the HTTP process's work never
+    holds up theirs through the GIL.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -6,8 +6,10 @@ Policy (measured in docs/benchmarks.md):
 * A request is *admitted* before its body is read; at most ``workers + max_queue`` are
   admitted at once, and the next one gets 503 with Retry-After at once, so accepted
   requests never wait behind an unbounded queue.
-* Each job runs decode, pre-processing, inference and post-processing on one worker
-  thread, so while one image is in the model the next one decodes on the other core.
+* Each job runs decode, pre-processing, inference and post-processing on one worker, so
+  while one image is in the model the next one decodes on the other core. Workers are
+  processes by default (runtime/workers.py: own GIL, handed their next job while running
+  one) or threads of this process (``runtime.worker_mode = "threads"``).
 * When a request is the only one admitted, it runs on the *wide* session (all cores):
   one image gets the whole machine. When several are admitted, up to ``workers`` run at
   once on the single-threaded worker sessions: several images use the cores side by side.

@@ -251,7 +251,10 @@ class WorkerPool:
                 return
             reply: Reply = pickle.loads(memoryview(inbox)[start : start + size])
             del inbox[: start + size]
-            worker.pending.popleft()(reply)
+            try:
+                worker.pending.popleft()(reply)
+            except Exception:  # one bad callback must not stall the replies behind it
+                log.exception("handling a reply of inference worker %d failed", worker.index)
 
     def _lost(self, worker: _Worker) -> None:
         if not worker.alive:
