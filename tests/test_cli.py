@@ -116,3 +116,21 @@ def test_config_file_from_env(model_dir, mirror, tmp_path, monkeypatch):
     monkeypatch.setenv("VISIONSERVE_CONFIG", str(cfg))
     r = run("models", "list", model_dir=model_dir, mirror=mirror, timeout=60)
     assert r.returncode == 2 and "limits.max_body_bites" in r.stderr and str(cfg) in r.stderr
+
+
+def test_models_optimize_reports_and_installs_only_what_qualifies(model_dir, mirror, images, tmp_path):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for name in ("dog.jpg", "person.jpg"):
+        shutil.copy(images / name, calib / name)
+    store = tmp_path / "store"
+    shutil.copytree(model_dir / "yolox-nano", store / "yolox-nano")
+    r = run("models", "optimize", "yolox-nano", "--calibration", str(calib), "--seconds", "0.3",
+            "--min-agreement", "0.0", "--min-speedup", "0.0", "--json", model_dir=store, mirror=mirror, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)  # stdout holds the report alone
+    names = [c["name"] for c in report["candidates"]]
+    assert "int8" in names and report["float_throughput"] > 0
+    # with the bars at zero, the fastest candidate is installed as a version of the model
+    assert report["installed"] and report["installed"].startswith("yolox-nano@")
+    assert (store / report["installed"] / "manifest.json").is_file()

@@ -94,3 +94,25 @@ def test_import_darknet_rejects_a_truncated_weights_file(mirror, tmp_path):
             "--labels", str(folder / "voc.names"), model_dir=tmp_path / "store", mirror=mirror)
     assert r.returncode == 1 and "truncated" in r.stderr and "line" in r.stderr
     assert not (tmp_path / "store" / "yolo-fastest-xl" / "manifest.json").exists()
+
+
+def test_own_onnx_file_from_config(server_factory, model_dir, images, tmp_path):
+    """A user's own ONNX file + family + labels file, served beside the catalog model."""
+    import shutil
+
+    own = tmp_path / "my-detector.onnx"
+    shutil.copy(model_dir / "yolox-nano" / "yolox_nano.onnx", own)
+    names = tmp_path / "my.names"
+    names.write_text("\n".join(f"thing{i}" for i in range(80)) + "\n")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[models]]\nname = "yolox-nano"\n\n'
+        f'[[models]]\nname = "mine"\npath = "{own}"\nfamily = "yolox"\nlabels = "{names}"\nversion = "7"\n'
+    )
+    srv = server_factory("--config", str(config))
+    with srv.client() as c:
+        status = {m["name"]: m for m in c.get("/status").json()["models"]}
+        assert status["mine"]["ready"] and status["mine"]["input"] == {"width": 416, "height": 416}  # read from the graph
+        body = c.post("/predict/mine", files={"image": ("d.jpg", (images / "dog.jpg").read_bytes())}).json()
+        assert body["model"] == {"name": "mine", "version": "7"}
+        assert {d["label"] for d in body["detections"]} >= {"thing16", "thing1", "thing2"}  # dog, bicycle, car

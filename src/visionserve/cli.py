@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -286,6 +287,48 @@ def models_import_darknet(
         f"installed in {manifest.folder}",
         highlight=False,
     )
+
+
+@models_app.command("optimize")
+def models_optimize(
+    name: Annotated[str, typer.Argument(help="installed model to optimize")],
+    calibration: Annotated[Path, typer.Option("--calibration", help="folder (or file) of representative images", exists=True)],
+    evaluate: Annotated[Optional[Path], typer.Option("--eval", help="images to compare detections on [default: the calibration images]", exists=True)] = None,
+    output_version: Annotated[Optional[str], typer.Option("--output-version", help="version name of the result [default: the recipe's]")] = None,
+    min_agreement: Annotated[float, typer.Option(min=0, max=1, help="share of the float model's detections a version must keep")] = 0.95,
+    min_speedup: Annotated[float, typer.Option(min=0, help="throughput a version must reach, relative to float")] = 1.05,
+    seconds: Annotated[float, typer.Option(min=0.2, help="seconds per speed measurement round")] = 2.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    config: ConfigOpt = None,
+    model_dir: ModelDirOpt = None,
+    mirror: MirrorOpt = None,
+) -> None:
+    """Build reduced-precision (INT8) versions of a model, measure them here against the float model,
+    and install the fastest one whose detections agree, as NAME@VERSION (serve it with
+    [[models]] name = NAME, version = VERSION)."""
+    from visionserve.optimize import optimize_model
+    from visionserve.store.store import ModelStore
+
+    settings = _settings(config, model_dir=model_dir, model_mirror=mirror)
+    store = ModelStore(settings.model_dir, settings.model_mirror)
+    calibration_images = list(_image_files([calibration]))
+    eval_images = list(_image_files([evaluate])) if evaluate else None
+    if not calibration_images:
+        err.print(f"[red]error:[/red] no images in {calibration}")
+        raise typer.Exit(2)
+    try:
+        if store.manifest(name) is None:
+            store.ensure(name)
+        # ONNX Runtime's quantizer prints progress on stdout: keep stdout for the report.
+        with contextlib.redirect_stdout(sys.stderr):
+            report = optimize_model(
+                store, name, calibration_images, eval_images, output_version=output_version,
+                min_agreement=min_agreement, min_speedup=min_speedup, seconds=seconds,
+            )
+    except VisionServeError as e:
+        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        raise typer.Exit(1) from None
+    print(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 
 
 def main() -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, TypeVar
 
 from visionserve.darknet.errors import DarknetError
+
+T = TypeVar("T")
 
 # Darknet accepts a few short spellings of section names.
 SECTION_ALIASES = {
@@ -51,57 +53,35 @@ class Section:
         self._read.add(key)
         return self.options.get(key)
 
-    def get_int(self, key: str, default: int | None = None) -> int:
+    def _get(self, key: str, default: T | None, convert: Callable[[str], T], what: str) -> T:
         raw = self._raw(key)
         if raw is None:
             if default is None:
                 raise self.error(f"missing required option {key!r}")
             return default
         try:
-            return int(raw)
+            return convert(raw)
         except ValueError:
-            raise self.error("not an integer", key) from None
+            raise self.error(f"not {what}", key) from None
+
+    def get_int(self, key: str, default: int | None = None) -> int:
+        return self._get(key, default, int, "an integer")
 
     def get_float(self, key: str, default: float | None = None) -> float:
-        raw = self._raw(key)
-        if raw is None:
-            if default is None:
-                raise self.error(f"missing required option {key!r}")
-            return default
-        try:
-            return float(raw)
-        except ValueError:
-            raise self.error("not a number", key) from None
+        return self._get(key, default, float, "a number")
 
     def get_str(self, key: str, default: str | None = None) -> str:
-        raw = self._raw(key)
-        if raw is None:
-            if default is None:
-                raise self.error(f"missing required option {key!r}")
-            return default
-        return raw
+        return self._get(key, default, str, "text")
 
     def get_ints(self, key: str, default: list[int] | None = None) -> list[int]:
-        raw = self._raw(key)
-        if raw is None:
-            if default is None:
-                raise self.error(f"missing required option {key!r}")
-            return list(default)
-        try:
-            return [int(v) for v in raw.split(",") if v != ""]
-        except ValueError:
-            raise self.error("not a comma-separated list of integers", key) from None
+        found = self._get(key, default, lambda raw: [int(v) for v in raw.split(",") if v != ""],
+                          "a comma-separated list of integers")
+        return list(found)
 
     def get_floats(self, key: str, default: list[float] | None = None) -> list[float]:
-        raw = self._raw(key)
-        if raw is None:
-            if default is None:
-                raise self.error(f"missing required option {key!r}")
-            return list(default)
-        try:
-            return [float(v) for v in raw.split(",") if v != ""]
-        except ValueError:
-            raise self.error("not a comma-separated list of numbers", key) from None
+        found = self._get(key, default, lambda raw: [float(v) for v in raw.split(",") if v != ""],
+                          "a comma-separated list of numbers")
+        return list(found)
 
     def reject_unread(self, ignorable: Iterable[str] = ()) -> None:
         """Raises on any option that the layer did not read and that is not known to be training-only."""
