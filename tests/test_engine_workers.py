@@ -115,3 +115,4 @@ def test_a_lost_worker_fails_requests_and_readiness_instead_of_hanging(server_fa
     r = post_image(srv.url, images / "dog.jpg")
     assert r.status_code >= 500 and "worker" in r.json()["error"]["message"]
     assert srv.stop(signal.SIGTERM) == 0
+

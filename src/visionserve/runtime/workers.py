@@ -21,6 +21,7 @@ when the caller asks for them (annotated images).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import fcntl
 import logging
@@ -217,6 +218,10 @@ class WorkerPool:
             self._workers.append(worker)
             self._loop.add_reader(res_r.fileno(), self._on_reply, worker)
         log.debug("started %d inference worker processes: %s", self.count, self.pids)
+        # Workers ignore SIGTERM (the HTTP process drains first), so an exit that skips the
+        # lifespan shutdown (a second signal) must still stop them, before multiprocessing's
+        # own exit handler waits for them (atexit runs the later registration first).
+        atexit.register(self.close, 1.0)
 
     # -- replies (event loop thread) ---------------------------------------------------
 
