@@ -70,3 +70,15 @@ def test_unreadable_config(tmp_path):
     bad.write_text("port = = 3")
     with pytest.raises(ConfigError):
         load_settings(bad)
+
+
+def test_readme_config_example_is_valid(tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (example,) = re.findall(r"```toml\n(.*?)```", readme, re.S)
+    cfg = tmp_path / "readme.toml"
+    cfg.write_text(example)
+    s = load_settings(cfg)
+    assert [m.name for m in s.models] == ["yolox-nano", "my-detector"] and s.models[1].family == "yolox"
