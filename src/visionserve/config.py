@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +25,7 @@ from pydantic_settings import (
 from visionserve.errors import ConfigError
 
 DEFAULT_PORT = 9130
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def default_model_dir() -> Path:
@@ -36,7 +38,7 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=MODEL_NAME.pattern)
     path: Path | None = None
     family: str | None = None
     labels: Path | list[str] | None = None

@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from visionserve.config import ModelConfig, Settings
+from visionserve.config import MODEL_NAME, ModelConfig, Settings
 from visionserve.errors import ModelError, ModelNotFound, ModelNotReady
 from visionserve.runtime.model import ModelState, ServedModel
 from visionserve.store.labels import read_labels
@@ -110,7 +110,11 @@ class ModelRegistry:
 
     def load(self, name: str) -> ServedModel:
         """Loads (or reloads) a configured, installed or catalog model; blocking."""
-        config = self._configs.get(name, ModelConfig(name=name))
+        config = self._configs.get(name)
+        if config is None:
+            if not MODEL_NAME.match(name):  # also keeps names like ".." out of the store's paths
+                raise ModelNotFound(f"no model named {name!r}")
+            config = ModelConfig(name=name)
         try:
             manifest = manifest_for(config, self.store)
         except Exception as e:
