@@ -68,6 +68,8 @@ def test_unknown_models_versions_routes_and_methods(client, method, path, status
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "500"}, "outside the"),
     (b'{"inputs": []}', {"Content-Encoding": "br"}, "unsupported Content-Encoding"),
     (b"definitely not gzip", {"Content-Encoding": "gzip"}, "cannot decompress"),
+    (b"[" * 100_000 + b"]" * 100_000, {}, "not valid JSON"),  # deeper than the JSON parser recurses
+    (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, "not valid JSON"),
 ])
 def test_malformed_bodies(client, body, headers, fragment):
     _assert_error(client.post(INFER, content=body, headers=headers), 400, fragment)
@@ -91,6 +93,10 @@ def test_binary_data_size_mismatches(client, dog):
                                 "parameters": {"binary_data_size": 11}}]}
     body, headers = _binary(wrong_pixels, bytes(11))
     _assert_error(client.post(INFER, content=body, headers=headers), 400, "does not match shape")
+    impossible = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 2**70, 3],
+                              "parameters": {"binary_data_size": 0}}]}
+    body, headers = _binary(impossible)
+    _assert_error(client.post(INFER, content=body, headers=headers), 400, "too large")
 
 
 @pytest.mark.parametrize("inputs, fragment", [
@@ -105,6 +111,9 @@ def test_binary_data_size_mismatches(client, dog):
     ([{"name": "IMAGE", "datatype": "BYTES", "shape": [0], "data": []}], "holds no image"),
     ([{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}], "image"),
     ([{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, 2, 999]}], "out of range"),
+    # Empty, so the sizes agree, but no array can have such a dimension.
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 2**70, 3], "data": []}], "too large"),
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 2**62, 2**62], "data": []}], "too large"),
     ([{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["x"]},
       {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, 2, 3]}], "exactly one input"),
 ])

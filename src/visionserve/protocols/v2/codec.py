@@ -104,7 +104,7 @@ def split_body(body: bytes, header_length: str | int | None) -> tuple[dict[str, 
         raise BadRequest("the request body is empty: expected an inference request JSON object")
     try:
         header = json.loads(bytes(body[:json_end]))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         hint = "" if header_length is not None else " (binary tensor data needs Inference-Header-Content-Length)"
         raise BadRequest(f"the inference request is not valid JSON: {e}{hint}") from None
     if not isinstance(header, dict):
@@ -233,7 +233,7 @@ def _parse_input(
                     f"input '{name}': binary_data_size {size} does not match shape {shape} of {datatype} "
                     f"({count * dtype.itemsize} bytes)"
                 )
-            data = np.frombuffer(chunk, dtype=dtype).reshape(shape)
+            data = _reshape(np.frombuffer(chunk, dtype=dtype), shape, name)
         return Tensor(name, datatype, tuple(shape), data, params), size
     if "data" not in spec:
         raise BadRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
@@ -267,7 +267,15 @@ def _json_data(
         raise BadRequest(f"input '{name}': 'data' holds {_kind_name(array.dtype)} values, not {datatype}")
     if dtype.kind in "ui" and array.size and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
         raise BadRequest(f"input '{name}': a value is out of range for {datatype}")
-    return array.astype(dtype).reshape(shape)
+    return _reshape(array.astype(dtype), shape, name)
+
+
+def _reshape(array: np.ndarray, shape: list[int], name: str) -> np.ndarray:
+    # Sizes already match; numpy can still refuse an empty tensor with a gigantic dimension.
+    try:
+        return array.reshape(shape)
+    except ValueError:
+        raise BadRequest(f"input '{name}': shape {shape} is too large") from None
 
 
 def _flatten(items: list[Any]) -> list[Any]:

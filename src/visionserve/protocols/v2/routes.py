@@ -370,7 +370,7 @@ async def _json_object(request: Request, what: str) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(body)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         raise BadRequest(f"the {what} request is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"the {what} request must be a JSON object")
