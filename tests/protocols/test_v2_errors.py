@@ -132,10 +132,14 @@ def test_invalid_image_bytes_is_400(client):
     ({"iou": -0.1}, "iou"),
     ({"max_detections": 0}, "max_detections"),
     ({"classes": "dog,unicorn"}, "unicorn"),
+    ({"timeout": 0}, "timeout"),
+    ({"timeout": float("nan")}, "timeout"),
+    ({"min_confidence": float("nan")}, "min_confidence"),
 ])
 def test_bad_parameters_are_400_not_422(client, dog, parameters, fragment):
-    r = client.post(INFER, json={"parameters": parameters, "inputs": [_image_input(dog)]})
-    _assert_error(r, 400, fragment)
+    # json.dumps writes NaN as the bare token NaN, which the server's JSON parser accepts.
+    body = json.dumps({"parameters": parameters, "inputs": [_image_input(dog)]})
+    _assert_error(client.post(INFER, content=body), 400, fragment)
 
 
 def test_bad_requested_outputs(client, dog):

@@ -250,7 +250,7 @@ def _timeout_ms(parameters: Mapping[str, Any] | None) -> float | None:
     raw = (parameters or {}).get("timeout")
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or raw <= 0:
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw > 0:  # NaN too
         raise BadRequest(f"parameter timeout must be a positive number of microseconds, got {raw!r}")
     return raw / 1e3
 
