@@ -25,7 +25,8 @@ from pydantic_settings import (
 from visionserve.errors import ConfigError
 
 DEFAULT_PORT = 9130
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Bounded so a name (also a folder in the model store) stays well under file-name limits.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def default_model_dir() -> Path:

@@ -177,6 +177,9 @@ def test_gzip_bomb_is_413(client):
     ("/v2/repository/models/no-such-model/unload", b"", 404, "no-such-model"),
     ("/v2/repository/models/.hidden/load", b"", 404, ".hidden"),  # not a model name: never a store path
     ("/v2/repository/models/a%20b/load", b"", 404, "a b"),
+    ("/v2/repository/models/" + "a" * 300 + "/load", b"", 404, "a" * 300),  # longer than a file name may be
+    ("/v2/repository/index", b"[" * 100_000, 400, "not valid JSON"),
+    (f"/v2/repository/models/{MODEL}/load", b'{"a":' * 50_000, 400, "not valid JSON"),
     (f"/v2/repository/models/{MODEL}/load", b'{"parameters": {"config": "{}"}}', 400, "unsupported parameter"),
     (f"/v2/repository/models/{MODEL}/unload", b'{"parameters": 5}', 400, "must be a JSON object"),
 ])
