@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine_helpers import metric
+
 
 def jpeg_of(images, name="dog.jpg") -> bytes:
     return (images / name).read_bytes()
@@ -242,6 +244,28 @@ def test_server_survives_garbage_and_keeps_serving(server, images):
         r = c.post("/predict", files={"image": ("d.jpg", jpeg_of(images))})
         assert r.status_code == 200 and "dog" in labels(r)
     assert server.process.poll() is None
+
+
+def test_client_hanging_up_mid_body_is_a_499_not_an_unhandled_500(server_factory):
+    srv = server_factory()
+    host, port = srv.url.removeprefix("http://").split(":")
+    paths = ["/predict", "/v1/vision/detection", "/v2/models/yolox-nano/infer"]
+    routes = ["/predict", "/v1/vision/detection", "/v2/models/{name}/infer"]  # as the metrics name them
+    for path in paths:  # the body is cut short: the server is still reading it when the client goes
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=zz\r\n"
+                      "Content-Length: 1000\r\n\r\n--zz\r\n".encode())
+            time.sleep(0.2)  # let the request reach the app before the hang-up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = httpx.get(srv.url + "/metrics").text
+        if sum(metric(text, "visionserve_http_requests_total", route=r, status="499") for r in routes) == 3:
+            break
+        time.sleep(0.1)
+    for route in routes:
+        assert metric(text, "visionserve_http_requests_total", route=route, status="499") == 1, text
+        assert metric(text, "visionserve_http_requests_total", route=route, status="500") == 0
+    assert "unhandled error" not in srv.output()
 
 
 # -- limits (their own server, with small limits) ---------------------------------------------

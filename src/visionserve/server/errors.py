@@ -7,9 +7,10 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
-from visionserve.errors import VisionServeError
+from visionserve.errors import ClientDisconnected, VisionServeError
 from visionserve.protocols import ErrorRenderer
 
 _HTTP_CODES = {
@@ -52,6 +53,11 @@ def install_error_handlers(app: FastAPI, renderer_for: Callable[[str], ErrorRend
         assert isinstance(exc, RequestValidationError)
         return renderer_for(request.url.path)(422, "invalid_parameter", validation_message(exc), {})
 
+    async def client_disconnect(request: Request, exc: Exception) -> Response:
+        # The client hung up while sending its body: its 499, not an unhandled error (500).
+        return await service_error(request, ClientDisconnected("the client disconnected while sending the request"))
+
     app.add_exception_handler(VisionServeError, service_error)
+    app.add_exception_handler(ClientDisconnect, client_disconnect)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
