@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import socket
 import time
 import struct
@@ -246,6 +247,29 @@ def test_server_survives_garbage_and_keeps_serving(server, images):
     assert server.process.poll() is None
 
 
+@pytest.mark.parametrize("request_bytes, shape", [
+    (b"FOO /predict HTTP/1.1\r\nHost: x\r\n\r\n", {"error": {"code": "bad_request", "message": "malformed HTTP request"}}),
+    (b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", None),
+    (b"POST /predict?q=\xff HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", None),
+    (b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", None),
+    (b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + bytes(40) + b"\r\n\r\n", None),  # TLS to a plain port
+    (b"POST /v2/models/yolox-nano/infer HTTP/1.1\r\nContent-Length: -5\r\n\r\n", {"error": "malformed HTTP request"}),
+    (b"POST /v1/vision/detection HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+     {"success": False, "error": "malformed HTTP request", "code": 400}),
+])
+def test_unparsable_http_is_a_json_400_in_the_protocols_shape(server, request_bytes, shape):
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(request_bytes)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body) == (shape or {"error": {"code": "bad_request", "message": "malformed HTTP request"}})
+
+
 def test_client_hanging_up_mid_body_is_a_499_not_an_unhandled_500(server_factory):
     srv = server_factory()
     host, port = srv.url.removeprefix("http://").split(":")
@@ -319,8 +343,6 @@ def test_not_ready_is_503(server_factory, tmp_path, images):
 
 
 def test_json_access_log_carries_request_id(server_factory, images):
-    import json
-
     srv = server_factory("--log-format", "json")
     with srv.client() as c:
         c.post("/predict", files={"image": ("d.jpg", jpeg_of(images))}, headers={"x-request-id": "req-42"})

@@ -14,6 +14,9 @@ later, after their bodies were read. Used by ``visionserve serve`` with uvicorn'
 parser; anything unusual (HTTP/1.0,
 ``Connection: close``, ``Expect: 100-continue``, pipelined requests, escaped paths) takes
 the ordinary path, where the gate middleware refuses it.
+
+The same protocol answers a request the parser cannot read with a JSON 400 in the error
+shape of its path's protocol, not uvicorn's plain text.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable
 
 from starlette.routing import BaseRoute
 
-from visionserve.errors import Overloaded
+from visionserve.errors import BadRequest, Overloaded
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 from visionserve.runtime.scheduler import Scheduler, Ticket
@@ -79,6 +82,12 @@ class Refusals:
             request_id = uuid.uuid4().hex.encode()
         extra = b"".join(k + b": " + v + b"\r\n" for k, v in default_headers)
         return head + extra + b"x-request-id: " + request_id + b"\r\n\r\n" + body
+
+    def unparsable(self, url: bytes) -> tuple[bytes, bytes]:
+        """The 400 head and body for a request the HTTP parser cannot read, in the error shape
+        of the protocol its path (as far as it was read) belongs to."""
+        path = url.split(b"?", 1)[0].decode("latin-1")
+        return _render(self.renderer_for(path)(400, BadRequest.code, "malformed HTTP request", {}))
 
 
 def _render(response) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
@@ -136,5 +145,13 @@ def refusing_protocol(refusals: Refusals) -> type | None:
                     if answer is not None:  # admitted: the gate middleware hands it on
                         self.scope["state"][RESERVED] = answer
             super().on_headers_complete()
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn answers an unreadable request (bad request line, Content-Length or
+            # chunking) in plain text; every error of this server is JSON.
+            head, body = refusals.unparsable(getattr(self, "url", b""))
+            extra = b"".join(k + b": " + v + b"\r\n" for k, v in self.server_state.default_headers)
+            self.transport.write(head + extra + b"connection: close\r\n\r\n" + body)
+            self.transport.close()
 
     return RefusingHttpToolsProtocol
