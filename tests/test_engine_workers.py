@@ -79,7 +79,6 @@ def test_annotated_image_comes_back_from_a_worker(server_factory, images):
 def test_raw_pixels_run_in_a_worker(server_factory, images):
     """The V2 protocol's UINT8 tensors go to the workers as pixels, not as encoded bytes."""
     import cv2
-    import numpy as np
 
     srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
     rgb = cv2.cvtColor(cv2.imread(str(images / "dog.jpg")), cv2.COLOR_BGR2RGB)

@@ -40,7 +40,7 @@ import numpy as np
 from visionserve.config import RuntimeSettings
 from visionserve.errors import ModelError, ModelNotReady, VisionServeError
 from visionserve.store.manifest import ModelManifest
-from visionserve.types import DecodedImage, Thresholds
+from visionserve.types import DecodedImage
 
 log = logging.getLogger("visionserve.workers")
 
