@@ -7,16 +7,21 @@ import threading
 import time
 
 import httpx
+from PIL import Image
 
 from engine_helpers import metric, post_image
 
 
-def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(server_factory, images):
+def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(server_factory, images, tmp_path):
     srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "8"})
+    # A 10-megapixel PNG takes a few hundred ms to decode, so four of them on one worker are
+    # surely still in flight when the test has seen them all arrive.
+    big = tmp_path / "big.png"
+    Image.open(images / "kite.jpg").resize((4000, 2664)).save(big, compress_level=1)
     results: list[httpx.Response] = []
 
     def send() -> None:
-        results.append(post_image(srv.url, images / "kite.jpg"))
+        results.append(post_image(srv.url, big))
 
     threads = [threading.Thread(target=send) for _ in range(4)]
     for t in threads:

@@ -112,7 +112,7 @@ class ModelRegistry:
         """Loads (or reloads) a configured, installed or catalog model; blocking."""
         config = self._configs.get(name)
         if config is None:
-            if not MODEL_NAME.match(name):  # also keeps names like ".." out of the store's paths
+            if not MODEL_NAME.fullmatch(name):  # also keeps names like ".." out of the store's paths
                 raise ModelNotFound(f"no model named {name!r}")
             config = ModelConfig(name=name)
         try:
