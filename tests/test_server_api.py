@@ -58,11 +58,18 @@ def test_health_and_ready(client):
 
 
 def test_openapi_and_docs(client):
+    from openapi_spec_validator import validate
+
     spec = client.get("/openapi.json").json()
+    validate(spec)  # a valid OpenAPI document: unique operation ids, resolvable schemas
     assert "/predict" in spec["paths"] and "/predict/{model}" in spec["paths"]
     params = {p["name"] for p in spec["paths"]["/predict"]["post"]["parameters"]}
     assert {"min_confidence", "iou", "max_detections", "classes", "format"} <= params
     assert "multipart/form-data" in spec["paths"]["/predict"]["post"]["requestBody"]["content"]
+    responses = spec["paths"]["/predict"]["post"]["responses"]
+    assert {"200", "400", "404", "413", "415", "422", "503", "504"} <= set(responses)
+    error = responses["422"]["content"]["application/json"]["schema"]
+    assert error["properties"]["error"]["required"] == ["code", "message"]
     docs = client.get("/docs")
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
 

@@ -174,7 +174,9 @@ async def detection(request: Request) -> Response:
     return await _detect(request, None, "detect")
 
 
-@router.api_route("/custom/list", methods=["GET", "POST"], summary="The models /v1/vision/custom/{model} serves")
+# GET and POST as two routes, so that each has its own OpenAPI operation id.
+@router.get("/custom/list", summary="The models /v1/vision/custom/{model} serves")
+@router.post("/custom/list", summary="The models /v1/vision/custom/{model} serves (DeepStack's verb)")
 async def custom_list(request: Request) -> dict[str, Any]:
     form = await _read_form(request)
     try:

@@ -64,6 +64,18 @@ def _openapi_parameters() -> list[dict[str, Any]]:
     ]
 
 
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+
 _PREDICT_OPENAPI: dict[str, Any] = {
     "parameters": _openapi_parameters(),
     "requestBody": {
@@ -87,7 +99,19 @@ _PREDICT_OPENAPI: dict[str, Any] = {
         "200": {
             "description": "detections as JSON, or the annotated image with format=jpeg|png",
             "content": {"image/jpeg": {}, "image/png": {}},
-        }
+        },
+        **{
+            str(status): {"description": what, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+            for status, what in [
+                (400, "missing_image, invalid_image"),
+                (404, "model_not_found"),
+                (413, "payload_too_large, image_too_large"),
+                (415, "unsupported_media_type"),
+                (422, "invalid_parameter"),
+                (503, "model_not_ready, overloaded (with Retry-After)"),
+                (504, "deadline_exceeded"),
+            ]
+        },
     },
 }
 
