@@ -18,6 +18,7 @@ import numpy as np
 from visionserve.config import Settings
 from visionserve.errors import InvalidImage
 from visionserve.imaging.decode import decode_image
+from visionserve.runtime.model import ServedModel
 from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler, Ticket
 from visionserve.types import DecodedImage, PredictParams, Prediction
@@ -63,7 +64,7 @@ class DetectionService:
         spec = served.family.input
         min_size = (int(spec.width * factor), int(spec.height * factor)) if factor > 0 else None
         prepare = partial(decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=min_size)
-        return await self._predict(served.name, prepare, thresholds, deadline, keep_pixels)
+        return await self._predict(served, prepare, thresholds, deadline, keep_pixels)
 
     async def detect_pixels(
         self, model: str | None, pixels: np.ndarray, params: PredictParams, *, deadline: float | None = None
@@ -75,11 +76,12 @@ class DetectionService:
             raise InvalidImage(f"pixels must be a non-empty HxWx3 uint8 array, got {pixels.dtype} {list(pixels.shape)}")
         image = DecodedImage(np.ascontiguousarray(pixels), pixels.shape[1], pixels.shape[0], "raw")
         # A picklable "prepare" (worker processes receive it); the caller has the pixels already.
-        return await self._predict(served.name, partial(_given, image), thresholds, deadline, False)
+        return await self._predict(served, partial(_given, image), thresholds, deadline, False)
 
-    async def _predict(self, model: str, prepare, thresholds, deadline: float | None, keep_pixels: bool) -> Prediction:  # type: ignore[no-untyped-def]
+    async def _predict(  # type: ignore[no-untyped-def]
+        self, served: ServedModel, prepare, thresholds, deadline: float | None, keep_pixels: bool
+    ) -> Prediction:
         start = time.perf_counter()
-        served = self.registry.get(model)
         image, detections, timings = await self.scheduler.run(served, prepare, thresholds, deadline, keep_pixels)
         detections = detections.scaled(image.scale_x, image.scale_y, image.width, image.height)
         timings["total"] = (time.perf_counter() - start) * 1e3

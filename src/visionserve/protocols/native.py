@@ -180,7 +180,7 @@ async def _predict(request: Request, model: str | None) -> Response:
             service.detect(model, data, options.params(), deadline=deadline, keep_pixels=annotated),
         )
     if image_format in ("jpeg", "png"):
-        body = await service.scheduler.decode(_draw, prediction, image_format)
+        body = await service.scheduler.run_aux(_draw, prediction, image_format)
         return Response(body, media_type=f"image/{image_format}", headers=_server_timing(prediction))
     return JSONResponse(prediction_json(prediction), headers=_server_timing(prediction))
 

@@ -229,7 +229,7 @@ class Scheduler:
         assert outcome.image is not None and outcome.detections is not None
         return outcome.image, outcome.detections, job.timings
 
-    async def decode(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    async def run_aux(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
         """Runs other CPU work (e.g. drawing and encoding an annotated image) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._aux, partial(fn, *args, **kwargs))
 

@@ -17,7 +17,12 @@ from visionserve.protocols import ErrorRenderer
 
 access_log = logging.getLogger("visionserve.access")
 error_log = logging.getLogger("visionserve.error")
-_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def safe_request_id(incoming: str) -> str:
+    """The client's X-Request-ID when it is a safe token, else a fresh one."""
+    return incoming if _VALID_ID.fullmatch(incoming) else uuid.uuid4().hex
 
 
 class RequestContextMiddleware:
@@ -41,7 +46,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _VALID_ID.match(incoming) else uuid.uuid4().hex
+        request_id = safe_request_id(incoming)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["received"] = time.monotonic()  # deadlines count from here

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from typing import Callable
 
 from starlette.routing import BaseRoute
@@ -33,9 +32,9 @@ from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 from visionserve.runtime.scheduler import Scheduler, Ticket
 from visionserve.server.admission import RESERVED, match_admitted
+from visionserve.server.middleware import safe_request_id
 
 log = logging.getLogger("visionserve")
-_VALID_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class Refusals:
@@ -77,9 +76,8 @@ class Refusals:
             route_path = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(route_path, method, str(e.status)).inc()
             self.metrics.request_seconds.labels(route_path).observe(0.0)
-        request_id = next((v for k, v in headers if k == b"x-request-id"), b"")
-        if not _VALID_ID.match(request_id):
-            request_id = uuid.uuid4().hex.encode()
+        incoming = next((v for k, v in headers if k == b"x-request-id"), b"").decode("latin-1")
+        request_id = safe_request_id(incoming).encode("latin-1")
         extra = b"".join(k + b": " + v + b"\r\n" for k, v in default_headers)
         return head + extra + b"x-request-id: " + request_id + b"\r\n\r\n" + body
 
