@@ -103,11 +103,6 @@ class RuntimeSettings(BaseModel):
         description="where inference runs: worker processes (own GIL each; the HTTP process only "
         "does HTTP) or threads of the HTTP process",
     )
-    http_nice: int = Field(
-        default=0, ge=0, le=19,
-        description="with worker processes, how much lower (nice) the HTTP process's CPU priority is than "
-        "the workers'; 0-19 measured the same on 2 cores under overload (docs/benchmarks.md)",
-    )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,
         description="how often Python hands the GIL between threads; short keeps workers from "

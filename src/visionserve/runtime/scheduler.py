@@ -23,7 +23,6 @@ Policy (measured in docs/benchmarks.md):
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -135,7 +134,6 @@ class Scheduler:
         self.depth = PROCESS_DEPTH if self.processes is not None else 1
         self._slots = self.workers * self.depth
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="infer")
-        self._http_nice = runtime.http_nice
         self._aux = ThreadPoolExecutor(runtime.decode_threads or cores, thread_name_prefix="aux")
         self._queue: deque[Job] = deque()
         self._free = self._slots  # worker slots; a wide run takes them all
@@ -151,11 +149,6 @@ class Scheduler:
         if self.processes is None:
             return
         self.processes.start()
-        if self._http_nice:
-            try:  # the forks keep the normal priority; only this (HTTP) process steps back
-                os.nice(self._http_nice)
-            except OSError:
-                pass
 
     # -- admission ---------------------------------------------------------------------
 

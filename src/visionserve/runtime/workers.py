@@ -4,8 +4,8 @@ Why processes: in one process, the HTTP event loop and the inference threads sha
 Under overload (clients re-sending at once after each 503) the loop holds it most of the
 time and the workers' Python/numpy steps between native calls starve (docs/benchmarks.md).
 With workers in their own processes the loop competes for a *core* through the OS
-scheduler, and the HTTP process runs at a lower priority (``runtime.http_nice``), so
-refusing a flood only uses CPU the workers leave over.
+scheduler. (Lowering the HTTP process's priority was measured and did not help: the workers
+wait on it; docs/benchmarks.md.)
 
 Layout: the HTTP process forks ``workers`` processes before it loads any model (the forks
 share the already imported libraries' pages). Worker 0 also holds the *wide* session (all
