@@ -44,11 +44,15 @@ def test_processes_and_threads_give_the_same_detections(server_factory, images):
     two = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"}
     procs = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
     threads = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "threads"})
-    assert len(children(procs.process.pid)) == 2
+    # One process per worker (inference_processes = 0), as opposed to the default (one for all).
+    apart = server_factory(env={**two, "VISIONSERVE_RUNTIME__INFERENCE_PROCESSES": "0"})
+    assert len(children(procs.process.pid)) == 1
+    assert len(children(apart.process.pid)) == 2
     assert children(threads.process.pid) == []
     for name in ("dog.jpg", "horses.jpg", "kite.jpg"):
         expected = answer(post_image(threads.url, images / name))
         assert expected and answer(post_image(procs.url, images / name)) == expected
+        assert answer(post_image(apart.url, images / name)) == expected
     # Several at once: run side by side on the single-threaded worker sessions.
     batch = concurrent_posts(procs.url, [images / "dog.jpg", images / "person.jpg"] * 3)
     assert [answer(r) for r in batch] == [answer(post_image(threads.url, images / n))
@@ -115,3 +119,18 @@ def test_a_lost_worker_fails_requests_and_readiness_instead_of_hanging(server_fa
     assert r.status_code >= 500 and "worker" in r.json()["error"]["message"]
     assert srv.stop(signal.SIGTERM) == 0
 
+
+
+def mapped_libraries(pid: int) -> str:
+    return "\n".join(line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/" in line)
+
+
+def test_the_http_process_holds_no_inference_libraries(server_factory, images):
+    """ONNX Runtime and OpenCV live in the inference process only: the HTTP process stays
+    small (the memory target of docs/benchmarks.md), and the one process hosts both workers."""
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
+    assert post_image(srv.url, images / "dog.jpg").status_code == 200
+    (engine,) = children(srv.process.pid)
+    http_libs, engine_libs = mapped_libraries(srv.process.pid), mapped_libraries(engine)
+    assert "onnxruntime" in engine_libs and "cv2" in engine_libs
+    assert "onnxruntime" not in http_libs and "cv2" not in http_libs

@@ -72,8 +72,8 @@ class RuntimeSettings(BaseModel):
     image gets the whole machine; when several requests wait, ``inference_workers`` of them
     run at once, each on its own core. Decode, pre- and post-processing run on the same
     worker as the inference, so one image decodes while another is in the model. Workers
-    are separate processes by default (``worker_mode``), so the HTTP process's work never
-    holds up theirs through the GIL.
+    run outside the HTTP process by default (``worker_mode``, ``inference_processes``), so
+    the HTTP process's work never holds up theirs through the GIL.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -100,8 +100,14 @@ class RuntimeSettings(BaseModel):
     )
     worker_mode: Literal["processes", "threads"] = Field(
         default="processes",
-        description="where inference runs: worker processes (own GIL each; the HTTP process only "
-        "does HTTP) or threads of the HTTP process",
+        description="where inference runs: in inference processes (the HTTP process only does HTTP) "
+        "or in threads of the HTTP process",
+    )
+    inference_processes: int = Field(
+        default=1, ge=0,
+        description="processes hosting the inference workers (worker_mode \"processes\"), each worker a "
+        "thread with its own sessions; 1 keeps the interpreter, libraries and ONNX Runtime's state once "
+        "(least memory); 0 = one process per worker",
     )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,

@@ -2,32 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Final
+from functools import cache
 
-import cv2
 import numpy as np
 import simplejpeg
 
 from visionserve.errors import InvalidParameter
 from visionserve.types import Detections
 
-_FONT: Final = cv2.FONT_HERSHEY_SIMPLEX
+# OpenCV is imported where it is used: only annotated responses need it, and it would add
+# about 20 MB to the HTTP process that never draws otherwise (docs/benchmarks.md).
 
 
-def _make_palette(size: int = 256) -> np.ndarray:
+@cache
+def _palette(size: int = 256) -> np.ndarray:
     """Distinct saturated RGB colours; hues step by the golden ratio so that neighbouring
     class ids land far apart on the colour wheel."""
+    import cv2
+
     hues = (np.arange(size) * 0.618033988749895 % 1.0 * 180).astype(np.uint8)  # OpenCV hue 0..179
     hsv = np.stack([hues, np.full(size, 200, np.uint8), np.full(size, 240, np.uint8)], axis=-1)
     return cv2.cvtColor(hsv[np.newaxis], cv2.COLOR_HSV2RGB)[0]
 
 
-_PALETTE: Final = _make_palette()
-
 
 def class_color(class_id: int) -> tuple[int, int, int]:
     """The RGB colour boxes of this class are drawn in (stable across calls)."""
-    r, g, b = _PALETTE[class_id % len(_PALETTE)]
+    palette = _palette()
+    r, g, b = palette[class_id % len(palette)]
     return int(r), int(g), int(b)
 
 
@@ -36,6 +38,8 @@ def annotate(pixels: np.ndarray, detections: Detections) -> np.ndarray:
     "label 0.86" tag. Boxes are x1, y1, x2, y2 in the coordinates of ``pixels``."""
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"expected RGB uint8 HxWx3 pixels, got {pixels.dtype} {pixels.shape}")
+    import cv2
+
     canvas = np.array(pixels, order="C", copy=True)
     height, width = canvas.shape[:2]
     if len(detections) == 0:
@@ -83,8 +87,10 @@ def _draw_tag(
 ) -> None:
     """A filled tag with the text, above the box's top-left corner, or just inside the box
     when there is no room above; always shifted to lie within the image."""
+    import cv2
+
     height, width = canvas.shape[:2]
-    (text_w, text_h), baseline = cv2.getTextSize(text, _FONT, font_scale, thickness)
+    (text_w, text_h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font_scale, thickness)
     tag_w, tag_h = text_w + 2 * pad, text_h + baseline + 2 * pad
     left = min(max(x, 0), max(width - tag_w, 0))
     top = y - tag_h if y - tag_h >= 0 else y
@@ -94,7 +100,7 @@ def _draw_tag(
     luma = 0.299 * color[0] + 0.587 * color[1] + 0.114 * color[2]
     ink = (0, 0, 0) if luma > 150 else (255, 255, 255)
     origin = (left + pad, top + pad + text_h)
-    cv2.putText(canvas, text, origin, _FONT, font_scale, ink, thickness, cv2.LINE_AA)
+    cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, ink, thickness, cv2.LINE_AA)
 
 
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
@@ -107,6 +113,8 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
             np.ascontiguousarray(pixels), quality=quality, colorspace="RGB", colorsubsampling="420"
         )
     if name == "png":
+        import cv2
+
         # zlib level 1: large images encode several times faster for a few percent more bytes.
         ok, encoded = cv2.imencode(
             ".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]

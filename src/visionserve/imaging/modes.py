@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 from PIL import Image
+
+# OpenCV is imported where it is used: the HTTP process imports this module, but the work
+# runs in the inference process (worker_mode "processes"), and OpenCV would add about
+# 20 MB to the HTTP process (docs/benchmarks.md).
 
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
@@ -27,6 +30,8 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
         gray = _scale_float(np.asarray(image))
     else:
         return np.asarray(image.convert("RGB"))
+    import cv2
+
     return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 from PIL import Image
+
+# OpenCV is imported where it is used: the HTTP process imports this module, but the work
+# runs in the inference process (worker_mode "processes"), and OpenCV would add about
+# 20 MB to the HTTP process (docs/benchmarks.md).
 
 ORIENTATION_TAG = 0x0112
 
@@ -79,6 +82,10 @@ def apply_orientation(pixels: np.ndarray, orientation: int) -> np.ndarray:
     EXIF 2.32 section 4.6.4: the value says where the stored 0th row and column belong, so
     e.g. 6 (0th row on the right) needs a clockwise quarter turn to display.
     """
+    if orientation == 1:
+        return pixels
+    import cv2
+
     if orientation == 2:
         return cv2.flip(pixels, 1)
     if orientation == 3:

@@ -7,9 +7,10 @@ Policy (measured in docs/benchmarks.md):
   admitted at once, and the next one gets 503 with Retry-After at once, so accepted
   requests never wait behind an unbounded queue.
 * Each job runs decode, pre-processing, inference and post-processing on one worker, so
-  while one image is in the model the next one decodes on the other core. Workers are
-  processes by default (runtime/workers.py: own GIL, handed their next job while running
-  one) or threads of this process (``runtime.worker_mode = "threads"``).
+  while one image is in the model the next one decodes on the other core. Workers run in
+  an inference process by default (runtime/workers.py: outside this process's GIL, handed
+  their next job while running one) or in threads of this process
+  (``runtime.worker_mode = "threads"``).
 * When a request is the only one admitted, it runs on the *wide* session (all cores):
   one image gets the whole machine. When several are admitted, up to ``workers`` run at
   once on the single-threaded worker sessions: several images use the cores side by side.
@@ -127,7 +128,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.processes: WorkerPool | None = None
         if runtime.worker_mode == "processes":
-            self.processes = WorkerPool(self.workers, runtime)
+            self.processes = WorkerPool(self.workers, runtime, runtime.inference_processes)
             self._load = [0] * self.workers  # jobs sent to each worker process and not answered
         # A worker process gets its next job while it still runs one (depth 2), so it never
         # waits for the HTTP process between images; a thread pool needs no such hand-off.

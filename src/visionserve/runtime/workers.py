@@ -1,21 +1,22 @@
-"""Inference worker processes: each with its own interpreter lock and ONNX Runtime sessions.
+"""Inference workers outside the HTTP process, and the pipes that feed them.
 
-Why processes: in one process, the HTTP event loop and the inference threads share one GIL.
-Under overload (clients re-sending at once after each 503) the loop holds it most of the
+Why not in the HTTP process: there, the HTTP event loop and the inference threads share one
+GIL. Under overload (clients re-sending at once after each 503) the loop holds it most of the
 time and the workers' Python/numpy steps between native calls starve (docs/benchmarks.md).
-With workers in their own processes the loop competes for a *core* through the OS
-scheduler. (Lowering the HTTP process's priority was measured and did not help: the workers
-wait on it; docs/benchmarks.md.)
+In another process the loop competes for a *core* through the OS scheduler instead.
 
-Layout: the HTTP process forks ``workers`` processes before it loads any model (the forks
-share the already imported libraries' pages). Worker 0 also holds the *wide* session (all
-cores) that a lone request runs on; every worker has one single-threaded session. Each
-worker talks to the HTTP process over two pipes (jobs down, results up, enlarged so that a
-typical upload is written without blocking); the HTTP process reads results on its event
-loop (``add_reader``), so no thread sits between a worker and the loop. A job carries the
-encoded bytes (or pixels) and goes through decode, pre-processing, inference and
-post-processing in the worker; the small result arrays come back, and decoded pixels only
-when the caller asks for them (annotated images).
+Layout: ``inference_workers`` workers, hosted by ``runtime.inference_processes`` processes
+(default one: threads in one process share the interpreter, libraries and ONNX Runtime's
+state, which keeps the server's memory low; runtime/worker_process.py). Each process is a
+fresh interpreter (``python -m visionserve.runtime.worker_process``), so it carries none of
+the HTTP stack. Worker 0 also holds the *wide* session (all cores) that a lone request runs
+on; every worker has one single-threaded session. Each worker talks to the HTTP process over
+two pipes (jobs down, results up, enlarged so that a typical upload is written without
+blocking); the HTTP process reads results on its event loop (``add_reader``), so no thread
+sits between a worker and the loop. A job carries the encoded bytes (or pixels) and goes
+through decode, pre-processing, inference and post-processing in the worker; the small
+result arrays come back, and decoded pixels only when the caller asks for them (annotated
+images).
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import atexit
 import concurrent.futures
 import fcntl
 import logging
-import multiprocessing as mp
+import mmap
 import os
 import pickle
-import signal
 import struct
+import subprocess
+import sys
 import threading
 from collections import deque
 from multiprocessing.connection import Connection
@@ -38,7 +40,8 @@ from typing import Any, Callable
 import numpy as np
 
 from visionserve.config import RuntimeSettings
-from visionserve.errors import ModelError, ModelNotReady, VisionServeError
+from visionserve.errors import ModelError
+from visionserve.runtime.worker_process import WorkerOrders
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import DecodedImage
 
@@ -51,100 +54,11 @@ DROP_SLOTS = 1 << 16
 Reply = tuple[str, Any]
 
 
-def _enlarge(conn: Connection) -> None:
+def _enlarge(fd: int) -> None:
     try:
-        fcntl.fcntl(conn.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_BYTES)
     except OSError:  # not allowed or not Linux: writes just block a little longer
         pass
-
-
-# -- in the worker process --------------------------------------------------------------
-
-
-def _portable_error(e: BaseException) -> BaseException:
-    """An exception that survives pickling (our own errors do; others become a ModelError)."""
-    if isinstance(e, VisionServeError):
-        return e
-    return ModelError(f"inference failed: {type(e).__name__}: {e}")
-
-
-def _worker_main(
-    index: int,
-    runtime: RuntimeSettings,
-    jobs: Connection,
-    results: Connection,
-    inherited: list[Connection],
-    dropped: Any,
-) -> None:
-    # The HTTP process's ends of this worker's pipes and of earlier workers' are open here
-    # too (fork), and a job pipe reaches end-of-file (the signal to stop) only when every
-    # copy of its writer is closed.
-    for conn in inherited:
-        conn.close()
-    # The HTTP process decides when workers stop (after draining): closing the job pipe.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:
-        pass
-    from visionserve.runtime.model import ServedModel
-    from visionserve.runtime.scheduler import Job, execute_jobs
-
-    models: dict[str, ServedModel] = {}
-    while True:
-        try:
-            message = pickle.loads(jobs.recv_bytes())
-        except (EOFError, OSError):
-            return
-        op = message[0]
-        try:
-            if op == "run":
-                _, specs, wide = message
-                batch = []
-                for name, prepare, thresholds, deadline, enqueued, _keep, slot in specs:
-                    model = models.get(name)
-                    if model is None:
-                        raise ModelNotReady(f"model {name!r} is not loaded in worker {index}")
-                    job = Job(model, prepare, thresholds, deadline, None, enqueued)  # type: ignore[arg-type]
-                    job.cancelled = bool(dropped[slot])  # its caller went away while it waited here
-                    batch.append(job)
-                outcomes = execute_jobs(batch, wide)
-                ran = any("inference" in job.timings for job in batch)
-                reply: Reply = ("ok", ([_pack(o, spec[5], job.timings) for o, spec, job in zip(outcomes, specs, batch)], ran))
-            elif op == "load":
-                _, manifest, max_batch_size = message
-                model = ServedModel(manifest, runtime, max_batch_size=max_batch_size, sessions=1, wide=index == 0)
-                model.load()
-                models[manifest.name] = model
-                reply = ("ok", {"max_batch_size": model.max_batch_size, "has_wide_session": model.has_wide_session})
-            elif op == "unload":
-                gone = models.pop(message[1], None)
-                if gone is not None:
-                    gone.unload()
-                reply = ("ok", None)
-            else:
-                reply = ("error", ModelError(f"unknown worker command {op!r}"))
-        except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
-            reply = ("error", _portable_error(e))
-        try:
-            data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception as e:  # an unpicklable exception inside an outcome
-            data = pickle.dumps(("error", _portable_error(e)), protocol=pickle.HIGHEST_PROTOCOL)
-        try:
-            results.send_bytes(data)
-        except OSError:
-            return
-
-
-def _pack(outcome, keep_pixels: bool, timings: dict[str, float]) -> tuple:  # type: ignore[no-untyped-def]
-    """A job's outcome as plain values: the decoded pixels travel only when asked for."""
-    if outcome.error is not None:
-        return (_portable_error(outcome.error), None, None, timings)
-    image: DecodedImage = outcome.image
-    d = outcome.detections
-    meta = image if keep_pixels else (image.width, image.height, image.format, image.pixels.shape)
-    return (None, meta, (d.boxes, d.scores, d.class_ids), timings)
 
 
 def unpack_image(meta: DecodedImage | tuple) -> DecodedImage:
@@ -167,9 +81,9 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 class _Worker:
-    def __init__(self, index: int, process: mp.process.BaseProcess, jobs: Connection, results: Connection) -> None:
+    def __init__(self, index: int, process: subprocess.Popen, jobs: Connection, results: Connection) -> None:
         self.index = index
-        self.process = process
+        self.process = process  # the inference process hosting it (shared by several workers)
         self.jobs = jobs
         self.results = results
         self.pending: deque[Callable[[Reply], None]] = deque()  # replies come back in order
@@ -179,12 +93,15 @@ class _Worker:
 
 
 class WorkerPool:
-    """``count`` forked inference processes; ``start`` must run on the event loop thread."""
+    """``count`` inference workers in ``processes`` processes (0: one per worker);
+    ``start`` must run on the event loop thread."""
 
-    def __init__(self, count: int, runtime: RuntimeSettings) -> None:
+    def __init__(self, count: int, runtime: RuntimeSettings, processes: int = 1) -> None:
         self.count = count
         self.runtime = runtime
+        self.process_count = min(count, processes or count)
         self._workers: list[_Worker] = []
+        self._processes: list[subprocess.Popen] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.broken: str | None = None
         # One byte per job in flight, shared with the workers: set when the job's caller is
@@ -194,33 +111,47 @@ class WorkerPool:
 
     @property
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers if w.process.pid is not None]
+        return [p.pid for p in self._processes]
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        ctx = mp.get_context("fork")  # shares the imported libraries; no threads run yet
-        self.dropped = ctx.RawArray("b", DROP_SLOTS)
-        for i in range(self.count):
-            job_r, job_w = ctx.Pipe(duplex=False)
-            res_r, res_w = ctx.Pipe(duplex=False)
-            for c in (job_w, res_w):
-                _enlarge(c)
-            proc = ctx.Process(
-                target=_worker_main,
-                args=(i, self.runtime, job_r, res_w,
-                      [job_w, res_r, *(c for w in self._workers for c in (w.jobs, w.results))], self.dropped),
-                name=f"visionserve-infer-{i}", daemon=True
-            )
-            proc.start()
-            job_r.close()
-            res_w.close()
-            worker = _Worker(i, proc, job_w, res_r)
-            self._workers.append(worker)
-            self._loop.add_reader(res_r.fileno(), self._on_reply, worker)
-        log.debug("started %d inference worker processes: %s", self.count, self.pids)
+        drops_fd = os.memfd_create("visionserve-drops")
+        os.ftruncate(drops_fd, DROP_SLOTS)
+        self.dropped = mmap.mmap(drops_fd, DROP_SLOTS)
+        level = logging.getLogger("visionserve").getEffectiveLevel()
+        try:
+            for p in range(self.process_count):
+                hosted = [i for i in range(self.count) if i % self.process_count == p]
+                ends, parent_ends = [], []
+                for i in hosted:
+                    job_r, job_w = os.pipe()
+                    res_r, res_w = os.pipe()
+                    for fd in (job_w, res_w):
+                        _enlarge(fd)
+                    ends.append((i, job_r, res_w))
+                    parent_ends.append((i, job_w, res_r))
+                child_fds = [fd for _, r, w in ends for fd in (r, w)]
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "visionserve.runtime.worker_process"],
+                    stdin=subprocess.PIPE, pass_fds=[drops_fd, *child_fds], close_fds=True,
+                )
+                for fd in child_fds:
+                    os.close(fd)
+                assert proc.stdin is not None
+                orders = WorkerOrders(ends, drops_fd, DROP_SLOTS, self.runtime, level)
+                proc.stdin.write(pickle.dumps(orders, protocol=pickle.HIGHEST_PROTOCOL))
+                proc.stdin.close()
+                self._processes.append(proc)
+                for i, job_w, res_r in parent_ends:
+                    worker = _Worker(i, proc, Connection(job_w, readable=False), Connection(res_r, writable=False))
+                    self._workers.append(worker)
+                    self._loop.add_reader(res_r, self._on_reply, worker)
+        finally:
+            os.close(drops_fd)
+        self._workers.sort(key=lambda w: w.index)
+        log.debug("started %d inference workers in %d processes: %s", self.count, self.process_count, self.pids)
         # Workers ignore SIGTERM (the HTTP process drains first), so an exit that skips the
-        # lifespan shutdown (a second signal) must still stop them, before multiprocessing's
-        # own exit handler waits for them (atexit runs the later registration first).
+        # lifespan shutdown (a second signal) must still stop them.
         atexit.register(self.close, 1.0)
 
     # -- replies (event loop thread) ---------------------------------------------------
@@ -267,7 +198,7 @@ class WorkerPool:
         worker.alive = False
         if self._loop is not None:
             self._loop.remove_reader(worker.results.fileno())
-        code = worker.process.exitcode
+        code = worker.process.poll()
         self.broken = f"inference worker {worker.index} exited (code {code})"
         log.error("%s; its requests fail", self.broken)
         while worker.pending:
@@ -350,11 +281,14 @@ class WorkerPool:
                 except (ValueError, OSError, RuntimeError):
                     pass
             w.alive = False
-            w.jobs.close()
+            w.jobs.close()  # end-of-file: the worker's loop returns
+        for proc in self._processes:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(1)
         for w in self._workers:
-            w.process.join(timeout)
-            if w.process.is_alive():
-                w.process.kill()
-                w.process.join(1)
             w.results.close()
         self._workers = []
+        self._processes = []

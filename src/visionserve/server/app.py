@@ -40,7 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Models load in the background so /healthz answers at once and /readyz says when
-        # they are warm. Worker processes fork first, before any thread or session exists.
+        # they are warm. The inference process starts first, so it loads them itself.
         scheduler.start()
         loading = asyncio.create_task(asyncio.to_thread(registry.load_configured))
         yield

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import cv2
 import numpy as np
+
+# OpenCV is imported where it is used: the HTTP process imports this module, but the work
+# runs in the inference process (worker_mode "processes"), and OpenCV would add about
+# 20 MB to the HTTP process (docs/benchmarks.md).
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +40,8 @@ def letterbox(
     pad_value: int = 114,
 ) -> tuple[np.ndarray, Placement]:
     """Resizes keeping the aspect ratio and pads to exactly width x height (HxWxC uint8)."""
+    import cv2
+
     h, w = pixels.shape[:2]
     r = min(width / w, height / h)
     nw, nh = max(1, int(w * r)), max(1, int(h * r))
@@ -54,6 +59,8 @@ def letterbox(
 
 def stretch(pixels: np.ndarray, width: int, height: int) -> tuple[np.ndarray, Placement]:
     """Resizes to exactly width x height, ignoring the aspect ratio (darknet's default)."""
+    import cv2
+
     h, w = pixels.shape[:2]
     resized = pixels if (w, h) == (width, height) else cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR)
     return resized, Placement(width / w, height / h, 0.0, 0.0)

@@ -1,0 +1,150 @@
+"""The inference process: where worker loops run when ``runtime.worker_mode = "processes"``.
+
+Started by ``WorkerPool`` (runtime/workers.py) as ``python -m visionserve.runtime.worker_process``
+with its pipes passed as inherited file descriptors and its orders pickled on stdin. It is
+a fresh interpreter, not a fork of the HTTP process, so it holds only what inference needs
+(NumPy, ONNX Runtime, OpenCV, the image decoders) and none of the HTTP stack.
+
+One process hosts one or more workers, each a thread with its own pipes and its own ONNX
+Runtime sessions. Native calls (JPEG decode, resize, inference) release the interpreter
+lock, so threads in one process keep the cores as busy as one process per worker while the
+interpreter, libraries and ONNX Runtime's own state exist once (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import pickle
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from visionserve.config import RuntimeSettings
+from visionserve.errors import ModelError, ModelNotReady, VisionServeError
+from visionserve.types import DecodedImage
+
+log = logging.getLogger("visionserve.workers")
+
+
+@dataclass(frozen=True)
+class WorkerOrders:
+    """What the HTTP process tells a new inference process (pickled on its stdin)."""
+
+    workers: list[tuple[int, int, int]]  # (worker index, job pipe fd to read, result pipe fd to write)
+    drops_fd: int  # memfd of one flag byte per job in flight
+    drop_slots: int
+    runtime: RuntimeSettings
+    log_level: int
+
+
+def portable_error(e: BaseException) -> BaseException:
+    """An exception that survives pickling (our own errors do; others become a ModelError)."""
+    if isinstance(e, VisionServeError):
+        return e
+    return ModelError(f"inference failed: {type(e).__name__}: {e}")
+
+
+def pack(outcome: Any, keep_pixels: bool, timings: dict[str, float]) -> tuple:
+    """A job's outcome as plain values: the decoded pixels travel only when asked for."""
+    if outcome.error is not None:
+        return (portable_error(outcome.error), None, None, timings)
+    image: DecodedImage = outcome.image
+    d = outcome.detections
+    meta = image if keep_pixels else (image.width, image.height, image.format, image.pixels.shape)
+    return (None, meta, (d.boxes, d.scores, d.class_ids), timings)
+
+
+def _release_free_heap() -> None:
+    """Hands memory freed after loading (graph optimisation's scratch) back to the OS:
+    glibc keeps it otherwise, and it would count in the process's resident size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def serve_worker(index: int, runtime: RuntimeSettings, jobs: Connection, results: Connection, dropped: mmap.mmap) -> None:
+    """One worker: reads jobs from its pipe until end-of-file, answers each in order."""
+    from visionserve.runtime.model import ServedModel
+    from visionserve.runtime.scheduler import Job, execute_jobs
+
+    models: dict[str, ServedModel] = {}
+    while True:
+        try:
+            message = pickle.loads(jobs.recv_bytes())
+        except (EOFError, OSError):
+            return
+        op = message[0]
+        try:
+            if op == "run":
+                _, specs, wide = message
+                batch = []
+                for name, prepare, thresholds, deadline, enqueued, _keep, slot in specs:
+                    model = models.get(name)
+                    if model is None:
+                        raise ModelNotReady(f"model {name!r} is not loaded in worker {index}")
+                    job = Job(model, prepare, thresholds, deadline, None, enqueued)  # type: ignore[arg-type]
+                    job.cancelled = bool(dropped[slot])  # its caller went away while it waited here
+                    batch.append(job)
+                outcomes = execute_jobs(batch, wide)
+                ran = any("inference" in job.timings for job in batch)
+                reply: tuple = ("ok", ([pack(o, spec[5], job.timings) for o, spec, job in zip(outcomes, specs, batch)], ran))
+            elif op == "load":
+                _, manifest, max_batch_size = message
+                model = ServedModel(manifest, runtime, max_batch_size=max_batch_size, sessions=1, wide=index == 0)
+                model.load()
+                models[manifest.name] = model
+                _release_free_heap()
+                reply = ("ok", {"max_batch_size": model.max_batch_size, "has_wide_session": model.has_wide_session})
+            elif op == "unload":
+                gone = models.pop(message[1], None)
+                if gone is not None:
+                    gone.unload()
+                    _release_free_heap()
+                reply = ("ok", None)
+            else:
+                reply = ("error", ModelError(f"unknown worker command {op!r}"))
+        except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
+            reply = ("error", portable_error(e))
+        try:
+            data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:  # an unpicklable exception inside an outcome
+            data = pickle.dumps(("error", portable_error(e)), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            results.send_bytes(data)
+        except OSError:
+            return
+
+
+def main() -> None:
+    # The HTTP process decides when workers stop (after draining): it closes their job pipes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    orders: WorkerOrders = pickle.load(sys.stdin.buffer)
+    sys.stdin.close()
+    logging.basicConfig(level=orders.log_level, format="%(levelname)s:     %(name)s: %(message)s")
+    sys.setswitchinterval(orders.runtime.gil_switch_interval_ms / 1e3)
+    dropped = mmap.mmap(orders.drops_fd, orders.drop_slots)
+    os.close(orders.drops_fd)
+    threads = [
+        threading.Thread(
+            target=serve_worker,
+            args=(index, orders.runtime, Connection(job_fd, writable=False), Connection(result_fd, readable=False), dropped),
+            name=f"visionserve-infer-{index}",
+        )
+        for index, job_fd, result_fd in orders.workers
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+if __name__ == "__main__":
+    main()
