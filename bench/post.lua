@@ -2,7 +2,10 @@
 -- latency of every response. Run with as many threads as connections (-t N -c N), so each
 -- thread's single connection answers its requests in order and a request's latency is the
 -- time from its request() to its response().
--- Environment: BENCH_IMAGE (file to upload), BENCH_PATH (default /predict).
+-- Environment: BENCH_IMAGE (file to upload), BENCH_PATH (default /predict), BENCH_STORM:
+-- unset, a refused connection waits the Retry-After the server sent (as HTTP clients that
+-- retry do, e.g. urllib3's Retry), so the load generator does not flood the 2 cores it
+-- shares with the server; "1", it re-sends at once (wrk's own behaviour: a refusal storm).
 local ffi = require("ffi")
 ffi.cdef[[
 typedef struct { long tv_sec; long tv_nsec; } vs_timespec;
@@ -22,6 +25,8 @@ end
 
 local req
 local sent_at = 0
+local backoff_ms = 0  -- wait before this connection's next request (one connection per thread)
+local storm = os.getenv("BENCH_STORM") == "1"
 ok_lat = {}      -- latencies (us) of 2xx responses
 other = {}       -- count by status for everything else
 n_ok = 0
@@ -40,6 +45,12 @@ function init(args)
   req = wrk.format("POST", path, headers, body)
 end
 
+function delay()
+  local ms = backoff_ms
+  backoff_ms = 0
+  return ms
+end
+
 function request()
   sent_at = now_us()
   return req
@@ -52,6 +63,10 @@ function response(status, hdrs, resp)
     ok_lat[n_ok] = lat
   else
     other[status] = (other[status] or 0) + 1
+    if status == 503 and not storm then
+      local after = tonumber(hdrs["retry-after"] or hdrs["Retry-After"] or "")
+      if after then backoff_ms = after * 1000 end
+    end
   end
 end
 

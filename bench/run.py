@@ -3,14 +3,17 @@
 
     python bench/run.py                 # full run: concurrency 1, 4, 16, 64, 10 s each
     python bench/run.py --smoke         # CI: 2 s per level, checks it all works, not the targets
+    python bench/run.py --storm         # refused clients re-send at once (a refusal storm)
+    VISIONSERVE_QUEUE__MAX_QUEUE=14 python bench/run.py   # server settings come from the environment
 
 Steps: measures the in-process ceiling (``bench/ceiling.py --json``, same decode and
 pre/post-processing, no HTTP), starts ``visionserve serve`` on a free loopback port,
 records how long it takes to be ready, drives it with wrk (one thread per connection,
-bench/post.lua: multipart uploads, latency of accepted requests kept apart from 503s) at
-each concurrency, samples the memory of the server's processes (summed RSS and summed PSS:
-forked workers share pages), and prints one table plus the
-targets of issue 6. Everything it starts, it stops. ``--json FILE`` writes the raw figures.
+bench/post.lua: multipart uploads, latency of accepted requests kept apart from 503s; a
+refused connection waits the Retry-After it was sent, unless ``--storm``) at each
+concurrency, samples the memory of the server's processes (summed RSS and summed PSS), and
+prints one table plus the targets of issue 6. Everything it starts, it stops.
+``--json FILE`` writes the raw figures.
 """
 
 from __future__ import annotations
@@ -176,8 +179,10 @@ class Server:
         return self.proc.returncode
 
 
-def drive(wrk: str, url: str, image: Path, concurrency: int, seconds: float) -> dict:
-    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": "/predict"}
+def drive(wrk: str, url: str, image: Path, concurrency: int, seconds: float, storm: bool = False) -> dict:
+    """wrk at ``concurrency`` connections: a refused connection waits the server's Retry-After
+    before its next request, or (``storm``) re-sends at once."""
+    env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": "/predict", "BENCH_STORM": "1" if storm else "0"}
     cmd = [wrk, f"-t{concurrency}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(BENCH / "post.lua"), url]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60).stdout
@@ -200,6 +205,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each level")
     ap.add_argument("--image", type=Path, default=MIRROR / "test_images" / "dog.jpg")
     ap.add_argument("--no-ceiling", action="store_true", help="skip the in-process ceiling")
+    ap.add_argument("--storm", action="store_true",
+                    help="refused clients re-send at once instead of waiting the Retry-After the server sent")
     ap.add_argument("--json", type=Path, help="write all figures here")
     ap.add_argument("server_args", nargs="*", help="extra arguments for visionserve serve (after --)")
     args = ap.parse_args()
@@ -220,7 +227,10 @@ def main() -> None:
 
     ModelStore(Path(model_dir), mirror=env["VISIONSERVE_MODEL_MIRROR"]).ensure("yolox-nano")
 
-    report: dict = {"machine": machine(), "image": args.image.name, "seconds_per_level": seconds}
+    report: dict = {"machine": machine(), "image": args.image.name, "seconds_per_level": seconds,
+                    "clients": "storm" if args.storm else "retry-after",
+                    "settings": {k: v for k, v in os.environ.items() if k.startswith("VISIONSERVE_") and k not in
+                                 ("VISIONSERVE_MODEL_DIR", "VISIONSERVE_MODEL_MIRROR")}}
     report["ceiling"] = None if args.no_ceiling else ceiling(env, args.image, args.smoke)
     server = Server(env, args.server_args)
     report["ready_s"] = server.ready_s
@@ -228,7 +238,7 @@ def main() -> None:
         with httpx.Client() as c:  # one request to check the answer before timing anything
             r = c.post(server.url + "/predict", files={"image": (args.image.name, args.image.read_bytes(), "image/jpeg")})
             r.raise_for_status()
-        report["levels"] = [drive(wrk, server.url, args.image, c, seconds) for c in levels]
+        report["levels"] = [drive(wrk, server.url, args.image, c, seconds, args.storm) for c in levels]
     finally:
         report["peak_rss_mb"] = server.peak_rss
         report["peak_pss_mb"] = server.peak_pss
@@ -252,6 +262,10 @@ def print_report(rep: dict) -> None:
           f"single image (all cores) p50 {ceil_ms and f'{ceil_ms:.2f} ms'}")
     print(f"server ready {rep['ready_s']:.2f} s after start; {rep.get('processes', '?')} processes, peak RSS sum "
           f"{rep['peak_rss_mb']:.0f} MB, peak PSS sum {rep.get('peak_pss_mb', 0):.0f} MB; exit code {rep['exit_code']}")
+    clients = ("refused clients re-send at once (storm)" if rep.get("clients") == "storm"
+               else "refused clients wait the Retry-After they were sent")
+    print(f"load: wrk, one connection per thread, {rep['seconds_per_level']:.0f} s per level; {clients}; "
+          f"server settings: {' '.join(f'{k}={v}' for k, v in rep.get('settings', {}).items()) or 'defaults'}")
     print(f"\n{'conc':>5} {'ok/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'503/s':>8} {'errors':>6} {'vs ceiling':>10}")
     for lv in rep["levels"]:
         ratio = f"{lv['ok_per_s'] / ceil_ips:.0%}" if ceil_ips else "n/a"

@@ -41,7 +41,7 @@ def answer(r: httpx.Response) -> list[tuple[str, float, tuple[float, ...]]]:
 
 
 def test_processes_and_threads_give_the_same_detections(server_factory, images):
-    two = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"}
+    two = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2", "VISIONSERVE_QUEUE__MAX_QUEUE": "8"}  # 6 at once below
     procs = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
     threads = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "threads"})
     # One process per worker (inference_processes = 0), as opposed to the default (one for all).

@@ -121,10 +121,12 @@ class QueueSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_queue: int = Field(
-        default=14, ge=0,
+    max_queue: int | None = Field(
+        default=None, ge=0,
         description="requests admitted beyond those running (inference_workers); more get 503 with "
-        "Retry-After at once. Each queued request adds about one image's time / workers to the wait",
+        "Retry-After at once. Each queued request adds about one image's time / workers to the wait. "
+        "Default: one per worker (the next image each worker takes, so no core waits for the HTTP "
+        "process), which bounds the wait of an accepted request to about two images' time",
     )
     max_batch_size: int = Field(
         default=1, ge=1, le=256,

@@ -123,7 +123,7 @@ class Scheduler:
     ) -> None:
         cores = cpu_count()
         self.workers = runtime.inference_workers or cores
-        self.capacity = self.workers + queue.max_queue
+        self.capacity = self.workers + (self.workers if queue.max_queue is None else queue.max_queue)
         self.settings = queue
         self.metrics = metrics or Metrics()
         self.processes: WorkerPool | None = None
