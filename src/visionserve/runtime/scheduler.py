@@ -128,7 +128,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.processes: WorkerPool | None = None
         if runtime.worker_mode == "processes":
-            self.processes = WorkerPool(self.workers, runtime, runtime.inference_processes)
+            self.processes = WorkerPool.claim(self.workers, runtime, runtime.inference_processes)
             self._load = [0] * self.workers  # jobs sent to each worker process and not answered
         # A worker process gets its next job while it still runs one (depth 2), so it never
         # waits for the HTTP process between images; a thread pool needs no such hand-off.

@@ -132,6 +132,13 @@ def main() -> None:
     sys.setswitchinterval(orders.runtime.gil_switch_interval_ms / 1e3)
     dropped = mmap.mmap(orders.drops_fd, orders.drop_slots)
     os.close(orders.drops_fd)
+    # Everything a job needs, imported now (while the HTTP process starts), not on the first load.
+    import cv2  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    import visionserve.imaging.decode  # noqa: F401
+    import visionserve.runtime.model  # noqa: F401
+    import visionserve.runtime.scheduler  # noqa: F401
     threads = [
         threading.Thread(
             target=serve_worker,

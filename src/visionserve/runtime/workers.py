@@ -93,8 +93,12 @@ class _Worker:
 
 
 class WorkerPool:
-    """``count`` inference workers in ``processes`` processes (0: one per worker);
-    ``start`` must run on the event loop thread."""
+    """``count`` inference workers in ``processes`` processes (0: one per worker).
+
+    ``spawn`` starts the processes (any time: ``visionserve serve`` does it first thing, so
+    they import ONNX Runtime while this process imports the HTTP stack); ``start`` connects
+    them to the event loop and must run on its thread.
+    """
 
     def __init__(self, count: int, runtime: RuntimeSettings, processes: int = 1) -> None:
         self.count = count
@@ -109,12 +113,25 @@ class WorkerPool:
         self.dropped: Any = None
         self._next_slot = 0
 
+    @classmethod
+    def claim(cls, count: int, runtime: RuntimeSettings, processes: int = 1) -> "WorkerPool":
+        """The pool spawned early by ``spawn_early`` when it has these settings, else a new one."""
+        global _early
+        pool, _early = _early, None
+        if pool is not None and (pool.count, pool.runtime, pool.process_count) == (count, runtime, min(count, processes or count)):
+            return pool
+        if pool is not None:
+            pool.close(1.0)
+        return cls(count, runtime, processes)
+
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes]
 
-    def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+    def spawn(self) -> None:
+        """Starts the inference processes (once)."""
+        if self._processes:
+            return
         drops_fd = os.memfd_create("visionserve-drops")
         os.ftruncate(drops_fd, DROP_SLOTS)
         self.dropped = mmap.mmap(drops_fd, DROP_SLOTS)
@@ -143,9 +160,9 @@ class WorkerPool:
                 proc.stdin.close()
                 self._processes.append(proc)
                 for i, job_w, res_r in parent_ends:
-                    worker = _Worker(i, proc, Connection(job_w, readable=False), Connection(res_r, writable=False))
-                    self._workers.append(worker)
-                    self._loop.add_reader(res_r, self._on_reply, worker)
+                    self._workers.append(
+                        _Worker(i, proc, Connection(job_w, readable=False), Connection(res_r, writable=False))
+                    )
         finally:
             os.close(drops_fd)
         self._workers.sort(key=lambda w: w.index)
@@ -153,6 +170,13 @@ class WorkerPool:
         # Workers ignore SIGTERM (the HTTP process drains first), so an exit that skips the
         # lifespan shutdown (a second signal) must still stop them.
         atexit.register(self.close, 1.0)
+
+    def start(self) -> None:
+        """Spawns the processes if not yet done and reads their replies on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self.spawn()
+        for worker in self._workers:
+            self._loop.add_reader(worker.results.fileno(), self._on_reply, worker)
 
     # -- replies (event loop thread) ---------------------------------------------------
 
@@ -292,3 +316,15 @@ class WorkerPool:
             w.results.close()
         self._workers = []
         self._processes = []
+
+
+_early: WorkerPool | None = None
+
+
+def spawn_early(runtime: RuntimeSettings) -> None:
+    """Starts the inference processes for these settings now; the scheduler claims them."""
+    global _early
+    from visionserve.runtime.session import cpu_count
+
+    _early = WorkerPool(runtime.inference_workers or cpu_count(), runtime, runtime.inference_processes)
+    _early.spawn()
