@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from visionserve.config import RuntimeSettings
+from visionserve.runtime.settings import RuntimeSettings
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.session import cpu_count, create_session
 from visionserve.store.manifest import ModelManifest

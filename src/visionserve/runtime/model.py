@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from visionserve.config import RuntimeSettings
+from visionserve.runtime.settings import RuntimeSettings
 from visionserve.errors import InvalidParameter, ModelError
 from visionserve.families import get_family
 from visionserve.families.base import ModelFamily

@@ -28,15 +28,13 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable, TypeVar
-
-import numpy as np
 
 from visionserve.config import QueueSettings, RuntimeSettings
 from visionserve.errors import DeadlineExceeded, Overloaded
 from visionserve.metrics import Metrics
+from visionserve.runtime.execute import Job, Outcome, execute_jobs
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.session import cpu_count
 from visionserve.runtime.workers import WorkerPool, unpack_image
@@ -89,29 +87,6 @@ def reserve(ticket: Ticket):  # type: ignore[no-untyped-def]
 
 def unreserve(token) -> None:  # type: ignore[no-untyped-def]
     _reserved_ticket.reset(token)
-
-
-@dataclass(eq=False, slots=True)
-class Job:
-    model: ServedModel
-    prepare: Callable[[], DecodedImage]  # decodes on the worker (or returns ready pixels)
-    thresholds: Thresholds
-    deadline: float | None  # time.monotonic()
-    future: asyncio.Future | None  # None in a worker process
-    enqueued: float = field(default_factory=time.perf_counter)
-    timings: dict[str, float] = field(default_factory=dict)
-    started: bool = False
-    cancelled: bool = False  # read by the worker thread: skip if not begun
-    timer: asyncio.TimerHandle | None = None
-    keep_pixels: bool = False  # the caller needs the decoded pixels (worker processes send them back)
-    slot: int | None = None  # its drop flag in the worker processes
-
-
-@dataclass(slots=True)
-class Outcome:
-    image: DecodedImage | None = None
-    detections: Detections | None = None
-    error: BaseException | None = None
 
 
 class Scheduler:
@@ -367,58 +342,3 @@ class Scheduler:
         if self.processes is not None:
             self.processes.close()
         self._aux.shutdown(wait=False, cancel_futures=True)
-
-
-def execute_jobs(jobs: list[Job], wide: bool) -> list[Outcome]:
-    """On a worker thread or process: decode and pre-process each image, run them as one batch, post-process."""
-    model = jobs[0].model
-    outcomes = [Outcome() for _ in jobs]
-    ready: list[int] = []
-    tensors = []
-    placements = []
-    for i, job in enumerate(jobs):
-        t0 = time.perf_counter()
-        job.timings["queue"] = (t0 - job.enqueued) * 1e3
-        try:
-            if job.cancelled:
-                raise DeadlineExceeded("dropped")  # its caller is gone or timed out: result unused
-            if job.deadline is not None and time.monotonic() >= job.deadline:
-                raise DeadlineExceeded("the request's deadline passed before inference; it was dropped")
-            image = job.prepare()
-            t1 = time.perf_counter()
-            tensor, placement = model.family.preprocess(image.pixels)
-            t2 = time.perf_counter()
-        except BaseException as e:
-            outcomes[i].error = e
-            continue
-        job.timings["decode"] = (t1 - t0) * 1e3
-        job.timings["preprocess"] = (t2 - t1) * 1e3
-        outcomes[i].image = image
-        ready.append(i)
-        tensors.append(tensor)
-        placements.append(placement)
-    if not ready:
-        return outcomes
-    t2 = time.perf_counter()
-    batch = tensors[0][None] if len(tensors) == 1 else np.stack(tensors)
-    try:
-        outputs = model.run(batch, wide=wide)
-    except BaseException as e:
-        for i in ready:
-            outcomes[i].error = e
-        return outcomes
-    t3 = time.perf_counter()
-    for k, i in enumerate(ready):
-        job, image = jobs[i], outcomes[i].image
-        assert image is not None
-        t4 = time.perf_counter()
-        try:
-            h, w = image.pixels.shape[:2]
-            outcomes[i].detections = model.family.postprocess(
-                [o[k] for o in outputs], placements[k], (w, h), job.thresholds
-            )
-        except BaseException as e:
-            outcomes[i].error = e
-        job.timings["inference"] = (t3 - t2) * 1e3
-        job.timings["postprocess"] = (time.perf_counter() - t4) * 1e3
-    return outcomes

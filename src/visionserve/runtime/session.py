@@ -7,7 +7,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from visionserve.config import RuntimeSettings
+from visionserve.runtime.settings import RuntimeSettings
 from visionserve.errors import ModelError
 
 if TYPE_CHECKING:

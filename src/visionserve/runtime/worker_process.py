@@ -14,6 +14,7 @@ interpreter, libraries and ONNX Runtime's own state exist once (docs/benchmarks.
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import mmap
 import os
@@ -25,11 +26,13 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from visionserve.config import RuntimeSettings
+from visionserve.runtime.settings import RuntimeSettings
 from visionserve.errors import ModelError, ModelNotReady, VisionServeError
 from visionserve.types import DecodedImage
 
 log = logging.getLogger("visionserve.workers")
+
+PRELOAD = ("onnxruntime", "cv2", "visionserve.imaging.decode", "visionserve.runtime.model", "visionserve.runtime.execute")
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def _release_free_heap() -> None:
 def serve_worker(index: int, runtime: RuntimeSettings, jobs: Connection, results: Connection, dropped: mmap.mmap) -> None:
     """One worker: reads jobs from its pipe until end-of-file, answers each in order."""
     from visionserve.runtime.model import ServedModel
-    from visionserve.runtime.scheduler import Job, execute_jobs
+    from visionserve.runtime.execute import Job, execute_jobs
 
     models: dict[str, ServedModel] = {}
     while True:
@@ -133,12 +136,8 @@ def main() -> None:
     dropped = mmap.mmap(orders.drops_fd, orders.drop_slots)
     os.close(orders.drops_fd)
     # Everything a job needs, imported now (while the HTTP process starts), not on the first load.
-    import cv2  # noqa: F401
-    import onnxruntime  # noqa: F401
-
-    import visionserve.imaging.decode  # noqa: F401
-    import visionserve.runtime.model  # noqa: F401
-    import visionserve.runtime.scheduler  # noqa: F401
+    for module in PRELOAD:
+        importlib.import_module(module)
     threads = [
         threading.Thread(
             target=serve_worker,

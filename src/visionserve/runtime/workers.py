@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from visionserve.config import RuntimeSettings
+from visionserve.runtime.settings import RuntimeSettings
 from visionserve.errors import ModelError
 from visionserve.runtime.worker_process import WorkerOrders
 from visionserve.store.manifest import ModelManifest

@@ -1,0 +1,62 @@
+"""The ``[runtime]`` section of the settings: how inference uses the cores.
+
+Its own module, free of pydantic-settings, because the inference process needs this and
+nothing else of the configuration (the settings loader would add about 17 MB to it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RuntimeSettings(BaseModel):
+    """How inference uses the cores (defaults chosen by the measurements in docs/benchmarks.md).
+
+    A lone request runs on a session with ``intra_op_threads`` threads (all cores), so one
+    image gets the whole machine; when several requests wait, ``inference_workers`` of them
+    run at once, each on its own core. Decode, pre- and post-processing run on the same
+    worker as the inference, so one image decodes while another is in the model. Workers
+    run outside the HTTP process by default (``worker_mode``, ``inference_processes``), so
+    the HTTP process's work never holds up theirs through the GIL.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    intra_op_threads: int = Field(
+        default=0, ge=0, description="ONNX Runtime threads for a lone request's inference; 0 = all cores"
+    )
+    inter_op_threads: int = Field(default=1, ge=1)
+    inference_workers: int = Field(
+        default=0, ge=0, description="inferences run at once when requests queue up; 0 = one per core"
+    )
+    decode_threads: int = Field(default=0, ge=0, description="threads for image encoding (annotated images); 0 = number of cores")
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    allow_spinning: bool = Field(
+        default=False,
+        description="let ONNX Runtime's idle threads spin; faster only on an otherwise idle machine",
+    )
+    memory_arena: bool = Field(default=True, description="ONNX Runtime's CPU memory arena (reuses buffers between runs)")
+    jpeg_reduced_decode: float = Field(
+        default=2.0, ge=0,
+        description="large JPEGs decode at 1/2, 1/4 or 1/8 scale (libjpeg-turbo DCT scaling) while staying at "
+        "least this many times the model's input size; 0 = always full size. At 2 the detections on the test "
+        "images are unchanged (at 1 they move by a few pixels)",
+    )
+    worker_mode: Literal["processes", "threads"] = Field(
+        default="processes",
+        description="where inference runs: in inference processes (the HTTP process only does HTTP) "
+        "or in threads of the HTTP process",
+    )
+    inference_processes: int = Field(
+        default=1, ge=0,
+        description="processes hosting the inference workers (worker_mode \"processes\"), each worker a "
+        "thread with its own sessions; 1 keeps the interpreter, libraries and ONNX Runtime's state once "
+        "(least memory); 0 = one process per worker",
+    )
+    gil_switch_interval_ms: float = Field(
+        default=1.0, gt=0,
+        description="how often Python hands the GIL between threads; short keeps workers from "
+        "waiting behind a busy HTTP loop",
+    )
