@@ -118,3 +118,15 @@ def test_v2_timeout_parameter_is_a_deadline(client, images):
     assert late.status_code == 504, late.text
     ok = client.post("/v2/models/yolox-nano/infer", json=_v2_body(body, timeout=60_000_000))
     assert ok.status_code == 200, ok.text
+
+
+def test_default_capacity_is_one_queued_request_per_worker(server_factory, images):
+    """Without queue.max_queue, each worker runs one request and holds the next: 2 per worker."""
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
+    text = httpx.get(srv.url + "/metrics").text
+    assert metric(text, "visionserve_capacity") == 4
+    responses = concurrent_posts(srv.url, [images / "kite.jpg"] * 12)
+    codes = sorted(r.status_code for r in responses)
+    assert set(codes) == {200, 503}, codes
+    refused = next(r for r in responses if r.status_code == 503)
+    assert "4 requests in progress" in refused.json()["error"]["message"]
