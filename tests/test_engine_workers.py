@@ -134,3 +134,16 @@ def test_the_http_process_holds_no_inference_libraries(server_factory, images):
     http_libs, engine_libs = mapped_libraries(srv.process.pid), mapped_libraries(engine)
     assert "onnxruntime" in engine_libs and "cv2" in engine_libs
     assert "onnxruntime" not in http_libs and "cv2" not in http_libs
+
+
+def test_inference_process_gets_the_import_path_added_at_run_time(tmp_path, monkeypatch):
+    """A server started by a script that put visionserve on sys.path itself (not installed)
+    must start an inference process that finds the same code."""
+    import sys
+
+    from visionserve.runtime.workers import _child_env
+
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    path = _child_env()["PYTHONPATH"].split(os.pathsep)
+    assert path[0] == str(tmp_path)
+    assert not any(p.startswith(sys.base_prefix) for p in path)

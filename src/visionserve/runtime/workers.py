@@ -61,6 +61,15 @@ def _enlarge(fd: int) -> None:
         pass
 
 
+def _child_env() -> dict[str, str]:
+    """This environment, with this process's import path, so that the inference process finds
+    the same visionserve (and libraries) as this one even when it was put on sys.path at run
+    time rather than installed."""
+    own = tuple({sys.prefix, sys.base_prefix})  # the interpreter's own paths: the child has them
+    path = [p for p in sys.path if p and os.path.isdir(p) and not p.startswith(own)]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
+
+
 def unpack_image(meta: DecodedImage | tuple) -> DecodedImage:
     """The worker's decoded image; without its pixels, a zero-byte stand-in of the same shape
     (callers use only the sizes)."""
@@ -150,7 +159,7 @@ class WorkerPool:
                 child_fds = [fd for _, r, w in ends for fd in (r, w)]
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "visionserve.runtime.worker_process"],
-                    stdin=subprocess.PIPE, pass_fds=[drops_fd, *child_fds], close_fds=True,
+                    stdin=subprocess.PIPE, pass_fds=[drops_fd, *child_fds], close_fds=True, env=_child_env(),
                 )
                 for fd in child_fds:
                     os.close(fd)
