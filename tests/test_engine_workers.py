@@ -147,3 +147,17 @@ def test_inference_process_gets_the_import_path_added_at_run_time(tmp_path, monk
     path = _child_env()["PYTHONPATH"].split(os.pathsep)
     assert path[0] == str(tmp_path)
     assert not any(p.startswith(sys.base_prefix) for p in path)
+
+
+def test_inference_process_logs_in_the_servers_format(server_factory):
+    """With --log-format json, the inference process's own lines are JSON too (here: the
+    batching check that runs where the sessions are)."""
+    import json
+
+    srv = server_factory("--log-format", "json", "--log-level", "info",
+                         env={"VISIONSERVE_QUEUE__MAX_BATCH_SIZE": "4", "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
+    srv.stop()
+    lines = [line for line in srv.output().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line, from either process, is JSON
+    batching = [r for r in records if "dynamic batching up to 4 images" in r["message"]]
+    assert len(batching) == 2 and {r["logger"] for r in batching} == {"visionserve.models"}  # one per worker

@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from visionserve.runtime.settings import RuntimeSettings
+from visionserve.server.logs import configure_logging
 from visionserve.errors import ModelError, ModelNotReady, VisionServeError
 from visionserve.types import DecodedImage
 
@@ -43,7 +44,8 @@ class WorkerOrders:
     drops_fd: int  # memfd of one flag byte per job in flight
     drop_slots: int
     runtime: RuntimeSettings
-    log_level: int
+    log_format: str  # "text" or "json", as the HTTP process logs
+    log_level: str
 
 
 def portable_error(e: BaseException) -> BaseException:
@@ -131,7 +133,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     orders: WorkerOrders = pickle.load(sys.stdin.buffer)
     sys.stdin.close()
-    logging.basicConfig(level=orders.log_level, format="%(levelname)s:     %(name)s: %(message)s")
+    configure_logging(orders.log_format, orders.log_level)
     sys.setswitchinterval(orders.runtime.gil_switch_interval_ms / 1e3)
     dropped = mmap.mmap(orders.drops_fd, orders.drop_slots)
     os.close(orders.drops_fd)

@@ -42,6 +42,7 @@ import numpy as np
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.errors import ModelError
 from visionserve.runtime.worker_process import WorkerOrders
+from visionserve.server.logs import JsonFormatter
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import DecodedImage
 
@@ -144,7 +145,9 @@ class WorkerPool:
         drops_fd = os.memfd_create("visionserve-drops")
         os.ftruncate(drops_fd, DROP_SLOTS)
         self.dropped = mmap.mmap(drops_fd, DROP_SLOTS)
-        level = logging.getLogger("visionserve").getEffectiveLevel()
+        root = logging.getLogger()
+        log_format = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
+        log_level = logging.getLevelName(logging.getLogger("visionserve").getEffectiveLevel())
         try:
             for p in range(self.process_count):
                 hosted = [i for i in range(self.count) if i % self.process_count == p]
@@ -164,7 +167,7 @@ class WorkerPool:
                 for fd in child_fds:
                     os.close(fd)
                 assert proc.stdin is not None
-                orders = WorkerOrders(ends, drops_fd, DROP_SLOTS, self.runtime, level)
+                orders = WorkerOrders(ends, drops_fd, DROP_SLOTS, self.runtime, log_format, log_level)
                 proc.stdin.write(pickle.dumps(orders, protocol=pickle.HIGHEST_PROTOCOL))
                 proc.stdin.close()
                 self._processes.append(proc)
