@@ -11,9 +11,9 @@ from typing import Sequence
 
 import numpy as np
 
-from visionserve.runtime.settings import RuntimeSettings
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.session import cpu_count, create_session
+from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, Thresholds
 from visionserve.vision.boxes import box_iou

@@ -11,12 +11,12 @@ from typing import Sequence
 
 import numpy as np
 
-from visionserve.runtime.settings import RuntimeSettings
 from visionserve.errors import InvalidParameter, ModelError
 from visionserve.families import get_family
 from visionserve.families.base import ModelFamily
 from visionserve.runtime.batching import dynamic_batch_variant, graph_batch_size, same_outputs
 from visionserve.runtime.session import cpu_count, create_session
+from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, PredictParams, Thresholds
 

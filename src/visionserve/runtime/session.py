@@ -7,8 +7,8 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from visionserve.runtime.settings import RuntimeSettings
 from visionserve.errors import ModelError
+from visionserve.runtime.settings import RuntimeSettings
 
 if TYPE_CHECKING:
     import onnxruntime as ort

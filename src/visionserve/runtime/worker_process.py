@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from visionserve.errors import ModelError, ModelNotReady, VisionServeError
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.server.logs import configure_logging
-from visionserve.errors import ModelError, ModelNotReady, VisionServeError
 from visionserve.types import DecodedImage
 
 log = logging.getLogger("visionserve.workers")

@@ -39,8 +39,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from visionserve.runtime.settings import RuntimeSettings
 from visionserve.errors import ModelError
+from visionserve.runtime.settings import RuntimeSettings
 from visionserve.runtime.worker_process import WorkerOrders
 from visionserve.server.logs import JsonFormatter
 from visionserve.store.manifest import ModelManifest
