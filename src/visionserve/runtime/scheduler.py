@@ -120,8 +120,8 @@ class Scheduler:
         self.metrics.watch(lambda: len(self._queue), lambda: self.admitted, self.capacity)
 
     def start(self) -> None:
-        """Starts the inference worker processes (worker_mode "processes"); on the event loop,
-        before any model loads."""
+        """Connects the inference process(es) (worker_mode "processes"), starting them unless
+        ``visionserve serve`` already has; on the event loop, before any model loads."""
         if self.processes is None:
             return
         self.processes.start()
