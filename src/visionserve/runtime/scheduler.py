@@ -95,7 +95,10 @@ class Scheduler:
         runtime: RuntimeSettings,
         queue: QueueSettings,
         metrics: Metrics | None = None,
+        workers: WorkerPool | None = None,
     ) -> None:
+        """``workers``: the inference processes when the caller has started them already
+        (``visionserve serve`` does, before importing the HTTP stack); else made here."""
         cores = cpu_count()
         self.workers = runtime.inference_workers or cores
         self.capacity = self.workers + (self.workers if queue.max_queue is None else queue.max_queue)
@@ -103,7 +106,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.processes: WorkerPool | None = None
         if runtime.worker_mode == "processes":
-            self.processes = WorkerPool.claim(self.workers, runtime, runtime.inference_processes)
+            self.processes = workers or WorkerPool.for_runtime(runtime)
             self._load = [0] * self.workers  # jobs sent to each worker process and not answered
         # A worker process gets its next job while it still runs one (depth 2), so it never
         # waits for the HTTP process between images; a thread pool needs no such hand-off.

@@ -40,6 +40,7 @@ from typing import Any, Callable
 import numpy as np
 
 from visionserve.errors import ModelError
+from visionserve.runtime.session import cpu_count
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.runtime.worker_process import WorkerOrders
 from visionserve.server.logs import JsonFormatter
@@ -124,15 +125,10 @@ class WorkerPool:
         self._next_slot = 0
 
     @classmethod
-    def claim(cls, count: int, runtime: RuntimeSettings, processes: int = 1) -> "WorkerPool":
-        """The pool spawned early by ``spawn_early`` when it has these settings, else a new one."""
-        global _early
-        pool, _early = _early, None
-        if pool is not None and (pool.count, pool.runtime, pool.process_count) == (count, runtime, min(count, processes or count)):
-            return pool
-        if pool is not None:
-            pool.close(1.0)
-        return cls(count, runtime, processes)
+    def for_runtime(cls, runtime: RuntimeSettings) -> "WorkerPool":
+        """The pool these settings ask for: ``inference_workers`` (0: one per core) workers in
+        ``inference_processes`` processes."""
+        return cls(runtime.inference_workers or cpu_count(), runtime, runtime.inference_processes)
 
     @property
     def pids(self) -> list[int]:
@@ -329,14 +325,3 @@ class WorkerPool:
         self._workers = []
         self._processes = []
 
-
-_early: WorkerPool | None = None
-
-
-def spawn_early(runtime: RuntimeSettings) -> None:
-    """Starts the inference processes for these settings now; the scheduler claims them."""
-    global _early
-    from visionserve.runtime.session import cpu_count
-
-    _early = WorkerPool(runtime.inference_workers or cpu_count(), runtime, runtime.inference_processes)
-    _early.spawn()

@@ -19,6 +19,7 @@ from visionserve.metrics import CONTENT_TYPE, Metrics
 from visionserve.protocols import discover, renderer_for
 from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler
+from visionserve.runtime.workers import WorkerPool
 from visionserve.server import web
 from visionserve.server.admission import AdmissionGateMiddleware, admitted_routes
 from visionserve.server.refusal import Refusals
@@ -30,10 +31,11 @@ from visionserve.store.store import ModelStore
 log = logging.getLogger("visionserve")
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI:
+    """The app for these settings; ``workers``: inference processes already started for them."""
     store = ModelStore(settings.model_dir, mirror=settings.model_mirror)
     metrics = Metrics()
-    scheduler = Scheduler(settings.runtime, settings.queue, metrics)
+    scheduler = Scheduler(settings.runtime, settings.queue, metrics, workers)
     registry = ModelRegistry(settings, store, workers=scheduler.processes)
     service = DetectionService(settings, registry, scheduler)
 
