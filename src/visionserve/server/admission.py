@@ -31,21 +31,27 @@ def admitted(endpoint: F) -> F:
     return endpoint
 
 
-def admitted_routes(routes: Iterable[BaseRoute]) -> list[tuple[re.Pattern[str], set[str], BaseRoute]]:
-    return [
-        (r.path_regex, set(r.methods or ()), r)
-        for r in routes
-        if isinstance(r, Route) and getattr(r.endpoint, "__visionserve_admitted__", False)
-    ]
+class AdmittedRoutes:
+    """An app's detection routes (those marked ``@admitted``), matched by method and path.
 
+    Collected on first use: the app's route list is complete only once it is built.
+    """
 
-def match_admitted(
-    routes: list[tuple[re.Pattern[str], set[str], BaseRoute]], method: str, path: str
-) -> BaseRoute | None:
-    for regex, methods, route in routes:
-        if method in methods and regex.match(path):
-            return route
-    return None
+    def __init__(self, routes: Callable[[], Iterable[BaseRoute]]) -> None:
+        self._routes = routes
+        self._table: list[tuple[re.Pattern[str], set[str], BaseRoute]] | None = None
+
+    def match(self, method: str, path: str) -> BaseRoute | None:
+        if self._table is None:
+            self._table = [
+                (r.path_regex, set(r.methods or ()), r)
+                for r in self._routes()
+                if isinstance(r, Route) and getattr(r.endpoint, "__visionserve_admitted__", False)
+            ]
+        for regex, methods, route in self._table:
+            if method in methods and regex.match(path):
+                return route
+        return None
 
 
 class AdmissionGateMiddleware:
@@ -53,14 +59,13 @@ class AdmissionGateMiddleware:
         self,
         app: ASGIApp,
         scheduler: Scheduler,
-        routes: Callable[[], list[tuple[re.Pattern[str], set[str], BaseRoute]]],
+        routes: AdmittedRoutes,
         renderer_for: Callable[[str], ErrorRenderer],
     ) -> None:
         self.app = app
         self.scheduler = scheduler
         self.routes = routes
         self.renderer_for = renderer_for
-        self._routes: list[tuple[re.Pattern[str], set[str], BaseRoute]] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -68,10 +73,8 @@ class AdmissionGateMiddleware:
             return
         ticket: Ticket | None = scope.get("state", {}).pop(RESERVED, None)
         if ticket is None:
-            if self._routes is None:
-                self._routes = self.routes()
             path = scope["path"]
-            route = match_admitted(self._routes, scope["method"], path)
+            route = self.routes.match(scope["method"], path)
             if route is not None:
                 scope["route"] = route  # for the metrics' route label
                 try:

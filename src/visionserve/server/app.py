@@ -21,7 +21,7 @@ from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler
 from visionserve.runtime.workers import WorkerPool
 from visionserve.server import web
-from visionserve.server.admission import AdmissionGateMiddleware, admitted_routes
+from visionserve.server.admission import AdmissionGateMiddleware, AdmittedRoutes
 from visionserve.server.refusal import Refusals
 from visionserve.server.errors import install_error_handlers
 from visionserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -77,10 +77,9 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     install_error_handlers(app, pick)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick)
-    app.add_middleware(
-        AdmissionGateMiddleware, scheduler=scheduler, routes=lambda: admitted_routes(app.routes), renderer_for=pick
-    )
+    detection_routes = AdmittedRoutes(lambda: app.routes)
+    app.add_middleware(AdmissionGateMiddleware, scheduler=scheduler, routes=detection_routes, renderer_for=pick)
     # The same refusal, earlier still: in the HTTP parser (used by ``serve``).
-    app.state.refusals = Refusals(scheduler, metrics, lambda: admitted_routes(app.routes), pick)
+    app.state.refusals = Refusals(scheduler, metrics, detection_routes, pick)
     app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log, metrics=metrics)
     return app

@@ -22,16 +22,13 @@ shape of its path's protocol, not uvicorn's plain text.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Callable
-
-from starlette.routing import BaseRoute
 
 from visionserve.errors import BadRequest, Overloaded
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 from visionserve.runtime.scheduler import Scheduler, Ticket
-from visionserve.server.admission import RESERVED, match_admitted
+from visionserve.server.admission import RESERVED, AdmittedRoutes
 from visionserve.server.middleware import safe_request_id
 
 log = logging.getLogger("visionserve")
@@ -44,13 +41,12 @@ class Refusals:
         self,
         scheduler: Scheduler,
         metrics: Metrics,
-        routes: Callable[[], list[tuple[re.Pattern[str], set[str], BaseRoute]]],
+        routes: AdmittedRoutes,
         renderer_for: Callable[[str], ErrorRenderer],
     ) -> None:
         self.scheduler = scheduler
         self.metrics = metrics
-        self._routes_factory = routes
-        self._routes: list[tuple[re.Pattern[str], set[str], BaseRoute]] | None = None
+        self.routes = routes
         self.renderer_for = renderer_for
         self._heads: dict[tuple[int, str], tuple[bytes, bytes]] = {}
 
@@ -59,9 +55,7 @@ class Refusals:
     ) -> Ticket | bytes | None:
         """For a detection route: its place (a Ticket) or, when full, the complete 503
         response; None for other routes."""
-        if self._routes is None:
-            self._routes = self._routes_factory()
-        route = match_admitted(self._routes, method, path)
+        route = self.routes.match(method, path)
         if route is None:
             return None
         try:
