@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+import deepstack.core as ds
 import numpy as np
 import pytest
 
@@ -21,8 +22,6 @@ from visionserve.protocols.deepstack import (
     parse_min_confidence,
 )
 from visionserve.types import DecodedImage, Detections, Prediction
-
-ds = pytest.importorskip("deepstack.core")
 
 MODEL = "yolox-nano"
 REPO = Path(__file__).resolve().parents[2]

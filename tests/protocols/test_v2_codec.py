@@ -9,6 +9,7 @@ import zlib
 
 import numpy as np
 import pytest
+import tritonclient.utils as tritonutils
 
 from visionserve.errors import BadRequest, PayloadTooLarge
 from visionserve.protocols.v2.codec import (
@@ -22,8 +23,6 @@ from visionserve.protocols.v2.codec import (
     unpack_bytes,
     wants_binary,
 )
-
-tritonutils = pytest.importorskip("tritonclient.utils")
 
 
 def _request(header: dict, *chunks: bytes) -> tuple[bytes, int | None]:
