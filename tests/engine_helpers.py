@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import socket
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -14,7 +16,9 @@ def post_image(url: str, image: Path, headers: dict[str, str] | None = None, pat
         return c.post(url + path, files={"image": (image.name, image.read_bytes(), "image/jpeg")}, headers=headers or {})
 
 
-def concurrent_posts(url: str, images: list[Path], headers: dict[str, str] | None = None) -> list[httpx.Response]:
+def concurrent_posts(
+    url: str, images: list[Path], headers: dict[str, str] | None = None, path: str = "/predict"
+) -> list[httpx.Response]:
     """Posts all images at once (threads released together by a barrier)."""
     results: list[httpx.Response | None] = [None] * len(images)
     barrier = threading.Barrier(len(images))
@@ -23,7 +27,7 @@ def concurrent_posts(url: str, images: list[Path], headers: dict[str, str] | Non
         body = images[i].read_bytes()
         with httpx.Client(timeout=60) as c:
             barrier.wait()
-            results[i] = c.post(url + "/predict", files={"image": (images[i].name, body, "image/jpeg")},
+            results[i] = c.post(url + path, files={"image": (images[i].name, body, "image/jpeg")},
                                 headers=headers or {})
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(len(images))]
@@ -45,3 +49,36 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(found.get(k) == v for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.socket, bytes]:
+    """Sends the headers and half the body of a multipart upload; returns the socket and the rest."""
+    host, port = url.removeprefix("http://").split(":")
+    boundary = "b0undary"
+    payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"d.jpg\"\r\n\r\n").encode() \
+        + body + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    s = socket.create_connection((host, int(port)), timeout=30)
+    half = len(payload) // 2
+    s.sendall(head + payload[:half])
+    return s, payload[half:]
+
+
+def read_response(s: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return head + b"\r\n\r\n" + rest
+
+
+def wait_in_flight(url: str, n: int) -> None:
+    for _ in range(200):
+        if metric(httpx.get(url + "/metrics").text, "visionserve_requests_in_flight") == n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"in-flight never reached {n}")

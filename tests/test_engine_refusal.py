@@ -4,48 +4,11 @@ given back however the request ends."""
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 
-from engine_helpers import metric, post_image
+from engine_helpers import metric, post_image, read_response, start_upload, wait_in_flight
 
 ONE_PLACE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
-
-
-def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.socket, bytes]:
-    """Sends the headers and half the body of a multipart upload; returns the socket and the rest."""
-    host, port = url.removeprefix("http://").split(":")
-    boundary = "b0undary"
-    payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"d.jpg\"\r\n\r\n").encode() \
-        + body + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n").encode()
-    s = socket.create_connection((host, int(port)), timeout=30)
-    half = len(payload) // 2
-    s.sendall(head + payload[:half])
-    return s, payload[half:]
-
-
-def read_response(s: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-    while len(rest) < length:
-        rest += s.recv(65536)
-    return head + b"\r\n\r\n" + rest
-
-
-def wait_in_flight(url: str, n: int) -> None:
-    for _ in range(200):
-        if metric(httpx.get(url + "/metrics").text, "visionserve_requests_in_flight") == n:
-            return
-        import time
-
-        time.sleep(0.02)
-    raise AssertionError(f"in-flight never reached {n}")
 
 
 def test_a_request_holds_its_place_from_its_headers_and_others_get_503_at_once(server_factory, images):

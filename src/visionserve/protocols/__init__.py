@@ -13,10 +13,38 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 from fastapi import APIRouter
+from starlette.requests import Request
 from starlette.responses import Response
+
+from visionserve.errors import BadRequest
 
 # (status, code, message, extra headers) -> response
 ErrorRenderer = Callable[[int, str, str, Mapping[str, str]], Response]
+
+
+# Milliseconds the client will wait, counted from when the server received the request;
+# past it the request is dropped (before inference when it has not started) and answered 504.
+TIMEOUT_HEADER = "x-timeout-ms"
+
+
+def header_timeout_ms(request: Request) -> float | None:
+    """The request's ``X-Timeout-Ms`` (None without one); 400 unless a positive number."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+    return value
+
+
+def received_at(request: Request) -> float | None:
+    """When the server received the request (time.monotonic()), as the request-context
+    middleware recorded it; deadlines count from there."""
+    return request.scope.get("state", {}).get("received")
 
 
 @dataclass(frozen=True, slots=True)

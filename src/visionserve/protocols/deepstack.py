@@ -23,7 +23,9 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve.config import DeepStackSettings
 from visionserve.errors import InvalidParameter, MissingImage, VisionServeError
-from visionserve.protocols import Protocol
+from visionserve.protocols import Protocol, header_timeout_ms, received_at
+from visionserve.server.admission import admitted
+from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
 
 router = APIRouter(prefix="/v1/vision", tags=["DeepStack / CodeProject.AI"])
@@ -145,20 +147,25 @@ def _provider(request: Request, model: str | None) -> str:
 async def _detect(request: Request, model: str | None, command: str) -> Response:
     start = time.perf_counter()
     settings: DeepStackSettings = request.app.state.settings.deepstack
-    form = await _read_form(request)
-    try:
-        check_api_key(form.get("api_key", request.query_params.get("api_key")), settings)
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise MissingImage("No valid image file found")
-        data = await upload.read()
-        if not data:
-            raise MissingImage("No valid image file found")
-        min_confidence = parse_min_confidence(form.get("min_confidence"), settings.min_confidence)
-    finally:
-        await form.close()
-    params = PredictParams(min_confidence=min_confidence, max_detections=settings.max_detections)
-    prediction = await request.app.state.service.detect(model, data, params)
+    service = request.app.state.service
+    # As every protocol: admitted before the body is read, X-Timeout-Ms as the deadline, and
+    # the work dropped when the client goes away.
+    with service.admit():
+        deadline = service.deadline(header_timeout_ms(request), received_at(request))
+        form = await _read_form(request)
+        try:
+            check_api_key(form.get("api_key", request.query_params.get("api_key")), settings)
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise MissingImage("No valid image file found")
+            data = await upload.read()
+            if not data:
+                raise MissingImage("No valid image file found")
+            min_confidence = parse_min_confidence(form.get("min_confidence"), settings.min_confidence)
+        finally:
+            await form.close()
+        params = PredictParams(min_confidence=min_confidence, max_detections=settings.max_detections)
+        prediction = await unless_disconnected(request.receive, service.detect(model, data, params, deadline=deadline))
     body = detection_response(
         prediction,
         command=command,
@@ -170,6 +177,7 @@ async def _detect(request: Request, model: str | None, command: str) -> Response
 
 
 @router.post("/detection", summary="Detect objects with the default model (DeepStack)", openapi_extra=_DETECT_OPENAPI)
+@admitted
 async def detection(request: Request) -> Response:
     return await _detect(request, None, "detect")
 
@@ -189,6 +197,7 @@ async def custom_list(request: Request) -> dict[str, Any]:
 
 
 @router.post("/custom/{model}", summary="Detect objects with a named model (DeepStack)", openapi_extra=_DETECT_OPENAPI)
+@admitted
 async def custom(request: Request, model: str) -> Response:
     return await _detect(request, model, "custom")
 

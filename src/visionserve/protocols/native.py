@@ -15,18 +15,14 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
-from visionserve.errors import BadRequest, InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
+from visionserve.errors import InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
 from visionserve.imaging.draw import annotate, encode_image
-from visionserve.protocols import Protocol
+from visionserve.protocols import Protocol, header_timeout_ms, received_at
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
 
 router = APIRouter()
-
-# Milliseconds the client will wait, counted from when the server received the request;
-# past it the request is dropped (before inference when it has not started) and answered 504.
-TIMEOUT_HEADER = "x-timeout-ms"
 
 IMAGE_FIELDS = ("image", "file")
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
@@ -164,7 +160,7 @@ async def _predict(request: Request, model: str | None) -> Response:
     service = request.app.state.service
     # Admission before the body is read: a full server refuses at once and for nearly free.
     with service.admit():
-        deadline = service.deadline(_timeout_ms(request), request.scope.get("state", {}).get("received"))
+        deadline = service.deadline(header_timeout_ms(request), received_at(request))
         data, fields = await _read_image(request)
         merged = {**fields, **{k: v for k, v in request.query_params.items() if v != ""}}
         try:
@@ -183,19 +179,6 @@ async def _predict(request: Request, model: str | None) -> Response:
         body = await service.scheduler.run_aux(_draw, prediction, image_format)
         return Response(body, media_type=f"image/{image_format}", headers=_server_timing(prediction))
     return JSONResponse(prediction_json(prediction), headers=_server_timing(prediction))
-
-
-def _timeout_ms(request: Request) -> float | None:
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
-    return value
 
 
 async def _read_image(request: Request) -> tuple[bytes, dict[str, str]]:

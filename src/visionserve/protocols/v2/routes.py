@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
 from visionserve.errors import BadRequest, ModelNotFound
-from visionserve.protocols import Protocol
+from visionserve.protocols import Protocol, received_at
 from visionserve.protocols.v2.codec import (
     InferRequest,
     OutputTensor,
@@ -219,7 +219,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     images, batched = _images(tensor, settings.v2.max_batch_size)
 
     service = request.app.state.service
-    deadline = service.deadline(_timeout_ms(infer_request.parameters), request.scope.get("state", {}).get("received"))
+    deadline = service.deadline(_timeout_ms(infer_request.parameters), received_at(request))
     if tensor.datatype == "BYTES":
         jobs = [service.detect(name, data, params, deadline=deadline) for data in images]
     else:
