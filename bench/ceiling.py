@@ -47,7 +47,7 @@ def one_image(model: ServedModel, data: bytes, max_pixels: int) -> dict[str, flo
     """The server's path for one upload, minus HTTP: ms per stage."""
     thresholds = model.thresholds(PredictParams())
     t0 = time.perf_counter()
-    image = decode_image(data, max_pixels=max_pixels)
+    image = decode_image(data, max_pixels=max_pixels, min_size=model.decode_min_size())
     timings = {"decode": (time.perf_counter() - t0) * 1e3}
     detections = model.predict(image.pixels, thresholds, timings)
     detections.scaled(image.scale_x, image.scale_y, image.width, image.height)

@@ -134,3 +134,20 @@ def test_models_optimize_reports_and_installs_only_what_qualifies(model_dir, mir
     # with the bars at zero, the fastest candidate is installed as a version of the model
     assert report["installed"] and report["installed"].startswith("yolox-nano@")
     assert (store / report["installed"] / "manifest.json").is_file()
+
+
+def test_detect_decodes_like_the_server(model_dir, mirror, images, tmp_path, server_factory):
+    """A large JPEG (over twice the model input, so it decodes at reduced scale) gets the
+    same detections from `visionserve detect` as from the server."""
+    import httpx
+
+    big = tmp_path / "kite-big.jpg"
+    with Image.open(images / "kite.jpg") as im:
+        im.resize((im.width * 2, im.height * 2), Image.Resampling.BICUBIC).save(big, quality=95)
+    r = run("detect", str(big), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    offline = json.loads(r.stdout)
+    srv = server_factory()
+    served = httpx.post(srv.url + "/predict", files={"image": (big.name, big.read_bytes(), "image/jpeg")}, timeout=60).json()
+    assert offline["image"] == served["image"] == {"width": 2704, "height": 1800}
+    assert offline["detections"] and offline["detections"] == served["detections"]

@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from visionserve.config import Settings
+from visionserve.config import ModelConfig, Settings
 from visionserve.errors import InvalidImage
 from visionserve.imaging.decode import decode_image
 from visionserve.imaging.draw import annotate, encode_image
 from visionserve.protocols.native import prediction_json
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.registry import manifest_for
-from visionserve.config import ModelConfig
 from visionserve.store.store import ModelStore
 from visionserve.types import PredictParams, Prediction
 
@@ -33,7 +32,7 @@ class OfflineDetector:
             data = path.read_bytes()
         except OSError as e:
             raise InvalidImage(f"cannot read {path}: {e.strerror}") from None
-        image = decode_image(data, max_pixels=self.settings.limits.max_image_pixels)
+        image = decode_image(data, max_pixels=self.settings.limits.max_image_pixels, min_size=self.model.decode_min_size())
         timings: dict[str, float] = {}
         detections = self.model.predict(image.pixels, self.model.thresholds(params), timings)
         pred = Prediction(self.model.name, self.model.version, image,

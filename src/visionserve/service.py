@@ -60,10 +60,9 @@ class DetectionService:
         stand-in for the pixels, which stay in the worker."""
         served = self.registry.get(model)
         thresholds = served.thresholds(params)  # bad parameters fail before any decoding
-        factor = self.settings.runtime.jpeg_reduced_decode
-        spec = served.family.input
-        min_size = (int(spec.width * factor), int(spec.height * factor)) if factor > 0 else None
-        prepare = partial(decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=min_size)
+        prepare = partial(
+            decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=served.decode_min_size()
+        )
         return await self._predict(served, prepare, thresholds, deadline, keep_pixels)
 
     async def detect_pixels(

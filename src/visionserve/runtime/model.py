@@ -160,6 +160,13 @@ class ServedModel:
 
     # -- inference ---------------------------------------------------------------------
 
+    def decode_min_size(self) -> tuple[int, int] | None:
+        """How small a JPEG may decode (DCT scaling) for this model: ``jpeg_reduced_decode``
+        times its input size; None when reduced decoding is off."""
+        factor = self.runtime.jpeg_reduced_decode
+        spec = self.family.input
+        return (int(spec.width * factor), int(spec.height * factor)) if factor > 0 else None
+
     def thresholds(self, params: PredictParams) -> Thresholds:
         """Request settings over the model's defaults; unknown class labels are a 422."""
         m = self.manifest
