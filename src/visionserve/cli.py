@@ -154,8 +154,7 @@ def detect(
 def _params(min_confidence, iou, max_detections, classes):  # type: ignore[no-untyped-def]
     from visionserve.types import PredictParams
 
-    wanted = frozenset(c.strip() for c in classes.split(",") if c.strip()) if classes else None
-    return PredictParams(min_confidence, iou, max_detections, wanted)
+    return PredictParams(min_confidence, iou, max_detections, PredictParams.parse_classes(classes or None))
 
 
 def _image_files(paths: list[Path]) -> Iterator[Path]:

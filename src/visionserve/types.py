@@ -7,7 +7,7 @@ family.postprocess (Detections) -> protocol adapter (response).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -43,6 +43,15 @@ class PredictParams:
     iou: float | None = None
     max_detections: int | None = None
     classes: frozenset[str] | None = None
+
+    @staticmethod
+    def parse_classes(value: str | Iterable[str] | None) -> frozenset[str] | None:
+        """Labels to keep from ``"person, dog"`` or ``["person", "dog"]`` (blank entries
+        ignored); None (no filter) stays None."""
+        if value is None:
+            return None
+        items = value.split(",") if isinstance(value, str) else value
+        return frozenset(c.strip() for c in items if c.strip())
 
 
 @dataclass(frozen=True, slots=True)

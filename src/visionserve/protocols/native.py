@@ -46,10 +46,7 @@ class PredictOptions(BaseModel):
     )
 
     def params(self) -> PredictParams:
-        classes = None
-        if self.classes is not None:
-            classes = frozenset(c.strip() for c in self.classes.split(",") if c.strip())
-        return PredictParams(self.min_confidence, self.iou, self.max_detections, classes)
+        return PredictParams(self.min_confidence, self.iou, self.max_detections, PredictParams.parse_classes(self.classes))
 
 
 def _openapi_parameters() -> list[dict[str, Any]]:

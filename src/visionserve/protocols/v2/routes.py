@@ -181,11 +181,7 @@ class InferParameters(BaseModel):
     classes: str | list[str] | None = None
 
     def params(self) -> PredictParams:
-        classes = self.classes
-        if isinstance(classes, str):
-            classes = [c.strip() for c in classes.split(",")]
-        chosen = frozenset(c for c in classes if c) if classes is not None else None
-        return PredictParams(self.min_confidence, self.iou, self.max_detections, chosen)
+        return PredictParams(self.min_confidence, self.iou, self.max_detections, PredictParams.parse_classes(self.classes))
 
 
 @router.post("/models/{name}/infer", summary="Detect objects (Open Inference Protocol)", openapi_extra=_INFER_OPENAPI)
