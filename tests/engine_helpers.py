@@ -51,14 +51,20 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.socket, bytes]:
-    """Sends the headers and half the body of a multipart upload; returns the socket and the rest."""
-    host, port = url.removeprefix("http://").split(":")
+def multipart_upload(body: bytes, path: str = "/predict") -> tuple[bytes, bytes]:
+    """(request head, body) of a raw HTTP/1.1 multipart upload of ``body`` as field "image"."""
     boundary = "b0undary"
     payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"d.jpg\"\r\n\r\n").encode() \
         + body + f"\r\n--{boundary}--\r\n".encode()
     head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
             f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    return head, payload
+
+
+def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.socket, bytes]:
+    """Sends the headers and half the body of a multipart upload; returns the socket and the rest."""
+    host, port = url.removeprefix("http://").split(":")
+    head, payload = multipart_upload(body, path)
     s = socket.create_connection((host, int(port)), timeout=30)
     half = len(payload) // 2
     s.sendall(head + payload[:half])

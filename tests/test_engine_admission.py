@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from engine_helpers import concurrent_posts, metric, post_image
+from engine_helpers import concurrent_posts, metric, multipart_upload, post_image
 
 ONE_WORKER_NO_QUEUE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
 
@@ -73,12 +73,7 @@ def test_default_timeout_from_config_applies(server_factory, images):
 def test_work_of_a_disconnected_client_is_dropped(server_factory, images):
     srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "16"})
     host, port = srv.url.removeprefix("http://").split(":")
-    body = (images / "kite.jpg").read_bytes()
-    boundary = "xXxboundaryxXx"
-    payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"k.jpg\"\r\n\r\n").encode() \
-        + body + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    head, payload = multipart_upload((images / "kite.jpg").read_bytes())
     # Twelve clients send and hang up at once; one worker can start only one of them at a time,
     # so most are still queued when their disconnect is noticed.
     socks = []
