@@ -5,16 +5,19 @@ given back however the request ends."""
 from __future__ import annotations
 
 import httpx
+import pytest
 
 from engine_helpers import metric, post_image, read_response, start_upload, wait_in_flight
 
 ONE_PLACE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
 
 
-def test_a_request_holds_its_place_from_its_headers_and_others_get_503_at_once(server_factory, images):
+@pytest.mark.parametrize("held", ["/predict", "/v1/vision/detection"])
+def test_a_request_holds_its_place_from_its_headers_and_others_get_503_at_once(server_factory, images, held):
+    """Whichever protocol the held upload speaks (native, DeepStack), it is admitted from its headers."""
     srv = server_factory(env=ONE_PLACE)
     dog = (images / "dog.jpg").read_bytes()
-    s, rest = start_upload(srv.url, dog)
+    s, rest = start_upload(srv.url, dog, path=held)
     try:
         wait_in_flight(srv.url, 1)  # admitted with half its body still to come
         r = httpx.post(srv.url + "/predict", files={"image": ("d.jpg", dog, "image/jpeg")},

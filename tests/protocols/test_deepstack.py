@@ -10,7 +10,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import deepstack.core as ds
-import httpx
 import numpy as np
 import pytest
 
@@ -233,28 +232,6 @@ def test_api_key(server_factory, dog):
         assert c.get("/v1/vision/custom/list", params={"api_key": "s3cret"}).json()["success"] is True
         # other protocols are not affected by DeepStack's key
         assert c.post("/predict", files={"image": ("d.jpg", dog)}).status_code == 200
-
-
-def test_detection_holds_its_place_from_its_headers_like_every_protocol(server_factory, images):
-    """A DeepStack upload is admitted before its body arrives (so a full server refuses at
-    once, before reading bodies), and its place is given back when it is answered."""
-    from engine_helpers import metric, read_response, start_upload, wait_in_flight
-
-    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"})
-    dog = (images / "dog.jpg").read_bytes()
-    s, rest = start_upload(srv.url, dog, path=DETECTION)
-    try:
-        wait_in_flight(srv.url, 1)  # admitted with half its body still to come
-        r = httpx.post(srv.url + DETECTION, files={"image": ("d.jpg", dog, "image/jpeg")})
-        assert r.headers["retry-after"].isdigit()
-        _assert_failure(r, 503, "capacity")
-        s.sendall(rest)
-        answer = read_response(s)
-        assert answer.startswith(b"HTTP/1.1 200") and b'"dog"' in answer
-    finally:
-        s.close()
-    wait_in_flight(srv.url, 0)
-    assert metric(httpx.get(srv.url + "/metrics").text, "visionserve_rejected_requests_total", reason="queue_full") == 1
 
 
 def test_detection_honours_the_timeout_header(client, dog):
