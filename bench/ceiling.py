@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "src") not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO / "src"))
 
-from visionserve.config import RuntimeSettings, Settings  # noqa: E402
+from visionserve.config import Settings  # noqa: E402
 from visionserve.imaging.decode import decode_image  # noqa: E402
 from visionserve.runtime.model import ServedModel  # noqa: E402
 from visionserve.runtime.session import cpu_count  # noqa: E402
@@ -80,7 +80,10 @@ def stats(runs: list[dict[str, float]], elapsed: float) -> dict:
 
 
 def load_model(manifest: ModelManifest, intra_op_threads: int) -> ServedModel:
-    model = ServedModel(manifest, RuntimeSettings(intra_op_threads=intra_op_threads))
+    """The model with the server's runtime settings (its config file and ``VISIONSERVE_RUNTIME__*``
+    variables, e.g. ``allow_spinning``), at ``intra_op_threads`` threads."""
+    runtime = Settings().runtime.model_copy(update={"intra_op_threads": intra_op_threads})
+    model = ServedModel(manifest, runtime)
     model.load()
     return model
 

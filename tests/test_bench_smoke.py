@@ -27,7 +27,7 @@ def test_benchmark_smoke_run(model_dir, mirror, tmp_path):
     for lv in report["levels"]:
         assert lv["ok"] > 0 and lv["errors"] == 0 and lv["p50_ms"] > 0
     assert report["exit_code"] == 0 and report["ready_s"] > 0 and report["peak_rss_mb"] > 0
-    # 16 connections exceed the default capacity (2 per worker): the excess is refused, and
+    # 16 connections exceed the default capacity (1.5 per worker): the excess is refused, and
     # the refused clients wait the Retry-After they were sent (a storm makes thousands per second).
     c16 = report["levels"][1]
     assert report["clients"] == "retry-after"

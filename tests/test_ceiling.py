@@ -27,3 +27,12 @@ def test_ceiling_json(model_dir: Path, images: Path, mode: str, capsys: pytest.C
         assert 0 < r["ms_p50"] <= r["ms_p90"] <= r["ms_p99"]
         assert set(r["stage_ms_p50"]) == {"decode", "preprocess", "inference", "postprocess"}
         assert all(v > 0 for v in r["stage_ms_p50"].values())
+
+
+@pytest.mark.parametrize("spin", ["false", "true"])
+def test_ceiling_uses_the_servers_runtime_settings(model_dir: Path, monkeypatch: pytest.MonkeyPatch, spin: str) -> None:
+    monkeypatch.setenv("VISIONSERVE_RUNTIME__ALLOW_SPINNING", spin)
+    model = ceiling.load_model(ceiling.resolve_manifest("yolox-nano", model_dir), 2)
+    options = model.session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin == "true" else "0")

@@ -6,6 +6,10 @@ import socket
 import time
 
 import httpx
+import pytest
+
+from visionserve.config import QueueSettings, RuntimeSettings
+from visionserve.runtime.scheduler import Scheduler
 
 from engine_helpers import concurrent_posts, metric, multipart_upload, post_image
 
@@ -115,13 +119,24 @@ def test_v2_timeout_parameter_is_a_deadline(client, images):
     assert ok.status_code == 200, ok.text
 
 
-def test_default_capacity_is_one_queued_request_per_worker(server_factory, images):
-    """Without queue.max_queue, each worker runs one request and holds the next: 2 per worker."""
+def test_default_capacity_is_the_workers_and_one_queued_per_two(server_factory, images):
+    """Without queue.max_queue, the workers run one request each and one more per two waits."""
     srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
     text = httpx.get(srv.url + "/metrics").text
-    assert metric(text, "visionserve_capacity") == 4
+    assert metric(text, "visionserve_capacity") == 3
     responses = concurrent_posts(srv.url, [images / "kite.jpg"] * 12)
     codes = sorted(r.status_code for r in responses)
     assert set(codes) == {200, 503}, codes
     refused = next(r for r in responses if r.status_code == 503)
-    assert "4 requests in progress" in refused.json()["error"]["message"]
+    assert "3 requests in progress" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("workers", "max_queue", "capacity"), [(1, None, 2), (4, None, 6), (5, None, 7), (4, 0, 4), (2, 9, 11)])
+def test_capacity_from_workers_and_max_queue(workers, max_queue, capacity):
+    scheduler = Scheduler(
+        RuntimeSettings(inference_workers=workers, worker_mode="threads"), QueueSettings(max_queue=max_queue)
+    )
+    try:
+        assert scheduler.capacity == capacity
+    finally:
+        scheduler.shutdown()

@@ -101,7 +101,8 @@ class Scheduler:
         (``visionserve serve`` does, before importing the HTTP stack); else made here."""
         cores = cpu_count()
         self.workers = runtime.inference_workers or cores
-        self.capacity = self.workers + (self.workers if queue.max_queue is None else queue.max_queue)
+        queued = max(1, self.workers // 2) if queue.max_queue is None else queue.max_queue
+        self.capacity = self.workers + queued
         self.settings = queue
         self.metrics = metrics or Metrics()
         self.processes: WorkerPool | None = None

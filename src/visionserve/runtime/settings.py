@@ -34,8 +34,9 @@ class RuntimeSettings(BaseModel):
     decode_threads: int = Field(default=0, ge=0, description="threads for image encoding (annotated images); 0 = number of cores")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     allow_spinning: bool = Field(
-        default=False,
-        description="let ONNX Runtime's idle threads spin; faster only on an otherwise idle machine",
+        default=True,
+        description="let ONNX Runtime's threads spin between operators while a run lasts (they stop when it "
+        "returns); much faster for a lone request unless other busy programs share the cores",
     )
     memory_arena: bool = Field(default=True, description="ONNX Runtime's CPU memory arena (reuses buffers between runs)")
     jpeg_reduced_decode: float = Field(
