@@ -77,7 +77,7 @@ class QueueSettings(BaseModel):
         "Retry-After at once. Each queued request adds about one image's time / workers to the wait. "
         "Default: one per two workers (at least one), so an accepted request waits about half an image's "
         "time behind the others; measured against one per worker: the p99 under overload 52 instead of "
-        "61 ms, for 1-2% less throughput (docs/benchmarks.md)",
+        "61 ms, for 1-3% less throughput (docs/benchmarks.md)",
     )
     max_batch_size: int = Field(
         default=1, ge=1, le=256,
