@@ -88,8 +88,8 @@ class ServedModel:
             if len(inputs) != 1:
                 raise ModelError(f"{self.name}: expected one input, the graph has {[i.name for i in inputs]}")
             self.family.validate_outputs([o.shape for o in session.get_outputs()])
-            # One session per worker, as in the in-process ceiling (one per process): no
-            # shared arena between concurrent runs.
+            # One session per worker, as in the in-process ceiling (one per process), so
+            # concurrent runs never share a session.
             worker_sessions = [session]
             if worker_threads != wide_threads:
                 worker_sessions = [
