@@ -72,8 +72,7 @@ class Refusals:
             self.metrics.request_seconds.labels(route_path).observe(0.0)
         incoming = next((v for k, v in headers if k == b"x-request-id"), b"").decode("latin-1")
         request_id = safe_request_id(incoming).encode("latin-1")
-        extra = b"".join(k + b": " + v + b"\r\n" for k, v in default_headers)
-        return head + extra + b"x-request-id: " + request_id + b"\r\n\r\n" + body
+        return head + _header_lines(default_headers) + b"x-request-id: " + request_id + b"\r\n\r\n" + body
 
     def unparsable(self, url: bytes) -> tuple[bytes, bytes]:
         """The 400 head and body for a request the HTTP parser cannot read, in the error shape
@@ -86,9 +85,12 @@ def _render(response) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
     from http import HTTPStatus
 
     status = response.status_code
-    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode()]
-    lines += [k + b": " + v + b"\r\n" for k, v in response.raw_headers]
-    return b"".join(lines), bytes(response.body)
+    head = f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n".encode() + _header_lines(response.raw_headers)
+    return head, bytes(response.body)
+
+
+def _header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(k + b": " + v + b"\r\n" for k, v in headers)
 
 
 class _Event:
@@ -142,7 +144,7 @@ def refusing_protocol(refusals: Refusals) -> type | None:
             # uvicorn answers an unreadable request (bad request line, Content-Length or
             # chunking) in plain text; every error of this server is JSON.
             head, body = refusals.unparsable(getattr(self, "url", b""))
-            extra = b"".join(k + b": " + v + b"\r\n" for k, v in self.server_state.default_headers)
+            extra = _header_lines(self.server_state.default_headers)
             self.transport.write(head + extra + b"connection: close\r\n\r\n" + body)
             self.transport.close()
 
