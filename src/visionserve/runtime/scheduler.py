@@ -89,6 +89,12 @@ def unreserve(token) -> None:  # type: ignore[no-untyped-def]
     _reserved_ticket.reset(token)
 
 
+def capacity_for(workers: int, max_queue: int | None) -> int:
+    """Requests admitted at once: one running per worker, plus ``max_queue`` waiting
+    (default: one per two workers, at least one; config.QueueSettings.max_queue says why)."""
+    return workers + (max(1, workers // 2) if max_queue is None else max_queue)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -101,8 +107,7 @@ class Scheduler:
         (``visionserve serve`` does, before importing the HTTP stack); else made here."""
         cores = cpu_count()
         self.workers = runtime.inference_workers or cores
-        queued = max(1, self.workers // 2) if queue.max_queue is None else queue.max_queue
-        self.capacity = self.workers + queued
+        self.capacity = capacity_for(self.workers, queue.max_queue)
         self.settings = queue
         self.metrics = metrics or Metrics()
         self.processes: WorkerPool | None = None
