@@ -120,7 +120,6 @@ def test_a_lost_worker_fails_requests_and_readiness_instead_of_hanging(server_fa
     assert srv.stop(signal.SIGTERM) == 0
 
 
-
 def mapped_libraries(pid: int) -> str:
     return "\n".join(line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/" in line)
 
