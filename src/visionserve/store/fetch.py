@@ -13,8 +13,6 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-import httpx
-
 from visionserve import __version__
 from visionserve.store.catalog import CatalogFile
 
@@ -83,6 +81,10 @@ def _copy_verified(src: str, file: CatalogFile, target: Path, progress: Progress
 def _read(src: str, progress: Progress | None):
     parsed = urlparse(src)
     if parsed.scheme in ("http", "https"):
+        # Imported here: a server whose models are installed never downloads, and httpx
+        # (with ssl) adds about 5 MB to every process that imports the store.
+        import httpx
+
         try:
             with httpx.stream(
                 "GET", src, follow_redirects=True, timeout=httpx.Timeout(30.0, read=120.0),
