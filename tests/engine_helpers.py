@@ -1,4 +1,4 @@
-"""Helpers for the engine tests: concurrent uploads and reading /metrics."""
+"""Helpers for the engine tests: concurrent uploads, reading /metrics, the server's processes."""
 
 from __future__ import annotations
 
@@ -88,3 +88,19 @@ def wait_in_flight(url: str, n: int) -> None:
             return
         time.sleep(0.02)
     raise AssertionError(f"in-flight never reached {n}")
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (the server's inference process)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return out
+
+
+def mapped_libraries(pid: int) -> str:
+    """The files a process has mapped, one per line (its shared libraries among them)."""
+    return "\n".join(line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/" in line)

@@ -11,17 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from engine_helpers import concurrent_posts, metric, post_image
-
-
-def children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            out.extend(int(c) for c in (task / "children").read_text().split())
-        except OSError:
-            continue
-    return out
+from engine_helpers import children, concurrent_posts, mapped_libraries, metric, post_image
 
 
 def alive(pid: int) -> bool:
@@ -118,10 +108,6 @@ def test_a_lost_worker_fails_requests_and_readiness_instead_of_hanging(server_fa
     r = post_image(srv.url, images / "dog.jpg")
     assert r.status_code >= 500 and "worker" in r.json()["error"]["message"]
     assert srv.stop(signal.SIGTERM) == 0
-
-
-def mapped_libraries(pid: int) -> str:
-    return "\n".join(line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/" in line)
 
 
 def test_the_http_process_holds_no_inference_libraries(server_factory, images):
