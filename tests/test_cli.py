@@ -130,10 +130,27 @@ def test_models_optimize_reports_and_installs_only_what_qualifies(model_dir, mir
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)  # stdout holds the report alone
     names = [c["name"] for c in report["candidates"]]
-    assert "int8" in names and report["float_throughput"] > 0
+    # every recipe: OpenVINO is installed with the test extras
+    assert names == ["int8", "int8-mixed", "openvino", "openvino-bf16", "openvino-int8"]
+    assert report["float_throughput"] > 0
     # with the bars at zero, the fastest candidate is installed as a version of the model
     assert report["installed"] and report["installed"].startswith("yolox-nano@")
     assert (store / report["installed"] / "manifest.json").is_file()
+
+
+def test_models_optimize_tries_the_recipes_named(model_dir, mirror, images, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(model_dir / "yolox-nano", store / "yolox-nano")
+    r = run("models", "optimize", "yolox-nano", "--calibration", str(images / "dog.jpg"), "--seconds", "0.2",
+            "--recipe", "openvino", "--recipe", "int8", "--min-speedup", "9", "--json",
+            model_dir=store, mirror=mirror, timeout=600)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert [(c["name"], c["backend"]) for c in report["candidates"]] == [("openvino", "openvino"), ("int8", "onnxruntime")]
+    assert report["installed"] is None  # nothing is 9x faster
+    r = run("models", "optimize", "yolox-nano", "--calibration", str(images / "dog.jpg"), "--recipe", "fp4",
+            model_dir=store, mirror=mirror)
+    assert r.returncode == 1 and "unknown recipe 'fp4'" in r.stderr and "openvino-bf16" in r.stderr
 
 
 def test_detect_decodes_like_the_server(model_dir, mirror, images, tmp_path, server_factory):

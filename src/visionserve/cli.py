@@ -306,14 +306,23 @@ def models_optimize(
     min_agreement: Annotated[float, typer.Option(min=0, max=1, help="share of the float model's detections a version must keep")] = 0.95,
     min_speedup: Annotated[float, typer.Option(min=0, help="throughput a version must reach, relative to float")] = 1.05,
     seconds: Annotated[float, typer.Option(min=0.2, help="seconds per speed measurement round")] = 2.0,
+    recipe: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--recipe",
+            help="a version to try (repeatable): int8, int8-mixed, openvino, openvino-bf16, openvino-int8 "
+            "[default: every one whose engine is installed]",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     config: ConfigOpt = None,
     model_dir: ModelDirOpt = None,
     mirror: MirrorOpt = None,
 ) -> None:
-    """Build reduced-precision (INT8) versions of a model, measure them here against the float model,
-    and install the fastest one whose detections agree, as NAME@VERSION (serve it with
-    [[models]] name = NAME, version = VERSION)."""
+    """Build faster versions of a model (ONNX Runtime INT8; OpenVINO float, BF16 and INT8 when
+    OpenVINO is installed), measure them here against the float model, and install the fastest
+    one whose detections agree, as NAME@VERSION (serve it with [[models]] name = NAME,
+    version = VERSION)."""
     from visionserve.optimize import optimize_model
     from visionserve.store.store import ModelStore
 
@@ -331,7 +340,7 @@ def models_optimize(
         with contextlib.redirect_stdout(sys.stderr):
             report = optimize_model(
                 store, name, calibration_images, eval_images, output_version=output_version,
-                min_agreement=min_agreement, min_speedup=min_speedup, seconds=seconds,
+                min_agreement=min_agreement, min_speedup=min_speedup, seconds=seconds, recipes=recipe or None,
             )
     except VisionServeError as e:
         err.print(f"[red]error:[/red] {e.message}", highlight=False)

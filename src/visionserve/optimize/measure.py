@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -17,6 +17,20 @@ from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, Thresholds
 from visionserve.vision.boxes import box_iou
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """A graph and the engine that runs it."""
+
+    path: Path
+    backend: str = "onnxruntime"
+    options: dict[str, str] = field(default_factory=dict)
+
+    def session(self, threads: int):  # type: ignore[no-untyped-def]
+        return create_session(
+            self.path, RuntimeSettings(intra_op_threads=threads), backend=self.backend, options=self.options
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +52,11 @@ class Agreement:
 
 
 class _Bench:
-    """Sessions of one graph, created once and reused across interleaved rounds."""
+    """Sessions of one variant, created once and reused across interleaved rounds."""
 
-    def __init__(self, path: Path, tensor: np.ndarray, workers: int) -> None:
-        one = RuntimeSettings(intra_op_threads=1)
-        self.workers = [create_session(path, one) for _ in range(workers)]
-        self.wide = create_session(path, RuntimeSettings(intra_op_threads=cpu_count()))
+    def __init__(self, variant: Variant, tensor: np.ndarray, workers: int) -> None:
+        self.workers = [variant.session(1) for _ in range(workers)]
+        self.wide = variant.session(cpu_count())
         self.feed = {self.wide.get_inputs()[0].name: tensor[None]}
         for s in [*self.workers, self.wide]:
             s.run(None, self.feed)
@@ -58,7 +71,7 @@ class _Bench:
         def work(i: int) -> None:
             session, feed = self.workers[i], self.feed
             start.wait()
-            c0 = time.thread_time()  # intra-op threads = 1: ORT runs in this thread
+            c0 = time.thread_time()  # one thread per session: ORT and OpenVINO run in this thread
             while time.perf_counter() < stop_at[0]:
                 session.run(None, feed)
                 counts[i] += 1
@@ -88,12 +101,12 @@ class _Bench:
 
 
 def measure_speeds(
-    graphs: dict[str, Path], tensor: np.ndarray, *, workers: int, seconds: float, rounds: int
+    variants: dict[str, Variant], tensor: np.ndarray, *, workers: int, seconds: float, rounds: int
 ) -> dict[str, Speed]:
-    """Speed of each graph. Rounds interleave the graphs so that load from other processes
+    """Speed of each variant. Rounds interleave the variants so that load from other processes
     falls on all of them alike; the best round is the least disturbed one."""
-    benches = {name: _Bench(path, tensor, workers) for name, path in graphs.items()}
-    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in graphs}
+    benches = {name: _Bench(variant, tensor, workers) for name, variant in variants.items()}
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, bench in benches.items():
             throughput, cpu_ms = bench.full_load(seconds)
@@ -109,10 +122,11 @@ def measure_speeds(
 
 
 def served_detections(
-    manifest: ModelManifest, graph: Path, images: Sequence[np.ndarray], thresholds: Thresholds
+    manifest: ModelManifest, variant: Variant, images: Sequence[np.ndarray], thresholds: Thresholds
 ) -> list[Detections]:
-    """Detections of ``graph`` through the server's own model object (load checks included)."""
-    model = ServedModel(manifest.model_copy(update={"file": str(Path(graph).resolve())}), RuntimeSettings())
+    """Detections of ``variant`` through the server's own model object (load checks included)."""
+    update = {"file": str(Path(variant.path).resolve()), "backend": variant.backend, "backend_options": variant.options}
+    model = ServedModel(manifest.model_copy(update=update), RuntimeSettings())
     model.load()
     try:
         return [model.predict(pixels, thresholds, {}) for pixels in images]

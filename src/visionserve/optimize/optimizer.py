@@ -9,12 +9,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+
 from visionserve.errors import ModelError
 from visionserve.families import get_family
 from visionserve.optimize.calibration import TensorReader, calibration_tensors, load_rgb
 from visionserve.optimize.graph import prepare_float_graph
-from visionserve.optimize.measure import Agreement, Speed, agreement, measure_speeds, served_detections
-from visionserve.optimize.recipes import RECIPES, Recipe
+from visionserve.optimize.measure import Agreement, Speed, Variant, agreement, measure_speeds, served_detections
+from visionserve.optimize.recipes import RECIPES, Quantization, Recipe, default_recipes
 from visionserve.runtime.session import cpu_count
 from visionserve.store.store import ModelStore, version_ref
 from visionserve.types import Thresholds
@@ -26,6 +28,7 @@ FLOAT = "float"
 class CandidateResult:
     name: str
     description: str
+    backend: str  # the engine that runs it
     throughput: float  # images/s at full load
     speedup: float  # throughput / float model's throughput, same run
     cpu_ms: float  # CPU ms per inference at full load
@@ -66,12 +69,12 @@ class OptimizeReport:
         lines = [
             f"{self.model} v{self.base_version} on {self.cpu} ({self.cores} cores), "
             f"{self.workers} single-threaded workers at full load:",
-            f"  float        {self.float_throughput:7.1f} img/s  {self.float_cpu_ms:6.2f} CPU ms/inf  "
+            f"  float          {self.float_throughput:7.1f} img/s  {self.float_cpu_ms:6.2f} CPU ms/inf  "
             f"{self.float_latency_ms:6.2f} ms latency",
         ]
         for c in self.candidates:
             lines.append(
-                f"  {c.name:12s} {c.throughput:7.1f} img/s  {c.cpu_ms:6.2f} CPU ms/inf  {c.latency_ms:6.2f} ms latency  "
+                f"  {c.name:14s} {c.throughput:7.1f} img/s  {c.cpu_ms:6.2f} CPU ms/inf  {c.latency_ms:6.2f} ms latency  "
                 f"x{c.speedup:.2f} (CPU x{c.cpu_speedup:.2f})  agreement {c.matched}/{c.reference_detections} "
                 f"= {c.agreement:.0%}  {'ACCEPTED' if c.accepted else 'rejected: ' + c.reason}"
             )
@@ -105,8 +108,9 @@ def optimize_model(
     seconds: float = 2.0,
     rounds: int = 3,
 ) -> OptimizeReport:
-    """Builds reduced-precision versions of an installed model and installs the fastest one
-    whose detections agree with the float model's.
+    """Builds faster versions of an installed model (``recipes``, default: every recipe whose
+    engine is installed here) and installs the fastest one whose detections agree with the
+    float model's.
 
     A candidate qualifies when at least ``min_agreement`` of the float model's detections on
     ``eval_images`` (default: the calibration images) have a same-label candidate box at IoU
@@ -119,7 +123,9 @@ def optimize_model(
         raise ModelError(f"model {name!r} is not installed")
     if not calibration_images:
         raise ModelError("no calibration images given")
-    chosen_recipes = [RECIPES[r] if isinstance(r, str) else r for r in (recipes or RECIPES.values())]
+    chosen_recipes = [_recipe(r) for r in recipes] if recipes else default_recipes()
+    for recipe in chosen_recipes:
+        recipe.require()
     family = get_family(manifest.family)(manifest)
     eval_paths = list(eval_images) if eval_images else list(calibration_images)
     eval_pixels = [load_rgb(p) for p in eval_paths]
@@ -129,25 +135,26 @@ def optimize_model(
     with tempfile.TemporaryDirectory(prefix="visionserve-optimize-") as tmp_dir:
         tmp = Path(tmp_dir)
         tensors = calibration_tensors(family, calibration_images, augment=augment)
-        float_graph = prepare_float_graph(manifest.path, tmp / "float.onnx")
-        import onnx  # the input name, without a session
-
-        input_name = onnx.load(str(float_graph), load_external_data=False).graph.input[0].name
-        reader = TensorReader(input_name, tensors)
-
-        graphs: dict[str, Path] = {FLOAT: manifest.path}
+        variants = {FLOAT: Variant(manifest.path, manifest.backend, manifest.backend_options)}
+        built: dict[Quantization, Path] = {}  # recipes on several engines share one graph
         build_s: dict[str, float] = {}
         for recipe in chosen_recipes:
             t0 = time.perf_counter()
-            graphs[recipe.name] = recipe.build(float_graph, reader, tmp / f"{manifest.path.stem}.{recipe.name}.onnx")
+            graph = manifest.path
+            if recipe.quantization is not None:
+                if recipe.quantization not in built:
+                    target = tmp / f"{manifest.path.stem}.{recipe.name}.onnx"
+                    built[recipe.quantization] = _quantize(recipe.quantization, manifest.path, tensors, tmp, target)
+                graph = built[recipe.quantization]
+            variants[recipe.name] = Variant(graph, recipe.backend, dict(recipe.backend_options))
             build_s[recipe.name] = time.perf_counter() - t0
 
-        reference = served_detections(manifest, manifest.path, eval_pixels, thresholds)
+        reference = served_detections(manifest, variants[FLOAT], eval_pixels, thresholds)
         agreements: dict[str, Agreement] = {
-            r.name: agreement(reference, served_detections(manifest, graphs[r.name], eval_pixels, thresholds), min_iou)
+            r.name: agreement(reference, served_detections(manifest, variants[r.name], eval_pixels, thresholds), min_iou)
             for r in chosen_recipes
         }
-        speeds = measure_speeds(graphs, tensors[0], workers=workers, seconds=seconds, rounds=rounds)
+        speeds = measure_speeds(variants, tensors[0], workers=workers, seconds=seconds, rounds=rounds)
 
         base: Speed = speeds[FLOAT]
         report = OptimizeReport(
@@ -170,6 +177,7 @@ def optimize_model(
             result = CandidateResult(
                 name=recipe.name,
                 description=recipe.description,
+                backend=recipe.backend,
                 throughput=s.throughput,
                 speedup=s.throughput / base.throughput,
                 cpu_ms=s.cpu_ms,
@@ -193,6 +201,30 @@ def optimize_model(
         if accepted:
             best = max(accepted, key=lambda c: c.throughput)
             version = output_version or best.name
-            store.add_version(manifest, version, graphs[best.name], description=f"{manifest.description}; {best.description}")
+            winner = variants[best.name]
+            store.add_version(
+                manifest, version, winner.path, description=f"{manifest.description}; {best.description}",
+                backend=winner.backend, backend_options=winner.options,
+            )
             report.chosen, report.installed = best.name, version_ref(manifest.name, version)
         return report
+
+
+def _recipe(recipe: Recipe | str) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ModelError(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
+    return RECIPES[recipe]
+
+
+def _quantize(quantization: Quantization, model: Path, tensors: np.ndarray, tmp: Path, target: Path) -> Path:
+    """The quantized graph: the float graph prepared once (opset, pre-processing), then
+    ``quantize_static`` on the calibration tensors."""
+    float_graph = tmp / "float.onnx"
+    if not float_graph.exists():
+        prepare_float_graph(model, float_graph)
+    import onnx  # the input name, without a session
+
+    input_name = onnx.load(str(float_graph), load_external_data=False).graph.input[0].name
+    return quantization.build(float_graph, TensorReader(input_name, tensors), target)

@@ -1,17 +1,20 @@
-"""The quantization recipes tried, each a set of ONNX Runtime ``quantize_static`` settings
-plus which parts of the graph stay float."""
+"""The versions tried: each a graph (the float one, or an ONNX Runtime ``quantize_static``
+result with some parts kept float) and the engine that runs it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+from visionserve.errors import ModelError
 from visionserve.optimize.calibration import TensorReader
 from visionserve.optimize.graph import activation_inputs, depthwise_convs, head_nodes, stem_convs
+from visionserve.runtime.session import OPTIONAL_BACKENDS
 
 FloatPart = Literal["head", "depthwise", "stem"]
 
@@ -20,9 +23,9 @@ _FORMAT = {"qdq": QuantFormat.QDQ, "qoperator": QuantFormat.QOperator}
 
 
 @dataclass(frozen=True, slots=True)
-class Recipe:
-    name: str  # also the default version name of the result
-    description: str
+class Quantization:
+    """ONNX Runtime static quantization settings, and which parts of the graph stay float."""
+
     quant_format: Literal["qdq", "qoperator"] = "qdq"
     per_channel: bool = True
     calibration: Literal["minmax", "percentile"] = "minmax"
@@ -58,23 +61,60 @@ class Recipe:
         return target
 
 
+# Percentile calibration: min-max let a few outlying activations set the 8-bit step
+# (YOLOX-Nano on the test images: 29% of detections kept with min-max, 76% with this).
+INT8 = Quantization(calibration="percentile")
+INT8_MIXED = Quantization(quant_format="qoperator", calibration="percentile", keep_float=("head", "depthwise", "stem"))
+
+
+@dataclass(frozen=True, slots=True)
+class Recipe:
+    name: str  # also the default version name of the result
+    description: str
+    quantization: Quantization | None = None  # None: the float graph as it is
+    backend: str = "onnxruntime"
+    backend_options: dict[str, str] = field(default_factory=dict)
+
+    def available(self) -> bool:
+        """Whether this machine has the recipe's engine (OpenVINO is optional)."""
+        if self.backend not in OPTIONAL_BACKENDS:
+            return True
+        return bool(importlib.import_module(OPTIONAL_BACKENDS[self.backend]).available())
+
+    def require(self) -> None:
+        if not self.available():
+            raise ModelError(f"recipe {self.name!r} needs {self.backend}: pip install 'visionserve[{self.backend}]'")
+
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        # Percentile calibration: min-max let a few outlying activations set the 8-bit step
-        # (YOLOX-Nano on the test images: 29% of detections kept with min-max, 76% with this).
-        Recipe(
-            "int8",
-            "INT8 static, QDQ, per-channel weights, percentile calibration; detection head float",
-            calibration="percentile",
-        ),
+        Recipe("int8", "INT8 static, QDQ, per-channel weights, percentile calibration; detection head float", INT8),
         Recipe(
             "int8-mixed",
             "INT8 static, QOperator, per-channel weights, percentile calibration; "
             "depthwise layers (and their input activations), stem and head float",
-            quant_format="qoperator",
-            calibration="percentile",
-            keep_float=("head", "depthwise", "stem"),
+            INT8_MIXED,
+        ),
+        # OpenVINO picks bf16 by itself on CPUs that have it; the float version asks for f32.
+        Recipe("openvino", "OpenVINO, float32", backend="openvino", backend_options={"INFERENCE_PRECISION_HINT": "f32"}),
+        Recipe(
+            "openvino-bf16",
+            "OpenVINO, bfloat16 inference (AVX512-BF16 or AMX; elsewhere OpenVINO runs it in float32)",
+            backend="openvino",
+            backend_options={"INFERENCE_PRECISION_HINT": "bf16"},
+        ),
+        Recipe(
+            "openvino-int8",
+            "OpenVINO running the int8 recipe's graph (its low-precision pipeline takes the Q/DQ pairs)",
+            INT8,
+            backend="openvino",
+            backend_options={"INFERENCE_PRECISION_HINT": "f32"},
         ),
     )
 }
+
+
+def default_recipes() -> list[Recipe]:
+    """Every recipe whose engine is installed here."""
+    return [r for r in RECIPES.values() if r.available()]

@@ -1,4 +1,5 @@
-"""A model ready to serve: manifest + family + ONNX Runtime session."""
+"""A model ready to serve: manifest + family + inference sessions (ONNX Runtime, or the
+engine the manifest names)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class ModelState(str, Enum):
 
 
 class ServedModel:
-    """Serves one model with two ONNX Runtime sessions over the same graph.
+    """Serves one model with two kinds of session over the same graph.
 
     ``worker_sessions`` (one per scheduler worker thread, each with that worker's share of
     the cores, normally one) serve requests that run side by side; ``session`` (all cores)
@@ -81,9 +82,13 @@ class ServedModel:
             worker_threads = max(1, cores // workers)
             wide_threads = (self.runtime.intra_op_threads or cores) if self._wide else worker_threads
             workers = self._sessions or workers
-            source = self._batch_source() if self.requested_batch_size > 1 else None
+            batching = self.requested_batch_size > 1
+            if batching and self.manifest.backend != "onnxruntime":
+                log.warning("%s: batching needs the ONNX Runtime backend; serving without batching", self.name)
+                batching = False
+            source = self._batch_source() if batching else None
             source = source or self.manifest.path
-            session = create_session(source, self.runtime, intra_op_threads=wide_threads, name=str(self.manifest.path))
+            session = self._create_session(source, wide_threads)
             inputs = session.get_inputs()
             if len(inputs) != 1:
                 raise ModelError(f"{self.name}: expected one input, the graph has {[i.name for i in inputs]}")
@@ -92,19 +97,22 @@ class ServedModel:
             # concurrent runs never share a session.
             worker_sessions = [session]
             if worker_threads != wide_threads:
-                worker_sessions = [
-                    create_session(source, self.runtime, intra_op_threads=worker_threads, name=str(self.manifest.path))
-                    for _ in range(workers)
-                ]
+                worker_sessions = [self._create_session(source, worker_threads) for _ in range(workers)]
             self.session, self.worker_sessions, self.input_name = session, worker_sessions, inputs[0].name
             self._free_sessions = list(worker_sessions)
-            if self.requested_batch_size > 1:
+            if batching:
                 self.max_batch_size = self._checked_batch_size()
             self.warm_up()
             self.state = ModelState.READY
         except Exception as e:
             self.state, self.error = ModelState.FAILED, str(e)
             raise
+
+    def _create_session(self, source: Path | bytes, threads: int):  # type: ignore[no-untyped-def]
+        m = self.manifest
+        return create_session(
+            source, self.runtime, intra_op_threads=threads, name=str(m.path), backend=m.backend, options=m.backend_options
+        )
 
     def attach_workers(self, report: dict) -> None:
         """Marks the model ready with its sessions held by inference worker processes

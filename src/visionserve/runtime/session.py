@@ -1,7 +1,9 @@
-"""ONNX Runtime sessions built from the runtime settings."""
+"""Inference sessions built from the runtime settings: ONNX Runtime, or another engine a
+model version names (``ModelManifest.backend``)."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from pathlib import Path
@@ -26,6 +28,12 @@ _OPT_LEVELS = {
 _shared_arena = threading.Lock()
 _shared_arena_ready = False
 
+# Engines other than ONNX Runtime: backend name -> module with ``create_session(model, threads,
+# options, name=...)`` returning an object with the part of ``ort.InferenceSession`` the
+# server uses (``get_inputs``, ``get_outputs``, ``run``). Imported only when a model needs one.
+OPTIONAL_BACKENDS = {"openvino": "visionserve.runtime.openvino"}
+BACKENDS = ("onnxruntime", *OPTIONAL_BACKENDS)
+
 
 def cpu_count() -> int:
     """Cores this process may use (respects affinity masks and container CPU sets)."""
@@ -41,15 +49,25 @@ def create_session(
     *,
     intra_op_threads: int | None = None,
     name: str = "",
+    backend: str = "onnxruntime",
+    options: dict[str, str] | None = None,
 ) -> ort.InferenceSession:
     """A CPU session for a model file (or serialized model bytes).
 
-    ``intra_op_threads`` overrides the settings (the per-worker sessions use 1).
+    ``intra_op_threads`` overrides the settings (the per-worker sessions use 1). ``options``
+    are the engine's own settings: session config entries for ONNX Runtime, properties for
+    OpenVINO.
     """
+    threads = intra_op_threads or runtime.intra_op_threads or cpu_count()
+    if backend != "onnxruntime":
+        if backend not in OPTIONAL_BACKENDS:
+            raise ModelError(f"{name or model}: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+        engine = importlib.import_module(OPTIONAL_BACKENDS[backend])
+        return engine.create_session(model, threads, options or {}, name=name)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = intra_op_threads or runtime.intra_op_threads or cpu_count()
+    opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = runtime.inter_op_threads
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[runtime.graph_optimization])
@@ -66,6 +84,8 @@ def create_session(
     # that the other workers or the HTTP process need (docs/benchmarks.md).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if runtime.allow_spinning else "0")
     opts.add_session_config_entry("session.force_spinning_stop", "1")
+    for key, value in (options or {}).items():
+        opts.add_session_config_entry(key, value)
     opts.log_severity_level = 3  # errors only; ORT's warnings are not for end users
     source = model if isinstance(model, bytes) else str(model)
     try:

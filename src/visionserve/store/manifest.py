@@ -24,6 +24,13 @@ class ModelManifest(BaseModel):
     version: str = "1"
     family: str
     file: str = Field(description="ONNX file, relative to the manifest's folder or absolute")
+    backend: str = Field(
+        default="onnxruntime",
+        description="engine that runs the file: 'onnxruntime', or 'openvino' (optional: pip install visionserve[openvino])",
+    )
+    backend_options: dict[str, str] = Field(
+        default_factory=dict, description="engine settings, e.g. OpenVINO's INFERENCE_PRECISION_HINT = bf16"
+    )
     labels: list[str]
     input_width: int
     input_height: int

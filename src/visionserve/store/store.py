@@ -123,8 +123,18 @@ class ModelStore:
             return self.pull(name)
         raise ModelNotFound(f"model {name!r} is neither installed in {self.root} nor in the catalog")
 
-    def add_version(self, base: ModelManifest, version: str, model_file: Path, *, description: str = "") -> ModelManifest:
-        """Installs a derived ONNX graph of ``base`` as ``<name>@<version>`` (its own folder and manifest)."""
+    def add_version(
+        self,
+        base: ModelManifest,
+        version: str,
+        model_file: Path,
+        *,
+        description: str = "",
+        backend: str = "onnxruntime",
+        backend_options: dict[str, str] | None = None,
+    ) -> ModelManifest:
+        """Installs a derived ONNX graph of ``base`` as ``<name>@<version>`` (its own folder and
+        manifest), to run on ``backend`` with ``backend_options``."""
         folder = self.folder(version_ref(base.name, version))
         target = folder / Path(model_file).name
         write_atomic(target, Path(model_file).read_bytes())
@@ -135,6 +145,8 @@ class ModelStore:
                 "sha256": sha256_file(target),
                 "source": f"derived:{version_ref(base.name, base.version)}",
                 "description": description or base.description,
+                "backend": backend,
+                "backend_options": dict(backend_options or {}),
             }
         )
         manifest.save(folder)
