@@ -41,6 +41,7 @@ class OpenVINOSession:
         self.compiled = compiled
         self._inputs = [_port(p) for p in compiled.inputs]
         self._outputs = [_port(p) for p in compiled.outputs]
+        self._output_index = {p.name: i for i, p in enumerate(self._outputs)}
         self._request = compiled.create_infer_request()
         # One infer request, so one run at a time. Each worker has a session of its own, so
         # the lock is only ever contended when more threads than sessions share one.
@@ -54,11 +55,10 @@ class OpenVINOSession:
 
     def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         names = list(output_names) if output_names else [p.name for p in self._outputs]
-        index = {p.name: i for i, p in enumerate(self._outputs)}
         with self._lock:  # the GIL is released while OpenVINO runs
             # share_outputs=False: the request's output buffers are reused by its next run.
             result = self._request.infer(dict(feeds), share_inputs=True, share_outputs=False)
-            return [result[index[n]] for n in names]
+            return [result[self._output_index[n]] for n in names]
 
 
 def create_session(model: Path | bytes, threads: int, options: Mapping[str, str], *, name: str = "") -> OpenVINOSession:
