@@ -136,6 +136,12 @@ def test_models_optimize_reports_and_installs_only_what_qualifies(model_dir, mir
     # with the bars at zero, the fastest candidate is installed as a version of the model
     assert report["installed"] and report["installed"].startswith("yolox-nano@")
     assert (store / report["installed"] / "manifest.json").is_file()
+    # `models list` shows the new version beside the model, with the engine that runs it
+    r = run("models", "list", "--json", model_dir=store, mirror=mirror)
+    rows = {m["name"]: m for m in json.loads(r.stdout)["models"]}
+    chosen = next(c for c in report["candidates"] if c["name"] == report["chosen"])
+    assert rows[report["installed"]]["installed"] and rows[report["installed"]]["backend"] == chosen["backend"]
+    assert rows["yolox-nano"]["installed"] and rows["yolox-nano"]["backend"] == "onnxruntime"
 
 
 def test_models_optimize_tries_the_recipes_named(model_dir, mirror, images, tmp_path):

@@ -180,15 +180,17 @@ def models_list(
 
     settings = _settings(config, model_dir=model_dir)
     store = ModelStore(settings.model_dir, settings.model_mirror)
-    installed = {m.name: m for m in store.installed()}
+    # By folder: a version made by `models optimize` is listed as NAME@VERSION beside its model.
+    installed = {m.folder.name if m.folder else m.name: m for m in store.installed()}
     rows = [
         {"name": name, "family": e.family, "input": f"{e.input_width}x{e.input_height}", "classes": len(e.labels),
-         "installed": name in installed, "description": e.description}
+         "installed": name in installed, "backend": installed[name].backend if name in installed else "onnxruntime",
+         "description": e.description}
         for name, e in sorted(CATALOG.items())
     ] + [
-        {"name": name, "family": m.family, "input": f"{m.input_width}x{m.input_height}", "classes": len(m.labels),
-         "installed": True, "description": m.description or f"({m.source})"}
-        for name, m in sorted(installed.items()) if name not in CATALOG
+        {"name": ref, "family": m.family, "input": f"{m.input_width}x{m.input_height}", "classes": len(m.labels),
+         "installed": True, "backend": m.backend, "description": m.description or f"({m.source})"}
+        for ref, m in sorted(installed.items()) if ref not in CATALOG
     ]
     if as_json:
         print(json.dumps({"store": str(store.root), "models": rows}, indent=2))
