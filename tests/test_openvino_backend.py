@@ -137,6 +137,8 @@ def test_optimize_measures_the_openvino_recipes_and_installs_the_winner(
     server = start_server(store.root, mirror, tmp_path, "--config", str(config))
     try:
         r = post_image(server.url, images / "dog.jpg")
+        with server.client() as c:
+            (status,) = c.get("/status").json()["models"]
         (engine,) = children(server.process.pid)
         assert "libopenvino" in mapped_libraries(engine)
         assert "openvino" not in mapped_libraries(server.process.pid)
@@ -145,6 +147,7 @@ def test_optimize_measures_the_openvino_recipes_and_installs_the_winner(
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == {"name": "yolox-nano", "version": winner.name}
+    assert (status["version"], status["backend"], status["ready"]) == (winner.name, "openvino", True)
     expected = detect(loaded(installed), images / "dog.jpg")
     assert [d["label"] for d in body["detections"]] == expected.label_names()
     assert [d["confidence"] for d in body["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-3)

@@ -173,6 +173,7 @@ class ModelRegistry:
             entry |= {
                 "version": m.version,
                 "family": m.manifest.family,
+                "backend": m.manifest.backend,
                 "labels": len(m.labels),
                 "input": {"width": m.family.input.width, "height": m.family.input.height},
                 "default": name == self.default_name,
