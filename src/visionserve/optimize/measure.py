@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from visionserve.runtime.model import ServedModel
-from visionserve.runtime.session import cpu_count, create_session
+from visionserve.runtime.session import Session, cpu_count, create_session
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, Thresholds
@@ -27,7 +27,7 @@ class Variant:
     backend: str = "onnxruntime"
     options: dict[str, str] = field(default_factory=dict)
 
-    def session(self, threads: int):  # type: ignore[no-untyped-def]
+    def session(self, threads: int) -> Session:
         return create_session(
             self.path, RuntimeSettings(intra_op_threads=threads), backend=self.backend, options=self.options
         )

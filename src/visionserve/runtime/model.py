@@ -16,7 +16,7 @@ from visionserve.errors import InvalidParameter, ModelError
 from visionserve.families import get_family
 from visionserve.families.base import ModelFamily
 from visionserve.runtime.batching import dynamic_batch_variant, graph_batch_size, same_outputs
-from visionserve.runtime.session import cpu_count, create_session
+from visionserve.runtime.session import Session, cpu_count, create_session
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, PredictParams, Thresholds
@@ -62,9 +62,9 @@ class ServedModel:
         self.error: str | None = None
         self.requested_batch_size = max_batch_size
         self.max_batch_size = 1  # what the graph allows, known after load()
-        self.session = None  # the wide session (all cores); None when unloaded
-        self.worker_sessions: list = []
-        self._free_sessions: list = []
+        self.session: Session | None = None  # the wide session (all cores); None when unloaded
+        self.worker_sessions: list[Session] = []
+        self._free_sessions: list[Session] = []
         self._thread_session = threading.local()
         self.input_name = ""
         self._lock = threading.Lock()
@@ -108,7 +108,7 @@ class ServedModel:
             self.state, self.error = ModelState.FAILED, str(e)
             raise
 
-    def _create_session(self, source: Path | bytes, threads: int):  # type: ignore[no-untyped-def]
+    def _create_session(self, source: Path | bytes, threads: int) -> Session:
         m = self.manifest
         return create_session(
             source, self.runtime, intra_op_threads=threads, name=str(m.path), backend=m.backend, options=m.backend_options
@@ -198,7 +198,7 @@ class ServedModel:
             raise ModelError(f"model {self.name!r} is not loaded")
         return session.run(None, {self.input_name: batch})
 
-    def _worker_session(self):  # type: ignore[no-untyped-def]
+    def _worker_session(self) -> Session:
         """This thread's own worker session (each scheduler worker thread keeps one)."""
         local = self._thread_session
         if getattr(local, "owner", None) is not self.worker_sessions:

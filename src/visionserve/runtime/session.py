@@ -7,13 +7,13 @@ import importlib
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from visionserve.errors import ModelError
 from visionserve.runtime.settings import RuntimeSettings
 
 if TYPE_CHECKING:
-    import onnxruntime as ort
+    import numpy as np
 
 # ONNX Runtime is imported when a session is made: the HTTP process imports this module but
 # holds no session when inference runs in the inference process, and ONNX Runtime would
@@ -28,9 +28,20 @@ _OPT_LEVELS = {
 _shared_arena = threading.Lock()
 _shared_arena_ready = False
 
+
+class Session(Protocol):
+    """What the server uses of an inference session. ``onnxruntime.InferenceSession`` has it,
+    and each optional engine's session provides it."""
+
+    def get_inputs(self) -> Sequence[Any]: ...  # each with ``.name`` and ``.shape``
+
+    def get_outputs(self) -> Sequence[Any]: ...
+
+    def run(self, output_names: Sequence[str] | None, input_feed: Mapping[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
 # Engines other than ONNX Runtime: backend name -> module with ``create_session(model, threads,
-# options, name=...)`` returning an object with the part of ``ort.InferenceSession`` the
-# server uses (``get_inputs``, ``get_outputs``, ``run``). Imported only when a model needs one.
+# options, name=...)`` returning a ``Session``. Imported only when a model needs one.
 OPTIONAL_BACKENDS = {"openvino": "visionserve.runtime.openvino"}
 BACKENDS = ("onnxruntime", *OPTIONAL_BACKENDS)
 
@@ -51,7 +62,7 @@ def create_session(
     name: str = "",
     backend: str = "onnxruntime",
     options: dict[str, str] | None = None,
-) -> ort.InferenceSession:
+) -> Session:
     """A CPU session for a model file (or serialized model bytes).
 
     ``intra_op_threads`` overrides the settings (the per-worker sessions use 1). ``options``
