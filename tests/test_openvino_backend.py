@@ -15,7 +15,7 @@ from engine_helpers import children, mapped_libraries, post_image
 from visionserve.errors import ModelError
 from visionserve.imaging.decode import decode_image
 from visionserve.optimize import optimize_model
-from visionserve.optimize.recipes import RECIPES, default_recipes
+from visionserve.optimize.recipes import RECIPES, Recipe, default_recipes
 from visionserve.runtime import openvino as ov_backend
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.session import cpu_count
@@ -72,6 +72,30 @@ def test_worker_and_wide_sessions_get_their_threads_and_the_manifest_options(sto
     assert model.session.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
 
 
+def test_the_manifest_cannot_change_a_sessions_thread_count(store: ModelStore) -> None:
+    # The scheduler runs one worker session per core; a manifest asking for more would
+    # oversubscribe them. (A number in the manifest is read as its text.)
+    base = store.manifest("yolox-nano")
+    options = {**F32, "INFERENCE_NUM_THREADS": 2, "NUM_STREAMS": "1"}
+    manifest = ModelManifest.model_validate(
+        {**base.model_dump(), "folder": base.folder, "backend": "openvino", "backend_options": options}
+    )
+    model = loaded(manifest, sessions=2)
+    assert manifest.backend_options["INFERENCE_NUM_THREADS"] == "2"
+    if cpu_count() > 1:
+        assert [s.compiled.get_property("INFERENCE_NUM_THREADS") for s in model.worker_sessions] == [1, 1]
+
+
+def test_a_recipe_needing_a_cpu_capability_is_offered_only_where_openvino_reports_it() -> None:
+    capabilities = ov_backend.cpu_capabilities()
+    assert "FP32" in capabilities
+    assert RECIPES["openvino-bf16"].available() == ("BF16" in capabilities)
+    needs = Recipe("x", "needs what no CPU has", backend="openvino", cpu_capability="NO_SUCH_THING")
+    assert not needs.available()
+    with pytest.raises(ModelError, match=r"runs in NO_SUCH_THING \(this one: .*FP32"):
+        needs.require()
+
+
 def test_bf16_option_reaches_openvino_where_the_cpu_has_bf16(store: ModelStore) -> None:
     if "BF16" not in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         pytest.skip("this CPU has no bfloat16: OpenVINO runs bf16 versions in float32")
@@ -118,7 +142,7 @@ def test_optimize_measures_the_openvino_recipes_and_installs_the_winner(
         seconds=0.2, rounds=1,
     )
     by_name = {c.name: c for c in report.candidates}
-    assert set(by_name) == {"openvino", "openvino-bf16"}
+    assert set(by_name) == {"openvino", "openvino-bf16"} and report.installed
     assert all(c.backend == "openvino" and c.throughput > 0 and c.cpu_ms > 0 for c in by_name.values())
     # The float graph on OpenVINO keeps the float model's detections.
     assert by_name["openvino"].agreement == 1.0
@@ -151,3 +175,18 @@ def test_optimize_measures_the_openvino_recipes_and_installs_the_winner(
     expected = detect(loaded(installed), images / "dog.jpg")
     assert [d["label"] for d in body["detections"]] == expected.label_names()
     assert [d["confidence"] for d in body["detections"]] == pytest.approx(expected.scores.tolist(), abs=1e-3)
+
+
+def test_optimize_rejects_a_recipe_that_fails_here_and_goes_on(store: ModelStore, images: Path) -> None:
+    broken = Recipe("broken", "an option OpenVINO refuses", backend="openvino",
+                    backend_options={"INFERENCE_PRECISION_HINT": "no-such-precision"})
+    report = optimize_model(
+        store, "yolox-nano", [images / "dog.jpg"], recipes=[broken, "openvino", "openvino"],
+        min_agreement=0.0, min_speedup=9.0, augment=False, seconds=0.2, rounds=1,
+    )
+    # Each recipe once; the broken one rejected with OpenVINO's reason, the other measured.
+    assert [c.name for c in report.candidates] == ["broken", "openvino"]
+    failed, measured = report.candidates
+    assert failed.reason.startswith("failed: OpenVINO cannot load") and not failed.accepted
+    assert measured.throughput > 0 and measured.agreement == 1.0
+    assert "broken" in report.summary() and report.installed is None

@@ -9,12 +9,14 @@ import numpy as np
 import onnx
 import pytest
 
-from visionserve.config import RuntimeSettings
+from visionserve.config import ModelConfig, RuntimeSettings
+from visionserve.errors import ModelError
 from visionserve.imaging.decode import decode_image
 from visionserve.optimize import optimize_model
 from visionserve.optimize.graph import depthwise_convs, head_nodes, stem_convs
 from visionserve.optimize.measure import agreement, match_count
 from visionserve.runtime.model import ServedModel
+from visionserve.runtime.registry import manifest_for
 from visionserve.store.store import ModelStore
 from visionserve.types import Detections, PredictParams
 from visionserve.vision.boxes import box_iou
@@ -58,7 +60,8 @@ def test_quantized_version_is_installed_beside_the_float_model(store: ModelStore
     assert manifest is not None
     assert (manifest.name, manifest.version, manifest.family) == ("yolox-nano", "int8", "yolox")
     assert manifest.source == "derived:yolox-nano@1"
-    assert manifest.path.parent == store.folder("yolox-nano@int8")
+    # Named by the version it is (int8), not by the recipe that built it (int8-mixed).
+    assert manifest.path == store.folder("yolox-nano@int8") / "yolox_nano.int8.onnx"
     assert manifest.path.stat().st_size < store.manifest("yolox-nano").path.stat().st_size  # 8-bit weights
     assert all(check.ok for check in store.verify("yolox-nano@int8"))
     # The float model is untouched and both are listed.
@@ -168,3 +171,14 @@ def test_server_serves_the_installed_version_under_the_model_name(
         expected[ref] = sorted(detect(model, images / "dog.jpg").scores.tolist())
     assert served == pytest.approx(expected["yolox-nano@int8"], abs=1e-4)
     assert served != pytest.approx(expected["yolox-nano"], abs=1e-4)
+
+
+def test_a_configured_version_that_is_not_installed_fails_instead_of_serving_the_base_model(
+    store: ModelStore, report
+) -> None:
+    base = store.manifest("yolox-nano")
+    with pytest.raises(ModelError, match=r"yolox-nano@openvino-int8 is not installed"):
+        manifest_for(ModelConfig(name="yolox-nano", version="openvino-int8"), store)
+    # The base model's own version, and an installed one, resolve as before.
+    assert manifest_for(ModelConfig(name="yolox-nano", version=base.version), store).path == base.path
+    assert manifest_for(ModelConfig(name="yolox-nano", version="int8"), store).path == store.manifest("yolox-nano@int8").path

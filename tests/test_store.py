@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import json
 import shutil
 import threading
 from pathlib import Path
@@ -112,3 +113,43 @@ def test_manifest_round_trip(tmp_path):
     m.save(tmp_path)
     loaded = ModelManifest.load(tmp_path)
     assert loaded.model_dump() == m.model_dump() and loaded.path == tmp_path / "x.onnx"
+
+
+def test_manifests_name_their_engine_only_when_it_is_not_onnx_runtime(tmp_path):
+    # Older releases forbid unknown manifest keys: ONNX Runtime models keep the old form.
+    m = ModelManifest(name="x", family="yolox", file="x.onnx", labels=["a"], input_width=32, input_height=32)
+    m.save(tmp_path / "ort")
+    assert not {"backend", "backend_options"} & json.loads((tmp_path / "ort" / "manifest.json").read_text()).keys()
+    assert ModelManifest.load(tmp_path / "ort").backend == "onnxruntime"
+    ov = m.model_copy(update={"backend": "openvino", "backend_options": {"INFERENCE_PRECISION_HINT": "bf16"}})
+    ov.save(tmp_path / "ov")
+    saved = json.loads((tmp_path / "ov" / "manifest.json").read_text())
+    assert (saved["backend"], saved["backend_options"]) == ("openvino", {"INFERENCE_PRECISION_HINT": "bf16"})
+    assert ModelManifest.load(tmp_path / "ov").model_dump() == ov.model_dump()
+    # Engines take text; a hand-written number is read as its text.
+    saved["backend_options"] = {"NUM_STREAMS": 2}
+    (tmp_path / "ov" / "manifest.json").write_text(json.dumps(saved))
+    assert ModelManifest.load(tmp_path / "ov").backend_options == {"NUM_STREAMS": "2"}
+
+
+def test_add_version_names_the_file_by_version_and_replaces_the_previous_one(tmp_path):
+    store = ModelStore(tmp_path / "store")
+    base_folder = store.folder("x")
+    base = ModelManifest(name="x", family="yolox", file="x.onnx", labels=["a"], input_width=32, input_height=32)
+    (base_folder).mkdir(parents=True)
+    (base_folder / "x.onnx").write_bytes(b"float graph")
+    base.save(base_folder)
+    base = store.manifest("x")
+    first = tmp_path / "x.openvino-int8.onnx"  # a scratch name from the recipe that built it first
+    first.write_bytes(b"int8 graph")
+    installed = store.add_version(base, "int8", first)
+    assert installed.path == store.folder("x@int8") / "x.int8.onnx" and installed.path.read_bytes() == b"int8 graph"
+    again = tmp_path / "other.onnx"
+    again.write_bytes(b"int8 graph, calibrated again")
+    installed = store.add_version(base, "int8", again, backend="openvino")
+    assert sorted(p.name for p in store.folder("x@int8").iterdir()) == ["manifest.json", "x.int8.onnx"]
+    assert installed.path.read_bytes() == b"int8 graph, calibrated again" and installed.backend == "openvino"
+    assert all(check.ok for check in store.verify("x@int8"))
+    for bad in ("../up", "a/b", "", "-x", "x" * 65):
+        with pytest.raises(ModelError, match="invalid version name"):
+            store.add_version(base, bad, again)

@@ -11,6 +11,7 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -32,11 +33,17 @@ ModelDirOpt = Annotated[Optional[Path], typer.Option("--model-dir", help="local 
 MirrorOpt = Annotated[Optional[str], typer.Option("--mirror", help="model mirror folder or URL base [env VISIONSERVE_MODEL_MIRROR]")]
 
 
+def _error(message: object) -> None:
+    """An error line on stderr. The message is escaped: Rich would take text in brackets,
+    such as ``pip install 'visionserve[openvino]'``, for markup and drop it."""
+    err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+
+
 def _settings(config: Path | None, **overrides: object) -> Settings:
     try:
         return load_settings(config, **overrides)
     except ConfigError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False)
+        _error(e)
         raise typer.Exit(2) from None
 
 
@@ -56,8 +63,8 @@ def _root(
 @app.command()
 def serve(
     config: ConfigOpt = None,
-    host: Annotated[Optional[str], typer.Option(help="address to listen on (0.0.0.0 to expose it) [default 127.0.0.1]")] = None,
-    port: Annotated[Optional[int], typer.Option(help="port [default 9130]")] = None,
+    host: Annotated[Optional[str], typer.Option(help="address to listen on (0.0.0.0 to expose it)", show_default="127.0.0.1")] = None,
+    port: Annotated[Optional[int], typer.Option(help="port", show_default="9130")] = None,
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="model to serve (repeatable); the first is the default")] = None,
     model_dir: ModelDirOpt = None,
     mirror: MirrorOpt = None,
@@ -95,7 +102,7 @@ def serve(
 @app.command()
 def detect(
     paths: Annotated[list[Path], typer.Argument(help="images or folders of images")],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model name [default: the configured default]")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model name", show_default="the configured default")] = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="jsonl or csv")] = "jsonl",
     annotate_dir: Annotated[Optional[Path], typer.Option("--annotate", help="write images with boxes drawn here")] = None,
     min_confidence: Annotated[Optional[float], typer.Option(min=0, max=1)] = None,
@@ -110,11 +117,11 @@ def detect(
     from visionserve.offline import OfflineDetector
 
     if output_format not in ("jsonl", "csv"):
-        err.print("[red]error:[/red] --format must be jsonl or csv")
+        _error("--format must be jsonl or csv")
         raise typer.Exit(2)
     files = list(_image_files(paths))
     if not files:
-        err.print("[red]error:[/red] no images found")
+        _error("no images found")
         raise typer.Exit(2)
     overrides: dict[str, object] = {"model_dir": model_dir, "model_mirror": mirror}
     if model:
@@ -123,7 +130,7 @@ def detect(
     try:
         detector = OfflineDetector(settings, model, progress=lambda name: _progress_bar(name))
     except VisionServeError as e:
-        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        _error(e.message)
         raise typer.Exit(1) from None
     params = _params(min_confidence, iou, max_detections, classes)
     writer = csv.writer(sys.stdout) if output_format == "csv" else None
@@ -196,11 +203,12 @@ def models_list(
         print(json.dumps({"store": str(store.root), "models": rows}, indent=2))
         return
     table = Table(title=f"models (store: {store.root})")
-    for col in ("name", "family", "input", "classes", "installed", "description"):
+    for col in ("name", "family", "input", "classes", "installed", "engine", "description"):
         table.add_column(col, no_wrap=col != "description")
     for r in rows:
-        table.add_row(r["name"], r["family"], r["input"], str(r["classes"]), "yes" if r["installed"] else "no",
-                      r["description"])
+        cells = (r["name"], r["family"], r["input"], str(r["classes"]), "yes" if r["installed"] else "no", r["backend"],
+                 r["description"])
+        table.add_row(*(escape(c) for c in cells))
     Console().print(table)
 
 
@@ -225,9 +233,9 @@ def _pull(store, name: str, force: bool = False) -> None:  # type: ignore[no-unt
     try:
         manifest = store.pull(name, force=force, progress=_progress_bar)
     except VisionServeError as e:
-        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        _error(e.message)
         raise typer.Exit(1) from None
-    err.print(f"{name}: installed in {manifest.folder} ([green]verified[/green])", highlight=False)
+    err.print(f"{escape(name)}: installed in {escape(str(manifest.folder))} ([green]verified[/green])", highlight=False)
 
 
 def _progress_bar(filename: str):  # type: ignore[no-untyped-def]
@@ -250,7 +258,7 @@ def _progress_bar(filename: str):  # type: ignore[no-untyped-def]
 
 @models_app.command("verify")
 def models_verify(
-    names: Annotated[Optional[list[str]], typer.Argument(help="models to check [default: all installed]")] = None,
+    names: Annotated[Optional[list[str]], typer.Argument(help="models to check", show_default="all installed")] = None,
     config: ConfigOpt = None,
     model_dir: ModelDirOpt = None,
 ) -> None:
@@ -278,7 +286,7 @@ def models_import_darknet(
     cfg: Annotated[Path, typer.Argument(help="darknet .cfg file", exists=True, dir_okay=False)],
     weights: Annotated[Path, typer.Argument(help="darknet .weights file", exists=True, dir_okay=False)],
     labels: Annotated[Path, typer.Option("--labels", help="class names, one a line (.names)", exists=True, dir_okay=False)],
-    name: Annotated[Optional[str], typer.Option("--name", help="model name [default: the cfg's file name]")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="model name", show_default="the cfg's file name")] = None,
     config: ConfigOpt = None,
     model_dir: ModelDirOpt = None,
 ) -> None:
@@ -290,12 +298,13 @@ def models_import_darknet(
     try:
         manifest = import_darknet(cfg, weights, labels, settings.model_dir / name, name)
     except VisionServeError as e:
-        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        _error(e.message)
         raise typer.Exit(1) from None
     err.print(
         f"{name}: {manifest.family}, {manifest.input_width}x{manifest.input_height}, {len(manifest.labels)} classes, "
         f"installed in {manifest.folder}",
         highlight=False,
+        markup=False,
     )
 
 
@@ -303,8 +312,8 @@ def models_import_darknet(
 def models_optimize(
     name: Annotated[str, typer.Argument(help="installed model to optimize")],
     calibration: Annotated[Path, typer.Option("--calibration", help="folder (or file) of representative images", exists=True)],
-    evaluate: Annotated[Optional[Path], typer.Option("--eval", help="images to compare detections on [default: the calibration images]", exists=True)] = None,
-    output_version: Annotated[Optional[str], typer.Option("--output-version", help="version name of the result [default: the recipe's]")] = None,
+    evaluate: Annotated[Optional[Path], typer.Option("--eval", help="images to compare detections on", show_default="the calibration images", exists=True)] = None,
+    output_version: Annotated[Optional[str], typer.Option("--output-version", help="version name of the result", show_default="the recipe's name")] = None,
     min_agreement: Annotated[float, typer.Option(min=0, max=1, help="share of the float model's detections a version must keep")] = 0.95,
     min_speedup: Annotated[float, typer.Option(min=0, help="throughput a version must reach, relative to float")] = 1.05,
     seconds: Annotated[float, typer.Option(min=0.2, help="seconds per speed measurement round")] = 2.0,
@@ -312,8 +321,8 @@ def models_optimize(
         Optional[list[str]],
         typer.Option(
             "--recipe",
-            help="a version to try (repeatable): int8, int8-mixed, openvino, openvino-bf16, openvino-int8 "
-            "[default: every one whose engine is installed]",
+            help="a version to try (repeatable): int8, int8-mixed, openvino, openvino-bf16, openvino-int8",
+            show_default="every one whose engine is installed",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
@@ -325,27 +334,31 @@ def models_optimize(
     OpenVINO is installed), measure them here against the float model, and install the fastest
     one whose detections agree, as NAME@VERSION (serve it with [[models]] name = NAME,
     version = VERSION)."""
-    from visionserve.optimize import optimize_model
-    from visionserve.store.store import ModelStore
+    from visionserve.optimize import chosen_recipes, optimize_model
+    from visionserve.store.store import ModelStore, check_version_name
 
     settings = _settings(config, model_dir=model_dir, model_mirror=mirror)
     store = ModelStore(settings.model_dir, settings.model_mirror)
     calibration_images = list(_image_files([calibration]))
     eval_images = list(_image_files([evaluate])) if evaluate else None
     if not calibration_images:
-        err.print(f"[red]error:[/red] no images in {calibration}")
+        _error(f"no images in {calibration}")
         raise typer.Exit(2)
     try:
+        # Mistakes in the arguments are reported before anything is downloaded or built.
+        recipes = chosen_recipes(recipe)
+        if output_version is not None:
+            check_version_name(output_version)
         if store.manifest(name) is None:
             store.ensure(name)
         # ONNX Runtime's quantizer prints progress on stdout: keep stdout for the report.
         with contextlib.redirect_stdout(sys.stderr):
             report = optimize_model(
                 store, name, calibration_images, eval_images, output_version=output_version,
-                min_agreement=min_agreement, min_speedup=min_speedup, seconds=seconds, recipes=recipe or None,
+                min_agreement=min_agreement, min_speedup=min_speedup, seconds=seconds, recipes=recipes,
             )
     except VisionServeError as e:
-        err.print(f"[red]error:[/red] {e.message}", highlight=False)
+        _error(e.message)
         raise typer.Exit(1) from None
     print(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 

@@ -1,12 +1,12 @@
 """Faster versions of installed models, chosen by measurement on this machine.
 
-``optimize_model`` builds reduced-precision candidates of a model's ONNX graph (ONNX Runtime
-static INT8 quantization, calibrated on the user's images), measures each against the float
-model at full load and for agreement of detections, and installs the fastest one that
-agrees well enough as ``<name>@<version>`` in the store.
+``optimize_model`` builds candidates of a model (ONNX Runtime static INT8 quantization,
+calibrated on the user's images; OpenVINO float, BF16 and INT8 when it is installed),
+measures each against the float model at full load and for agreement of detections, and
+installs the fastest one that agrees well enough as ``<name>@<version>`` in the store.
 """
 
-from visionserve.optimize.optimizer import CandidateResult, OptimizeReport, optimize_model
+from visionserve.optimize.optimizer import CandidateResult, OptimizeReport, chosen_recipes, optimize_model
 from visionserve.optimize.recipes import RECIPES, Recipe
 
-__all__ = ["CandidateResult", "OptimizeReport", "RECIPES", "Recipe", "optimize_model"]
+__all__ = ["CandidateResult", "OptimizeReport", "RECIPES", "Recipe", "chosen_recipes", "optimize_model"]

@@ -18,7 +18,7 @@ from visionserve.optimize.graph import prepare_float_graph
 from visionserve.optimize.measure import Agreement, Speed, Variant, agreement, measure_speeds, served_detections
 from visionserve.optimize.recipes import RECIPES, Quantization, Recipe, default_recipes
 from visionserve.runtime.session import cpu_count
-from visionserve.store.store import ModelStore, version_ref
+from visionserve.store.store import ModelStore, check_version_name, version_ref
 from visionserve.types import Thresholds
 
 FLOAT = "float"
@@ -123,9 +123,9 @@ def optimize_model(
         raise ModelError(f"model {name!r} is not installed")
     if not calibration_images:
         raise ModelError("no calibration images given")
-    chosen_recipes = [_recipe(r) for r in recipes] if recipes else default_recipes()
-    for recipe in chosen_recipes:
-        recipe.require()
+    candidates = chosen_recipes(recipes)
+    if output_version is not None:
+        check_version_name(output_version)
     family = get_family(manifest.family)(manifest)
     eval_paths = list(eval_images) if eval_images else list(calibration_images)
     eval_pixels = [load_rgb(p) for p in eval_paths]
@@ -136,24 +136,29 @@ def optimize_model(
         tmp = Path(tmp_dir)
         tensors = calibration_tensors(family, calibration_images, augment=augment)
         variants = {FLOAT: Variant(manifest.path, manifest.backend, manifest.backend_options)}
+        reference = served_detections(manifest, variants[FLOAT], eval_pixels, thresholds)
         built: dict[Quantization, Path] = {}  # recipes on several engines share one graph
         build_s: dict[str, float] = {}
-        for recipe in chosen_recipes:
+        agreements: dict[str, Agreement] = {}
+        failures: dict[str, str] = {}  # a recipe that cannot build or run here is rejected, not fatal
+        for recipe in candidates:
             t0 = time.perf_counter()
-            graph = manifest.path
-            if recipe.quantization is not None:
-                if recipe.quantization not in built:
-                    target = tmp / f"{manifest.path.stem}.{recipe.name}.onnx"
-                    built[recipe.quantization] = _quantize(recipe.quantization, manifest.path, tensors, tmp, target)
-                graph = built[recipe.quantization]
-            variants[recipe.name] = Variant(graph, recipe.backend, dict(recipe.backend_options))
-            build_s[recipe.name] = time.perf_counter() - t0
-
-        reference = served_detections(manifest, variants[FLOAT], eval_pixels, thresholds)
-        agreements: dict[str, Agreement] = {
-            r.name: agreement(reference, served_detections(manifest, variants[r.name], eval_pixels, thresholds), min_iou)
-            for r in chosen_recipes
-        }
+            try:
+                graph = manifest.path
+                if recipe.quantization is not None:
+                    if recipe.quantization not in built:
+                        target = tmp / f"{manifest.path.stem}.{recipe.name}.onnx"
+                        built[recipe.quantization] = _quantize(recipe.quantization, manifest.path, tensors, tmp, target)
+                    graph = built[recipe.quantization]
+                variant = Variant(graph, recipe.backend, dict(recipe.backend_options))
+                build_s[recipe.name] = time.perf_counter() - t0
+                detections = served_detections(manifest, variant, eval_pixels, thresholds)
+            except Exception as e:  # noqa: BLE001 - the quantizer and the engines raise their own kinds
+                message = e.message if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+                failures[recipe.name] = f"failed: {message}"
+                continue
+            variants[recipe.name] = variant
+            agreements[recipe.name] = agreement(reference, detections, min_iou)
         speeds = measure_speeds(variants, tensors[0], workers=workers, seconds=seconds, rounds=rounds)
 
         base: Speed = speeds[FLOAT]
@@ -172,7 +177,10 @@ def optimize_model(
             float_cpu_ms=base.cpu_ms,
             float_latency_ms=base.latency_ms,
         )
-        for recipe in chosen_recipes:
+        for recipe in candidates:
+            if recipe.name in failures:
+                report.candidates.append(_failed(recipe, build_s.get(recipe.name, 0.0), failures[recipe.name]))
+                continue
             s, a = speeds[recipe.name], agreements[recipe.name]
             result = CandidateResult(
                 name=recipe.name,
@@ -208,6 +216,23 @@ def optimize_model(
             )
             report.chosen, report.installed = best.name, version_ref(manifest.name, version)
         return report
+
+
+def _failed(recipe: Recipe, build_s: float, reason: str) -> CandidateResult:
+    return CandidateResult(
+        name=recipe.name, description=recipe.description, backend=recipe.backend, throughput=0.0, speedup=0.0,
+        cpu_ms=0.0, cpu_speedup=0.0, latency_ms=0.0, agreement=0.0, matched=0, reference_detections=0,
+        candidate_detections=0, build_s=build_s, reason=reason,
+    )
+
+
+def chosen_recipes(recipes: Iterable[Recipe | str] | None) -> list[Recipe]:
+    """The recipes to try (each once, in the order given), checked before any work: an
+    unknown name, or one whose engine is not installed, is an error."""
+    chosen = list({r.name: r for r in map(_recipe, recipes)}.values()) if recipes else default_recipes()
+    for recipe in chosen:
+        recipe.require()
+    return chosen
 
 
 def _recipe(recipe: Recipe | str) -> Recipe:

@@ -74,16 +74,30 @@ class Recipe:
     quantization: Quantization | None = None  # None: the float graph as it is
     backend: str = "onnxruntime"
     backend_options: dict[str, str] = field(default_factory=dict)
+    # A CPU capability the engine must report (OpenVINO's OPTIMIZATION_CAPABILITIES, e.g. BF16).
+    # Without it the engine would quietly run another precision, and a version measured so
+    # would be installed asking for one it never ran in.
+    cpu_capability: str | None = None
 
     def available(self) -> bool:
-        """Whether this machine has the recipe's engine (OpenVINO is optional)."""
-        if self.backend not in OPTIONAL_BACKENDS:
-            return True
-        return bool(importlib.import_module(OPTIONAL_BACKENDS[self.backend]).available())
+        """Whether this machine has the recipe's engine (OpenVINO is optional) and the CPU
+        capability it needs."""
+        return self._missing() is None
 
     def require(self) -> None:
-        if not self.available():
-            raise ModelError(f"recipe {self.name!r} needs {self.backend}: pip install 'visionserve[{self.backend}]'")
+        missing = self._missing()
+        if missing is not None:
+            raise ModelError(f"recipe {self.name!r} needs {missing}")
+
+    def _missing(self) -> str | None:
+        if self.backend not in OPTIONAL_BACKENDS:
+            return None
+        engine = importlib.import_module(OPTIONAL_BACKENDS[self.backend])
+        if not engine.available():
+            return f"{self.backend}: pip install 'visionserve[{self.backend}]'"
+        if self.cpu_capability and self.cpu_capability not in engine.cpu_capabilities():
+            return f"a CPU that {self.backend} runs in {self.cpu_capability} (this one: {', '.join(engine.cpu_capabilities())})"
+        return None
 
 
 RECIPES: dict[str, Recipe] = {
@@ -100,9 +114,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe("openvino", "OpenVINO, float32", backend="openvino", backend_options={"INFERENCE_PRECISION_HINT": "f32"}),
         Recipe(
             "openvino-bf16",
-            "OpenVINO, bfloat16 inference (AVX512-BF16 or AMX; elsewhere OpenVINO runs it in float32)",
+            "OpenVINO, bfloat16 inference (CPUs with AVX512-BF16 or AMX)",
             backend="openvino",
             backend_options={"INFERENCE_PRECISION_HINT": "bf16"},
+            cpu_capability="BF16",
         ),
         Recipe(
             "openvino-int8",

@@ -73,11 +73,12 @@ def create_session(model: Path | bytes, threads: int, options: Mapping[str, str]
         raise ModelError(f"{label}: the OpenVINO backend loads model files, not in-memory graphs")
     core = _shared_core(label)
     config: dict[str, Any] = {
-        "INFERENCE_NUM_THREADS": threads,
         "NUM_STREAMS": 1,
         "PERFORMANCE_HINT": "LATENCY",
         "ENABLE_CPU_PINNING": False,
         **options,
+        # Not the manifest's to set: the scheduler counts on one core per worker session.
+        "INFERENCE_NUM_THREADS": threads,
     }
     try:
         return OpenVINOSession(core.compile_model(str(model), "CPU", config))
@@ -88,6 +89,12 @@ def create_session(model: Path | bytes, threads: int, options: Mapping[str, str]
 def available() -> bool:
     """Whether OpenVINO is installed here (found, not imported: that costs 100 ms and memory)."""
     return importlib.util.find_spec("openvino") is not None
+
+
+def cpu_capabilities() -> list[str]:
+    """The precisions and instruction sets OpenVINO's CPU plugin reports for this CPU
+    (``FP32``, ``BF16``, ``INT8``, ...)."""
+    return [str(c) for c in _shared_core("OpenVINO").get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
 def _shared_core(label: str) -> ov.Core:
@@ -101,7 +108,12 @@ def _shared_core(label: str) -> ov.Core:
                 raise ModelError(
                     f"{label} runs on OpenVINO, which is not installed: pip install 'visionserve[openvino]'"
                 ) from None
-            _core = ov.Core()
+            except Exception as e:  # installed, but its native libraries do not load
+                raise ModelError(f"{label} runs on OpenVINO, which does not load here: {e}") from None
+            try:
+                _core = ov.Core()
+            except Exception as e:  # a broken install: missing plugins or libraries
+                raise ModelError(f"{label} runs on OpenVINO, which does not start here: {e}") from None
         return _core
 
 

@@ -43,6 +43,13 @@ def manifest_for(config: ModelConfig, store: ModelStore) -> ModelManifest:
         # model's own name: name "yolox-nano", version "int8" -> the folder yolox-nano@int8.
         derived = store.manifest(version_ref(config.name, config.version)) if config.version else None
         manifest = derived or store.ensure(config.name)
+        if config.version and derived is None and config.version != manifest.version:
+            # Serving the base model under a version it is not (an INT8 or OpenVINO one, say)
+            # would answer with other detections and speed than the configuration asks for.
+            raise ModelError(
+                f"{version_ref(config.name, config.version)} is not installed (the store has {config.name} "
+                f"version {manifest.version}); `visionserve models optimize {config.name}` makes versions"
+            )
         updates = {"options": {**manifest.options, **config.options}} if config.options else {}
         if config.version:
             updates["version"] = config.version

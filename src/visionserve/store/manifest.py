@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MANIFEST_NAME = "manifest.json"
 
@@ -42,6 +42,14 @@ class ModelManifest(BaseModel):
     source: str = "catalog"
     description: str = ""
 
+    @field_validator("backend_options", mode="before")
+    @classmethod
+    def _numbers_as_text(cls, value: Any) -> Any:
+        # Engines take their settings as text; a hand-edited manifest may write 2 for "2".
+        if isinstance(value, dict):
+            return {k: str(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in value.items()}
+        return value
+
     # Set when loaded from disk; not serialised.
     folder: Path | None = Field(default=None, exclude=True)
 
@@ -60,7 +68,12 @@ class ModelManifest(BaseModel):
     def save(self, folder: Path) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / MANIFEST_NAME
-        write_atomic(target, (json.dumps(self.model_dump(), indent=2) + "\n").encode())
+        data = self.model_dump()
+        if data["backend"] == "onnxruntime" and not data["backend_options"]:
+            # Written only where they say something, so that older visionserve releases (whose
+            # manifests forbid unknown keys) still read the ONNX Runtime models of a shared store.
+            del data["backend"], data["backend_options"]
+        write_atomic(target, (json.dumps(data, indent=2) + "\n").encode())
         return target
 
 

@@ -6,6 +6,7 @@ re-hashes what is there, and ``manifest`` is what the server loads.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,8 +21,21 @@ from visionserve.store.manifest import MANIFEST_NAME, ModelManifest, write_atomi
 VERSION_SEP = "@"
 
 
+_VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def version_ref(name: str, version: str) -> str:
     return f"{name}{VERSION_SEP}{version}"
+
+
+def check_version_name(version: str) -> str:
+    """A version name becomes part of a folder name: letters, digits, '.', '_' and '-' only."""
+    if not _VERSION_NAME.fullmatch(version):
+        raise ModelError(
+            f"invalid version name {version!r}: up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return version
+
 
 # Turns an entry's downloaded files into a manifest (and any derived files). One per format.
 Installer = Callable[[CatalogEntry, Path], ModelManifest]
@@ -135,8 +149,11 @@ class ModelStore:
     ) -> ModelManifest:
         """Installs a derived ONNX graph of ``base`` as ``<name>@<version>`` (its own folder and
         manifest), to run on ``backend`` with ``backend_options``."""
-        folder = self.folder(version_ref(base.name, version))
-        target = folder / Path(model_file).name
+        folder = self.folder(version_ref(base.name, check_version_name(version)))
+        previous = self.manifest(version_ref(base.name, version))
+        # Named by the version, not by the file handed in: optimize's scratch names say which
+        # recipe built a graph first, and a graph can serve several (int8, openvino-int8).
+        target = folder / f"{Path(base.file).stem}.{version}{Path(model_file).suffix}"
         write_atomic(target, Path(model_file).read_bytes())
         manifest = base.model_copy(
             update={
@@ -150,6 +167,8 @@ class ModelStore:
             }
         )
         manifest.save(folder)
+        if previous is not None and previous.path.parent == folder and previous.path != target:
+            previous.path.unlink(missing_ok=True)  # the file of the version this one replaces
         return ModelManifest.load(folder)
 
     def verify(self, name: str) -> list[FileCheck]:
