@@ -407,6 +407,40 @@ def test_huge_header_claims_are_rejected_before_decoding_in_bounded_memory(tmp_p
 # ---------------------------------------------------------------- bad input
 
 
+def progressive_gray_jpeg(size: int, scans: int) -> bytes:
+    """A valid grayscale progressive JPEG: one DC scan, then ``scans`` AC scans that each
+    end every block at once (one EOB run). Tiny, however many scans it has."""
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    blocks = (-(-size // 8)) ** 2
+    one_code = bytes([1] + [0] * 15)  # a Huffman table with a single 1-bit code
+    out = b"\xff\xd8" + segment(0xDB, b"\x00" + b"\x01" * 64)
+    out += segment(0xC2, struct.pack(">BHHB", 8, size, size, 1) + b"\x01\x11\x00")
+    out += segment(0xC4, b"\x00" + one_code + b"\x00")  # DC: difference 0
+    out += segment(0xC4, b"\x10" + one_code + b"\xe0")  # AC: EOB run of 2^14 + 14 bits
+    out += segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + bytes(-(-blocks // 8))  # DC scan
+    for _ in range(scans):
+        out += segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + bytes(2)  # AC 1..63, all blocks end
+    return out + b"\xff\xd9"
+
+
+def test_progressive_jpeg_with_too_many_scans_is_refused_before_decoding() -> None:
+    # Each scan is decoded over the whole image: thousands of near-empty ones in a small
+    # upload would keep a worker busy for minutes.
+    fine = decode_image(progressive_gray_jpeg(64, 90))
+    assert (fine.width, fine.height) == (64, 64) and fine.pixels.shape == (64, 64, 3)
+    bomb = progressive_gray_jpeg(64, 1000)
+    assert simplejpeg.decode_jpeg(bomb, "RGB").shape == (64, 64, 3)  # libjpeg-turbo would decode it
+    with pytest.raises(InvalidImage, match="JPEG with 1001 scans: at most 100"):
+        decode_image(bomb)
+    # Real progressive files stay well under the limit.
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (200, 30, 90)).save(buf, "JPEG", progressive=True)
+    assert decode_image(buf.getvalue()).width == 640
+
+
 @pytest.mark.parametrize("empty", [b"", bytearray(), memoryview(b"")])
 def test_empty_upload_is_missing_image(empty) -> None:
     with pytest.raises(MissingImage) as caught:

@@ -50,6 +50,11 @@ _ACCEPTED = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 # libjpeg-turbo hands these to us only as raw CMYK; Pillow converts (and un-inverts Adobe's).
 _JPEG_NEEDS_PILLOW: Final = frozenset({"CMYK", "YCCK"})
 _DCT_SCALES: Final = (8, 4, 2)  # denominators, smallest output first
+# A progressive JPEG may hold any number of scans, and libjpeg decodes each over the whole
+# image: a few hundred kB of near-empty scans can keep a worker busy for minutes. Encoders
+# write about 10 (libjpeg's default script) and rarely more than a few dozen.
+MAX_JPEG_SCANS: Final = 100
+_SOS: Final = b"\xff\xda"  # start of scan; in entropy-coded data 0xFF is always followed by 0x00
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -147,6 +152,14 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         )
 
 
+def _check_scans(buf: bytes) -> None:
+    # Counts every FF DA pair (C speed): never fewer than the real scans, a few more at
+    # most (an EXIF thumbnail's own).
+    scans = buf.count(_SOS)
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidImage(f"JPEG with {scans} scans: at most {MAX_JPEG_SCANS} are accepted")
+
+
 def _decode_jpeg(
     buf: bytes, max_pixels: int, min_size: tuple[int, int] | None
 ) -> DecodedImage:
@@ -155,8 +168,10 @@ def _decode_jpeg(
     except ValueError:
         # Headers libjpeg-turbo's TurboJPEG layer cannot classify (odd subsampling) may
         # still be fine for libjpeg proper; Pillow decides, or explains what is wrong.
+        _check_scans(buf)
         return _decode_with_pillow(buf, "jpeg", max_pixels)
     _check_pixels(width, height, max_pixels)
+    _check_scans(buf)
     if colorspace in _JPEG_NEEDS_PILLOW:
         return _decode_with_pillow(buf, "jpeg", max_pixels)
 
