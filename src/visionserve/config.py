@@ -63,6 +63,12 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(default=20_000_000, gt=0, description="request bodies above this get 413")
+    body_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="a request body not fully received this many seconds after the request began to read it "
+        "gets 408: an admitted detection request holds its place while its body arrives, so clients that "
+        "stall must not keep it",
+    )
     max_image_pixels: int = Field(default=50_000_000, gt=0, description="images above this many pixels get 413")
 
 

@@ -33,6 +33,10 @@ class PayloadTooLarge(VisionServeError):
     code, status = "payload_too_large", 413
 
 
+class RequestTimeout(VisionServeError):
+    code, status = "request_timeout", 408
+
+
 class ImageTooLarge(VisionServeError):
     code, status = "image_too_large", 413
 

@@ -76,7 +76,10 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
 
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     install_error_handlers(app, pick)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick)
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick,
+        timeout_s=settings.limits.body_timeout_s,
+    )
     detection_routes = AdmittedRoutes(lambda: app.routes)
     app.add_middleware(AdmissionGateMiddleware, scheduler=scheduler, routes=detection_routes, renderer_for=pick)
     # The same refusal, earlier still: in the HTTP parser (used by ``serve``).

@@ -1,8 +1,9 @@
-"""ASGI middleware: request ids, the access log, the body-size limit, and a last-resort
-error boundary so that no exception ever reaches a client as a stack trace."""
+"""ASGI middleware: request ids, the access log, the body's size and time limits, and a
+last-resort error boundary so that no exception ever reaches a client as a stack trace."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -11,7 +12,7 @@ from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from visionserve.errors import PayloadTooLarge
+from visionserve.errors import PayloadTooLarge, RequestTimeout
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 
@@ -92,12 +93,21 @@ class RequestContextMiddleware:
 
 
 class BodyLimitMiddleware:
-    """Rejects bodies over ``max_bytes``: at once from Content-Length, or while streaming."""
+    """Rejects bodies over ``max_bytes`` (at once from Content-Length, or while streaming) and
+    bodies not in ``timeout_s`` after the request began to read them (408).
 
-    def __init__(self, app: ASGIApp, max_bytes: int, renderer_for: Callable[[str], ErrorRenderer]) -> None:
+    The time limit matters because a detection request is admitted, and holds one of the
+    few places, from its headers on (server/refusal.py): without it, a few clients that send
+    headers and then stall would keep every place, and every other request would get 503.
+    """
+
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, renderer_for: Callable[[str], ErrorRenderer], timeout_s: float = 10.0
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.renderer_for = renderer_for
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -111,14 +121,29 @@ class BodyLimitMiddleware:
             await response(scope, receive, send)
             return
         received = 0
+        deadline: float | None = None  # set by the first read of the body
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, complete
+            if complete:  # later reads wait for the client to go away (disconnect watcher)
+                return await receive()
+            loop = asyncio.get_running_loop()
+            if deadline is None:
+                deadline = loop.time() + self.timeout_s
+            try:
+                # One timer per read, no task: cheap enough for every request.
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.timeout_s:g} s", headers={"Connection": "close"}
+                ) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     raise PayloadTooLarge(self._message(), headers={"Connection": "close"})
+                complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)
