@@ -31,10 +31,11 @@ class DetectionService:
         self.scheduler = scheduler
         self.metrics = scheduler.metrics
 
-    def admit(self) -> Ticket:
-        """A place for one detection request (``with service.admit(): ...``); raises
-        ``Overloaded`` (503 with Retry-After) when the server is full or draining."""
-        return self.scheduler.admit()
+    def admit(self, images: int = 1) -> Ticket:
+        """A place for one detection request (``with service.admit(): ...``) of ``images``
+        images; raises ``Overloaded`` (503 with Retry-After) when the server is full or
+        draining. Detections run inside the ``with`` share the request's place."""
+        return self.scheduler.admit(images)
 
     def deadline(self, timeout_ms: float | None, received: float | None = None) -> float | None:
         """The absolute deadline (time.monotonic()) of a request received at ``received`` that

@@ -47,20 +47,22 @@ PROCESS_DEPTH = 2  # jobs handed to one worker process at a time
 
 
 class Ticket:
-    """One admitted request. Releasing it (once) frees its place."""
+    """One admitted request. Releasing it (once) frees its places: one, or more for a
+    request of several images (``Scheduler.admit(images=...)``)."""
 
-    __slots__ = ("_scheduler", "_released", "_token", "claimed")
+    __slots__ = ("_scheduler", "_released", "_token", "claimed", "places")
 
     def __init__(self, scheduler: "Scheduler") -> None:
         self._scheduler = scheduler
         self._released = False
         self._token = None
         self.claimed = False  # a reserved ticket taken by the request's handler
+        self.places = 1
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._scheduler.admitted -= 1
+            self._scheduler.admitted -= self.places
 
     def __enter__(self) -> "Ticket":
         self._token = _current_ticket.set(self)
@@ -137,16 +139,19 @@ class Scheduler:
 
     # -- admission ---------------------------------------------------------------------
 
-    def admit(self) -> Ticket:
+    def admit(self, images: int = 1) -> Ticket:
         """Takes a place for one request, or raises ``Overloaded`` (503 + Retry-After) at once.
 
         Call it before reading the request body, so that refusing costs next to nothing.
         When the request already holds a place (taken before routing), returns that one.
+        A request of several ``images`` is admitted like any other (one free place is
+        enough) and then holds as many more places as are free, up to one per image: the
+        images all run, and requests after it are refused while they would wait behind them.
         """
         reserved = _reserved_ticket.get()
         if reserved is not None and not reserved.claimed:
             reserved.claimed = True
-            return reserved
+            return self._widen(reserved, images)
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
             raise Overloaded("the server is shutting down", headers={"Retry-After": RETRY_AFTER_S})
@@ -157,7 +162,14 @@ class Scheduler:
                 headers={"Retry-After": RETRY_AFTER_S},
             )
         self.admitted += 1
-        return Ticket(self)
+        return self._widen(Ticket(self), images)
+
+    def _widen(self, ticket: Ticket, images: int) -> Ticket:
+        more = min(images - ticket.places, self.capacity - self.admitted)
+        if more > 0:
+            self.admitted += more
+            ticket.places += more
+        return ticket
 
     @property
     def full(self) -> bool:

@@ -216,13 +216,15 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
 
     service = request.app.state.service
     deadline = service.deadline(_timeout_ms(infer_request.parameters), received_at(request))
-    if tensor.datatype == "BYTES":
-        jobs = [service.detect(name, data, params, deadline=deadline) for data in images]
-    else:
-        jobs = [service.detect_pixels(name, pixels, params, deadline=deadline) for pixels in images]
-    # Each image takes its own place in the queue (admission, 503 when full); a client that
-    # disconnects has its queued images dropped.
-    predictions: list[Prediction] = list(await unless_disconnected(request.receive, asyncio.gather(*jobs)))
+    # The request's place (taken before its body was read) covers all its images, and holds
+    # more places while they run (Scheduler.admit); a client that disconnects has its queued
+    # images dropped.
+    with service.admit(len(images)):
+        if tensor.datatype == "BYTES":
+            jobs = [service.detect(name, data, params, deadline=deadline) for data in images]
+        else:
+            jobs = [service.detect_pixels(name, pixels, params, deadline=deadline) for pixels in images]
+        predictions: list[Prediction] = list(await unless_disconnected(request.receive, asyncio.gather(*jobs)))
 
     tensors = {t.name: t for t in _output_tensors(predictions, batched)}
     entries, chunks = [], []
