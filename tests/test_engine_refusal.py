@@ -58,3 +58,21 @@ def test_places_are_given_back_when_requests_fail_or_clients_leave(server_factor
     wait_in_flight(srv.url, 0)
     for _ in range(3):
         assert post_image(srv.url, images / "dog.jpg").status_code == 200
+
+
+def test_every_detection_route_is_gated_before_routing(model_dir, mirror):
+    # The early refusal and the gate match the detection routes themselves, before the app
+    # routes the request; a matcher that finds none silently leaves refusals to the
+    # handlers, after the whole ASGI stack (as happened when FastAPI 0.165 began to nest
+    # included routers).
+    from visionserve.config import load_settings
+    from visionserve.server.app import create_app
+
+    app = create_app(load_settings(None, model_dir=model_dir, model_mirror=str(mirror)))
+    routes = app.state.refusals.routes
+    for path in ("/predict", "/predict/yolox-nano", "/v1/vision/detection", "/v1/vision/custom/yolox-nano",
+                 "/v2/models/yolox-nano/infer", "/v2/models/yolox-nano/versions/1/infer"):
+        route = routes.match("POST", path)
+        assert route is not None and route.path_regex.match(path), path
+    assert routes.match("GET", "/predict") is None and routes.match("POST", "/status") is None
+    assert routes.match("POST", "/v2/models/yolox-nano/ready") is None

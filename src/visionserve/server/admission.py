@@ -32,9 +32,10 @@ def admitted(endpoint: F) -> F:
 
 
 class AdmittedRoutes:
-    """An app's detection routes (those marked ``@admitted``), matched by method and path.
+    """The detection routes (those marked ``@admitted``) among ``routes``, matched by method
+    and path.
 
-    Collected on first use: the app's route list is complete only once it is built.
+    Collected on first use: the route lists are complete only once the app is built.
     """
 
     def __init__(self, routes: Callable[[], Iterable[BaseRoute]]) -> None:

@@ -80,7 +80,9 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
         BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick,
         timeout_s=settings.limits.body_timeout_s,
     )
-    detection_routes = AdmittedRoutes(lambda: app.routes)
+    # From the protocols' own routers: since FastAPI 0.165 the app's route list holds each
+    # included router as one opaque entry, so it shows no detection route to match.
+    detection_routes = AdmittedRoutes(lambda: [route for proto in protocols for route in proto.router.routes])
     app.add_middleware(AdmissionGateMiddleware, scheduler=scheduler, routes=detection_routes, renderer_for=pick)
     # The same refusal, earlier still: in the HTTP parser (used by ``serve``).
     app.state.refusals = Refusals(scheduler, metrics, detection_routes, pick)
