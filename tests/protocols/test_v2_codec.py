@@ -176,6 +176,13 @@ def test_json_bytes_plain_and_base64():
         (["x"], b"", r"inputs\[0\] must be a JSON object"),
         ([{"datatype": "UINT8", "shape": [1], "data": [1]}], b"", "needs a string 'name'"),
         ([{"name": "A", "datatype": "BF16", "shape": [1], "data": [1]}], b"", "unsupported datatype 'BF16'"),
+        # JSON arrays and objects are not hashable: a set lookup would raise TypeError
+        ([{"name": "A", "datatype": ["BYTES"], "shape": [1], "data": ["a"]}], b"", r"unsupported datatype \['BYTES'\]"),
+        ([{"name": "A", "datatype": {"t": 1}, "shape": [1], "data": ["a"]}], b"", "unsupported datatype"),
+        ([{"name": ["A"], "datatype": "BYTES", "shape": [1], "data": ["a"]}], b"", "needs a string 'name'"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [1, [2]], "data": [1]}], b"", "non-negative integers"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [True], "data": [1]}], b"", "non-negative integers"),
+        ([{"name": "A", "datatype": "BYTES", "shape": [1], "data": ["\ud800"]}], b"", "lone UTF-16 surrogate"),
         ([{"name": "A", "datatype": "UINT8", "shape": [-1], "data": [1]}], b"", "non-negative integers"),
         ([{"name": "A", "datatype": "UINT8", "shape": "3", "data": [1]}], b"", "non-negative integers"),
         ([{"name": "A", "datatype": "UINT8", "shape": [2]}], b"", "neither 'data' nor"),

@@ -121,6 +121,17 @@ def test_inputs_that_do_not_fit_the_model(client, inputs, fragment):
     _assert_error(client.post(INFER, json={"inputs": inputs}), 400, fragment)
 
 
+@pytest.mark.parametrize("body, fragment", [
+    # Unhashable datatypes once reached a set lookup and answered 500.
+    (b'{"inputs":[{"name":"IMAGE","datatype":["BYTES"],"shape":[1],"data":["a"]}]}', "unsupported datatype"),
+    (b'{"inputs":[{"name":"IMAGE","datatype":{"BYTES":1},"shape":[1],"data":["a"]}]}', "unsupported datatype"),
+    # Python's JSON reader turns \ud800 into a lone surrogate, which has no UTF-8 form.
+    (b'{"inputs":[{"name":"IMAGE","datatype":"BYTES","shape":[1],"data":["\\ud800"]}]}', "lone UTF-16 surrogate"),
+])
+def test_wrongly_typed_or_unencodable_inputs_are_400(client, body, fragment):
+    _assert_error(client.post(INFER, content=body), 400, fragment)
+
+
 def test_invalid_image_bytes_is_400(client):
     r = client.post(INFER, json={"inputs": [_image_input(b"\x89PNG but broken")]})
     assert r.status_code == 400 and "error" in r.json()

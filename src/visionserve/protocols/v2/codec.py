@@ -204,7 +204,7 @@ def _parse_input(
     if not isinstance(name, str) or not name:
         raise BadRequest(f"inputs[{index}] needs a string 'name'")
     datatype = spec.get("datatype")
-    if datatype not in NUMPY_DTYPES:
+    if not isinstance(datatype, str) or datatype not in NUMPY_DTYPES:  # a list or object is not hashable
         raise BadRequest(
             f"input '{name}': unsupported datatype {datatype!r}; expected one of {', '.join(NUMPY_DTYPES)}"
         )
@@ -255,7 +255,13 @@ def _json_data(
             return [decode_base64(x) for x in items]
         if not all(isinstance(x, str) for x in items):
             raise BadRequest(f"input '{name}': JSON BYTES elements must be strings")
-        return [x.encode("utf-8") for x in items]
+        try:
+            return [x.encode("utf-8") for x in items]
+        except UnicodeEncodeError:  # JSON's \ud800 escapes decode to lone surrogates, which UTF-8 cannot hold
+            raise BadRequest(
+                f"input '{name}': a JSON BYTES element is not valid Unicode (it holds a lone UTF-16 surrogate); "
+                "send binary data as base64 (content_type 'base64') or with the binary tensor extension"
+            ) from None
     dtype = NUMPY_DTYPES[datatype]
     try:
         array = np.asarray(data)
