@@ -145,6 +145,11 @@ def test_invalid_image_bytes_is_400(client):
     ({"classes": "dog,unicorn"}, "unicorn"),
     ({"timeout": 0}, "timeout"),
     ({"timeout": float("nan")}, "timeout"),
+    # Infinity is a bare token Python's JSON reader accepts; an integer can have any length
+    # (once an OverflowError, 500). A deadline must be finite.
+    ({"timeout": float("inf")}, "parameter timeout must be a finite number of microseconds above 0"),
+    ({"timeout": 10**400}, "parameter timeout must be a finite number of microseconds above 0, got 1000000000"),
+    ({"timeout": "5"}, "parameter timeout must be a finite number"),
     ({"min_confidence": float("nan")}, "min_confidence"),
 ])
 def test_bad_parameters_are_400_not_422(client, dog, parameters, fragment):

@@ -8,6 +8,7 @@ routes under a prefix) with the renderer of the longest prefix that matches the 
 from __future__ import annotations
 
 import importlib
+import math
 import pkgutil
 from dataclasses import dataclass
 from typing import Callable, Mapping
@@ -27,17 +28,27 @@ ErrorRenderer = Callable[[int, str, str, Mapping[str, str]], Response]
 TIMEOUT_HEADER = "x-timeout-ms"
 
 
+def positive_finite(number: int | float) -> float | None:
+    """``number`` as a float when it can be a timeout: finite and above 0. None otherwise,
+    including infinity, NaN and integers beyond a float's range (JSON allows any of them)."""
+    try:
+        value = float(number)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def header_timeout_ms(request: Request) -> float | None:
-    """The request's ``X-Timeout-Ms`` (None without one); 400 unless a positive number."""
+    """The request's ``X-Timeout-Ms`` (None without one); 400 unless a finite positive number."""
     raw = request.headers.get(TIMEOUT_HEADER)
     if raw is None:
         return None
     try:
-        value = float(raw)
+        value = positive_finite(float(raw))  # float() reads "inf", "nan" and "1e400" (infinite) too
     except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of milliseconds, got {raw!r}")
+        value = None
+    if value is None:
+        raise BadRequest(f"{TIMEOUT_HEADER} must be a finite number of milliseconds above 0, got {raw!r}")
     return value
 
 

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
 from visionserve.errors import BadRequest, ModelNotFound
-from visionserve.protocols import Protocol, received_at
+from visionserve.protocols import Protocol, positive_finite, received_at
 from visionserve.protocols.v2.codec import (
     InferRequest,
     OutputTensor,
@@ -248,9 +248,11 @@ def _timeout_ms(parameters: Mapping[str, Any] | None) -> float | None:
     raw = (parameters or {}).get("timeout")
     if raw is None:
         return None
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or not raw > 0:  # NaN too
-        raise BadRequest(f"parameter timeout must be a positive number of microseconds, got {raw!r}")
-    return raw / 1e3
+    value = None if isinstance(raw, bool) or not isinstance(raw, (int, float)) else positive_finite(raw)
+    if value is None:
+        shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:40] + "..."  # a JSON integer can be any length
+        raise BadRequest(f"parameter timeout must be a finite number of microseconds above 0, got {shown}")
+    return value / 1e3
 
 
 def _predict_params(parameters: Mapping[str, Any]) -> PredictParams:
