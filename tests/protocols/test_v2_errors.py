@@ -158,6 +158,14 @@ def test_bad_parameters_are_400_not_422(client, dog, parameters, fragment):
     _assert_error(client.post(INFER, content=body), 400, fragment)
 
 
+def test_an_error_quoting_a_lone_surrogate_is_still_a_json_400(client, dog):
+    # The messages repeat the label and the parameter name; JSON escapes make them lone surrogates.
+    body = b'{"parameters":{"classes":"\\ud800"},"inputs":[{"name":"IMAGE","datatype":"BYTES","shape":[1],"data":["a"]}]}'
+    _assert_error(client.post(INFER, content=body), 400, "\ufffd")
+    r = client.post(f"/v2/repository/models/{MODEL}/unload", content=b'{"parameters":{"\\ud800":1}}')
+    _assert_error(r, 400, "unsupported parameter(s): \ufffd")
+
+
 def test_bad_requested_outputs(client, dog):
     r = client.post(INFER, json={"inputs": [_image_input(dog)], "outputs": [{"name": "MASKS"}]})
     _assert_error(r, 400, "unknown output 'MASKS'")

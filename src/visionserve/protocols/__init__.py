@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import math
 import pkgutil
+import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -58,6 +59,23 @@ def received_at(request: Request) -> float | None:
     return request.scope.get("state", {}).get("received")
 
 
+# Python's JSON reader turns "\ud800" escapes into lone UTF-16 surrogates, which no UTF-8
+# body can carry; error messages often quote what the client sent.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def encodable(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD, so it can be encoded as UTF-8."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _with_encodable_messages(render: ErrorRenderer) -> ErrorRenderer:
+    def render_encodable(status: int, code: str, message: str, headers: Mapping[str, str]) -> Response:
+        return render(status, code, encodable(message), headers)
+
+    return render_encodable
+
+
 @dataclass(frozen=True, slots=True)
 class Protocol:
     name: str
@@ -65,6 +83,11 @@ class Protocol:
     router: APIRouter
     render_error: ErrorRenderer
     description: str = ""
+
+    def __post_init__(self) -> None:
+        # Every error of every protocol is rendered through here: a message quoting unencodable
+        # client text must still give its JSON error, not a failure to render it (a 500).
+        object.__setattr__(self, "render_error", _with_encodable_messages(self.render_error))
 
 
 def discover() -> list[Protocol]:
