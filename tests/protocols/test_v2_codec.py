@@ -192,6 +192,7 @@ def test_json_bytes_plain_and_base64():
         ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, "a"]}], b"", "string values"),
         ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1.5, 2]}], b"", "number values"),
         ([{"name": "A", "datatype": "UINT8", "shape": [2, 2], "data": [[1, 2], [3]]}], b"", "ragged"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [0, 2**62, 2**62], "data": []}], b"", "too large"),
         ([{"name": "A", "datatype": "BYTES", "shape": [1], "data": [5]}], b"", "must be strings"),
         ([{"name": "A", "datatype": "BYTES", "shape": [1], "data": ["!!"], "parameters": {"content_type": "base64"}}],
          b"", "not valid base64"),
@@ -212,6 +213,67 @@ def test_json_bytes_plain_and_base64():
 def test_malformed_requests_say_what_is_wrong(inputs, binary, message):
     with pytest.raises(BadRequest, match=message):
         parse_infer_request({"inputs": inputs}, memoryview(binary))
+
+
+class _Refused(Exception):
+    pass
+
+
+def _refuse(name: str, datatype: str, shape: tuple[int, ...]) -> None:
+    raise _Refused((name, datatype, shape))
+
+
+def test_the_input_check_sees_the_declared_shape_before_any_element_is_decoded():
+    # 4.9 million empty BYTES elements: unpacking them first froze the server for seconds
+    # before the batch limit refused them.
+    count = 4_900_000
+    header = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [count],
+                          "parameters": {"binary_data_size": 4 * count}}]}
+    with pytest.raises(_Refused) as refused:
+        parse_infer_request(header, memoryview(bytes(4 * count)), check=_refuse)
+    assert refused.value.args[0] == ("IMAGE", "BYTES", (count,))
+    # The same for JSON data, and for data the codec itself would refuse.
+    for spec in ({"name": "P", "datatype": "UINT8", "shape": [2, 1, 1, 3], "data": ["not", "numbers"]},
+                 {"name": "I", "datatype": "BYTES", "shape": [3], "data": [1, 2]}):
+        with pytest.raises(_Refused):
+            parse_infer_request({"inputs": [spec]}, memoryview(b""), check=_refuse)
+    # A check that lets an input through changes nothing.
+    spec = {"name": "P", "datatype": "UINT8", "shape": [1, 3], "data": [1, 2, 3]}
+    assert parse_infer_request({"inputs": [spec]}, memoryview(b""), check=lambda *a: None).inputs[0].shape == (1, 3)
+
+
+def test_binary_bytes_too_small_for_their_shape_are_refused_before_unpacking():
+    header = {"inputs": [{"name": "A", "datatype": "BYTES", "shape": [10**9], "parameters": {"binary_data_size": 8}}]}
+    with pytest.raises(BadRequest, match=r"binary_data_size 8 is too small for shape \[1000000000\] of BYTES \(each of its 1000000000 "):
+        parse_infer_request(header, memoryview(pack_bytes([b"", b""])))
+
+
+def test_cooperative_decoding_gives_the_same_request():
+    # 1200 rows of 100 pixels: more elements than one chunk, so converted a slice at a time.
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 1200, 100, 3), dtype=np.uint8)
+    header = {"parameters": {"min_confidence": 0.25, "timeout": 10**30}, "inputs": [
+        {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1200, 100, 3], "data": pixels.tolist()}]}
+    body, _ = _request(header)
+    for cooperative in (False, True):
+        req = parse_infer_request(*split_body(body, None, cooperative), cooperative=cooperative)
+        assert req.parameters == {"min_confidence": 0.25, "timeout": 10**30}
+        assert req.inputs[0].data.dtype == np.uint8 and np.array_equal(req.inputs[0].data, pixels)
+        flat = {"inputs": [{**header["inputs"][0], "data": pixels.reshape(-1).tolist()}]}
+        assert np.array_equal(parse_infer_request(flat, memoryview(b""), cooperative=cooperative).inputs[0].data, pixels)
+
+
+@pytest.mark.parametrize("data, message", [
+    ([[1, 2, 3]] * 40_000 + [[1, 2]], "ragged"),
+    ([1] * 100_000 + ["a"] * 100_000, "mixed values|string values"),
+    ([1.5] * 200_000, "number values"),
+])
+def test_cooperative_decoding_refuses_what_plain_decoding_refuses(data, message):
+    spec = {"name": "A", "datatype": "UINT8", "shape": [200_000], "data": data}
+    if isinstance(data[0], list):
+        spec["shape"] = [40_001, 3]
+    for cooperative in (False, True):
+        with pytest.raises(BadRequest, match=message):
+            parse_infer_request({"inputs": [spec]}, memoryview(b""), cooperative=cooperative)
 
 
 def test_malformed_request_level_fields():

@@ -4,10 +4,17 @@
 from __future__ import annotations
 
 import base64
+import fcntl
 import gzip
 import json
+import select
+import socket
+import struct
+import termios
 
 import pytest
+
+from engine_helpers import read_response
 
 MODEL = "yolox-nano"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -113,7 +120,8 @@ def test_binary_data_size_mismatches(client, dog):
     ([{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, 2, 999]}], "out of range"),
     # Empty, so the sizes agree, but no array can have such a dimension.
     ([{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 2**70, 3], "data": []}], "too large"),
-    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 2**62, 2**62], "data": []}], "too large"),
+    # Not a shape PIXELS takes: refused from the shape, before the data is looked at.
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 2**62, 2**62], "data": []}], "PIXELS must have shape"),
     ([{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["x"]},
       {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, 2, 3]}], "exactly one input"),
 ])
@@ -177,6 +185,52 @@ def test_bad_requested_outputs(client, dog):
 def test_batch_limit(client):
     inputs = [{"name": "IMAGE", "datatype": "BYTES", "shape": [17], "data": ["x"] * 17}]
     _assert_error(client.post(INFER, json={"inputs": inputs}), 400, "the limit is 16")
+
+
+def test_a_huge_declared_batch_is_refused_from_its_shape(client):
+    # 4.9 million BYTES elements in binary form: refused from the shape, before they are unpacked.
+    count = 4_900_000
+    header = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [count],
+                          "parameters": {"binary_data_size": 4 * count}}]}
+    body, headers = _binary(header, bytes(4 * count))
+    _assert_error(client.post(INFER, content=body, headers=headers), 400, f"{count} images in one request; the limit is 16")
+    inputs = [{"name": "PIXELS", "datatype": "UINT8", "shape": [17, 1, 1, 3], "data": [0] * 51}]
+    _assert_error(client.post(INFER, json={"inputs": inputs}), 400, "17 images in one request; the limit is 16")
+
+
+def _readable(s: socket.socket) -> bool:
+    return bool(select.select([s], [], [], 0)[0])
+
+
+def _wait_until_received(s: socket.socket) -> None:
+    """Until the peer's kernel has acknowledged every byte sent (Linux: TIOCOUTQ is 0); the
+    server reads from its buffer far faster than it decodes JSON."""
+    while struct.unpack("I", fcntl.ioctl(s.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]:
+        select.select([], [], [], 0.005)
+
+
+def test_the_server_answers_others_while_it_decodes_a_large_json_body(server):
+    """Millions of JSON numbers are decoded off the event loop: /healthz, asked for once the
+    large body is sent, is answered before the large request (which fails only once decoded,
+    and would otherwise be answered first, the loop having been busy decoding it)."""
+    count = 4_500_000  # ~9 MB of JSON; the shape asks for fewer, so the answer is a 400 once decoded
+    head = b'{"inputs":[{"name":"PIXELS","datatype":"UINT8","shape":[1000,1000,3],"data":['
+    body = head + b"1," * (count - 1) + b"1]}]}"
+    host, port = server.url.removeprefix("http://").split(":")
+    big = socket.create_connection((host, int(port)), timeout=60)
+    health = socket.create_connection((host, int(port)), timeout=60)
+    try:
+        big.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait_until_received(big)  # so /healthz arrives while the server decodes, not while it reads
+        health.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(health).startswith(b"HTTP/1.1 200")
+        assert not _readable(big), "the large request was answered first: its decoding held up the event loop"
+        answer = read_response(big)
+        assert answer.startswith(b"HTTP/1.1 400") and b"its shape [1000, 1000, 3] needs 3000000" in answer
+    finally:
+        big.close()
+        health.close()
 
 
 def test_body_over_the_limit_is_413_in_v2_form(client):

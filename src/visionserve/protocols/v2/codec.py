@@ -15,7 +15,7 @@ import json
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -39,6 +39,13 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 }
 
 _LENGTH = np.dtype("<u4")
+
+# Called with each input's name, datatype and shape before any of its elements is decoded,
+# so a caller's limits (a batch size) hold before work in proportion to the element count.
+InputCheck = Callable[[str, str, tuple[int, ...]], None]
+
+# Elements converted to numpy at a time when decoding cooperatively (see ``split_body``).
+_CHUNK_ELEMENTS = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +94,16 @@ def decompress(body: bytes, content_encoding: str | None, max_bytes: int) -> byt
     return out
 
 
-def split_body(body: bytes, header_length: str | int | None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON header object and the binary tensor data that follows it."""
+def split_body(
+    body: bytes, header_length: str | int | None, cooperative: bool = False
+) -> tuple[dict[str, Any], memoryview]:
+    """The JSON header object and the binary tensor data that follows it.
+
+    ``cooperative``: for a large body parsed in a worker thread. CPython's JSON parser holds
+    the GIL for the whole document, so a thread parsing megabytes of numbers stalls the event
+    loop all the same; Python-level number hooks give the GIL up as they go (numbers parse
+    about 3x slower).
+    """
     if header_length is None or header_length == "":
         json_end = len(body)
     else:
@@ -103,13 +118,26 @@ def split_body(body: bytes, header_length: str | int | None) -> tuple[dict[str, 
     if json_end == 0:
         raise BadRequest("the request body is empty: expected an inference request JSON object")
     try:
-        header = json.loads(bytes(body[:json_end]))
+        header = parse_json(bytes(body[:json_end]), cooperative)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         hint = "" if header_length is not None else " (binary tensor data needs Inference-Header-Content-Length)"
         raise BadRequest(f"the inference request is not valid JSON: {e}{hint}") from None
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object")
     return header, memoryview(body)[json_end:]
+
+
+def parse_json(text: bytes, cooperative: bool = False) -> Any:
+    """json.loads; ``cooperative``: giving the GIL up as it goes (see ``split_body``)."""
+    return json.loads(text, parse_int=_parse_int, parse_float=_parse_float) if cooperative else json.loads(text)
+
+
+def _parse_int(text: str) -> int:
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    return float(text)
 
 
 # -- BYTES elements --------------------------------------------------------------------------
@@ -156,8 +184,14 @@ def decode_base64(text: str) -> bytes:
 # -- requests --------------------------------------------------------------------------------
 
 
-def parse_infer_request(header: Mapping[str, Any], binary: memoryview) -> InferRequest:
-    """Validates an inference request and decodes its inputs (JSON data or binary tensors)."""
+def parse_infer_request(
+    header: Mapping[str, Any], binary: memoryview, check: InputCheck | None = None, cooperative: bool = False
+) -> InferRequest:
+    """Validates an inference request and decodes its inputs (JSON data or binary tensors).
+
+    ``check`` sees each input's declared name, datatype and shape before its data is decoded;
+    ``cooperative``: converting large JSON data gives the GIL up as it goes (see ``split_body``).
+    """
     request_id = header.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise BadRequest("'id' must be a string")
@@ -168,7 +202,7 @@ def parse_infer_request(header: Mapping[str, Any], binary: memoryview) -> InferR
     inputs: list[Tensor] = []
     offset = 0
     for i, spec in enumerate(raw_inputs):
-        tensor, used = _parse_input(spec, i, binary[offset:], parameters)
+        tensor, used = _parse_input(spec, i, binary[offset:], parameters, check, cooperative)
         inputs.append(tensor)
         offset += used
     if offset != len(binary):
@@ -196,7 +230,12 @@ def _parameters(value: Any, where: str) -> Mapping[str, Any]:
 
 
 def _parse_input(
-    spec: Any, index: int, binary: memoryview, request_parameters: Mapping[str, Any]
+    spec: Any,
+    index: int,
+    binary: memoryview,
+    request_parameters: Mapping[str, Any],
+    check: InputCheck | None,
+    cooperative: bool,
 ) -> tuple[Tensor, int]:
     if not isinstance(spec, dict):
         raise BadRequest(f"inputs[{index}] must be a JSON object")
@@ -212,6 +251,8 @@ def _parse_input(
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise BadRequest(f"input '{name}': 'shape' must be a list of non-negative integers, got {shape!r}")
     count = math.prod(shape)
+    if check is not None:
+        check(name, datatype, tuple(shape))
     params = _parameters(spec.get("parameters"), f"input '{name}'")
     size = params.get("binary_data_size")
     if size is not None:
@@ -225,6 +266,11 @@ def _parse_input(
             )
         chunk = binary[:size]
         if datatype == "BYTES":
+            if size < 4 * count:  # each element has a 4-byte length: checked before reading any
+                raise BadRequest(
+                    f"input '{name}': binary_data_size {size} is too small for shape {shape} of BYTES "
+                    f"(each of its {count} element(s) takes at least 4 bytes)"
+                )
             data: np.ndarray | list[bytes] = unpack_bytes(chunk, count)
         else:
             dtype = NUMPY_DTYPES[datatype]
@@ -237,11 +283,18 @@ def _parse_input(
         return Tensor(name, datatype, tuple(shape), data, params), size
     if "data" not in spec:
         raise BadRequest(f"input '{name}' has neither 'data' nor a binary_data_size parameter")
-    return Tensor(name, datatype, tuple(shape), _json_data(spec["data"], name, datatype, shape, params, request_parameters), params), 0
+    data = _json_data(spec["data"], name, datatype, shape, params, request_parameters, cooperative)
+    return Tensor(name, datatype, tuple(shape), data, params), 0
 
 
 def _json_data(
-    data: Any, name: str, datatype: str, shape: list[int], params: Mapping[str, Any], request_parameters: Mapping[str, Any]
+    data: Any,
+    name: str,
+    datatype: str,
+    shape: list[int],
+    params: Mapping[str, Any],
+    request_parameters: Mapping[str, Any],
+    cooperative: bool = False,
 ) -> np.ndarray | list[bytes]:
     count = math.prod(shape)
     if datatype == "BYTES":
@@ -264,9 +317,11 @@ def _json_data(
             ) from None
     dtype = NUMPY_DTYPES[datatype]
     try:
-        array = np.asarray(data)
+        array = _chunked_array(data, count) if cooperative else np.asarray(data)
     except ValueError:
         raise BadRequest(f"input '{name}': 'data' is a ragged nested list") from None
+    except TypeError:  # chunks of unrelated kinds (numbers and strings) do not concatenate
+        raise BadRequest(f"input '{name}': 'data' holds mixed values, not {datatype}") from None
     if array.size != count:
         raise BadRequest(f"input '{name}' has {array.size} element(s), its shape {shape} needs {count}")
     if array.size and not _json_kind_fits(array.dtype, dtype):
@@ -274,6 +329,17 @@ def _json_data(
     if dtype.kind in "ui" and array.size and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
         raise BadRequest(f"input '{name}': a value is out of range for {datatype}")
     return _reshape(array.astype(dtype), shape, name)
+
+
+def _chunked_array(data: Any, count: int) -> np.ndarray:
+    """np.asarray(data), a slice of the outermost list at a time: converting a list holds
+    the GIL throughout, and millions of numbers take a good part of a second."""
+    while isinstance(data, list) and len(data) == 1 and count > _CHUNK_ELEMENTS:
+        data = data[0]  # [[...]]: the shape is restored by the caller's reshape
+    if not isinstance(data, list) or len(data) < 2 or count <= _CHUNK_ELEMENTS:
+        return np.asarray(data)
+    rows = max(1, len(data) * _CHUNK_ELEMENTS // count)
+    return np.concatenate([np.asarray(data[i : i + rows]) for i in range(0, len(data), rows)])
 
 
 def _reshape(array: np.ndarray, shape: list[int], name: str) -> np.ndarray:

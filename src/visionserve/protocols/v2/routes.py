@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 import zlib
-from typing import Any, Mapping
+from functools import partial
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -31,6 +31,7 @@ from visionserve.protocols.v2.codec import (
     encode_output,
     encode_response,
     parse_infer_request,
+    parse_json,
     split_body,
     wants_binary,
 )
@@ -56,6 +57,11 @@ OUTPUT_METADATA = [
     {"name": "NUM_DETECTIONS", "datatype": "INT32", "shape": [1]},
 ]
 OUTPUT_NAMES = [o["name"] for o in OUTPUT_METADATA]
+# Bodies up to this size are decoded on the event loop (a few ms at most); larger or
+# compressed ones in a worker thread, cooperatively (codec.split_body says why), so that a
+# JSON body of millions of numbers does not stop the server answering everyone else.
+INLINE_BODY_BYTES = 1 << 20
+T = TypeVar("T")
 # V2 has no 422; a bad parameter is a bad request there.
 _STATUS = {422: 400}
 
@@ -205,10 +211,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     model = request.app.state.registry.get(name)
     if version is not None and version != model.version:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has version {model.version!r}")
-    body = decompress(
-        await request.body(), request.headers.get("content-encoding"), settings.limits.max_body_bytes
+    body = await request.body()
+    encoding = request.headers.get("content-encoding")
+    check = partial(_check_input, model=name, max_batch=settings.v2.max_batch_size)
+    decode = partial(
+        _decode, body, encoding, request.headers.get(HEADER_LENGTH), settings.limits.max_body_bytes, check
     )
-    infer_request = parse_infer_request(*split_body(body, request.headers.get(HEADER_LENGTH)))
+    infer_request = await _decoded(request, decode, len(body), _compressed(encoding))
     params = _predict_params(infer_request.parameters)
     requested = _requested_outputs(infer_request)
     tensor = _single_input(infer_request.inputs, name)
@@ -241,6 +250,24 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     payload = _compress(payload, request.headers.get("accept-encoding", ""), headers)
     media_type = "application/json" if json_length is None else "application/octet-stream"
     return Response(payload, media_type=media_type, headers=headers)
+
+
+def _decode(
+    body: bytes, encoding: str | None, header_length: str | None, max_bytes: int, check: Any, cooperative: bool
+) -> InferRequest:
+    body = decompress(body, encoding, max_bytes)
+    return parse_infer_request(*split_body(body, header_length, cooperative), check, cooperative)
+
+
+def _compressed(encoding: str | None) -> bool:
+    return (encoding or "identity").strip().lower() not in ("", "identity")
+
+
+async def _decoded(request: Request, decode: Callable[[bool], T], size: int, compressed: bool) -> T:
+    """``decode(cooperative)``'s result: inline for a small body, else in a worker thread."""
+    if size <= INLINE_BODY_BYTES and not compressed:
+        return decode(False)
+    return await request.app.state.service.scheduler.run_aux(decode, True)
 
 
 def _timeout_ms(parameters: Mapping[str, Any] | None) -> float | None:
@@ -279,40 +306,53 @@ def _requested_outputs(req: InferRequest) -> list[tuple[str, Mapping[str, Any] |
     return chosen
 
 
+def _check_input(name: str, datatype: str, shape: tuple[int, ...], model: str, max_batch: int) -> None:
+    """The input is one of the model's, of its datatype, with a shape it takes and at most
+    ``max_batch`` images: from what the request declares, before any of its data is decoded."""
+    expected = INPUTS.get(name)
+    if expected is None:
+        raise BadRequest(
+            f"unknown input {name!r} for model {model!r}: send IMAGE (BYTES, encoded images) "
+            "or PIXELS (UINT8, [H, W, 3] or [N, H, W, 3] RGB)"
+        )
+    if datatype != expected:
+        raise BadRequest(f"input {name!r} must be {expected}, got {datatype}")
+    _batched(name, shape, max_batch)
+
+
 def _single_input(inputs: list[Tensor], model: str) -> Tensor:
     if len(inputs) != 1:
         raise BadRequest(f"model {model!r} takes exactly one input, IMAGE or PIXELS; got {len(inputs)}")
-    tensor = inputs[0]
-    expected = INPUTS.get(tensor.name)
-    if expected is None:
-        raise BadRequest(
-            f"unknown input {tensor.name!r} for model {model!r}: send IMAGE (BYTES, encoded images) "
-            "or PIXELS (UINT8, [H, W, 3] or [N, H, W, 3] RGB)"
-        )
-    if tensor.datatype != expected:
-        raise BadRequest(f"input {tensor.name!r} must be {expected}, got {tensor.datatype}")
-    return tensor
+    return inputs[0]
 
 
-def _images(tensor: Tensor, max_batch: int) -> tuple[list[Any], bool]:
-    """The images of the input and whether the input carries a batch dimension."""
-    shape = tensor.shape
-    if tensor.name == "IMAGE":
+def _batched(name: str, shape: tuple[int, ...], max_batch: int) -> bool:
+    """Whether an input of this shape carries a batch dimension; 400 for a shape the model
+    does not take, or with no image or more than ``max_batch``."""
+    if name == "IMAGE":
         if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
             raise BadRequest(f"IMAGE must have shape [N] or [N, 1], got {list(shape)}")
         batched = len(shape) == 2 or (len(shape) == 1 and shape[0] > 1)
-        images: list[Any] = list(tensor.data)
+        count = shape[0] if shape else 1
     else:
         if len(shape) not in (3, 4) or shape[-1] != 3:
             raise BadRequest(f"PIXELS must have shape [H, W, 3] or [N, H, W, 3], got {list(shape)}")
         batched = len(shape) == 4
-        array = tensor.data
-        images = list(array) if batched else [array]  # type: ignore[arg-type]
-    if not images:
-        raise BadRequest(f"{tensor.name} holds no image")
-    if len(images) > max_batch:
-        raise BadRequest(f"{len(images)} images in one request; the limit is {max_batch}")
-    return images, batched
+        count = shape[0] if batched else 1
+    if count == 0:
+        raise BadRequest(f"{name} holds no image")
+    if count > max_batch:
+        raise BadRequest(f"{count} images in one request; the limit is {max_batch}")
+    return batched
+
+
+def _images(tensor: Tensor, max_batch: int) -> tuple[list[Any], bool]:
+    """The images of the input and whether the input carries a batch dimension."""
+    batched = _batched(tensor.name, tensor.shape, max_batch)
+    if tensor.name == "IMAGE":
+        return list(tensor.data), batched
+    array = tensor.data
+    return (list(array) if batched else [array]), batched  # type: ignore[arg-type]
 
 
 def _output_tensors(predictions: list[Prediction], batched: bool) -> list[OutputTensor]:
@@ -369,7 +409,7 @@ async def _json_object(request: Request, what: str) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        value = json.loads(body)
+        value = await _decoded(request, partial(parse_json, body), len(body), False)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         raise BadRequest(f"the {what} request is not valid JSON: {e}") from None
     if not isinstance(value, dict):
