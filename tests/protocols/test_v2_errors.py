@@ -265,6 +265,12 @@ def test_repository_errors(client, path, body, status, fragment):
     _assert_error(client.post(path, content=body), status, fragment)
 
 
+def test_loading_an_unknown_model_does_not_tell_clients_where_the_store_is(client, model_dir):
+    r = client.post("/v2/repository/models/nope/load")
+    _assert_error(r, 404, "model 'nope' is neither installed in the model store nor in the catalog")
+    assert str(model_dir) not in r.text and model_dir.name not in r.text
+
+
 def test_failed_load_of_an_unknown_name_leaves_it_unknown(client):
     _assert_error(client.post("/v2/repository/models/never-heard-of-it/load"), 404, "never-heard-of-it")
     _assert_error(client.get("/v2/models/never-heard-of-it"), 404, "no model named 'never-heard-of-it'")

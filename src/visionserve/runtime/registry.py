@@ -154,7 +154,7 @@ class ModelRegistry:
             try:
                 self.load(name)
             except Exception as e:
-                log.error("model %s failed to load: %s", name, e)
+                log.error("model %s failed to load: %s (model store %s)", name, e, self.store.root)
 
     def unload(self, name: str) -> None:
         with self._lock:

@@ -135,7 +135,8 @@ class ModelStore:
             return manifest
         if name in CATALOG:
             return self.pull(name)
-        raise ModelNotFound(f"model {name!r} is neither installed in {self.root} nor in the catalog")
+        # The store's folder is the server's business: this message can reach HTTP clients.
+        raise ModelNotFound(f"model {name!r} is neither installed in the model store nor in the catalog")
 
     def add_version(
         self,
