@@ -167,6 +167,25 @@ def test_wrong_method_is_405(client):
     assert_error(client.delete("/status"), 405, "method_not_allowed")
 
 
+@pytest.mark.parametrize("path", [
+    "/status", "/readyz", "/healthz", "/", "/metrics", "/openapi.json", "/v1/vision/custom/list",
+    "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/yolox-nano", "/v2/models/yolox-nano/ready",
+    "/v2/models/yolox-nano/versions/1", "/v2/models/nope", "/nope",
+])
+def test_head_answers_wherever_get_does(client, path):
+    # Load balancers probe with HEAD; HTTP requires it wherever GET is allowed.
+    get, head = client.get(path), client.head(path)
+    assert head.status_code == get.status_code and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    if path not in ("/status", "/metrics", "/nope"):  # changing bodies; a 404 message names the method
+        assert head.headers["content-length"] == str(len(get.content))
+
+
+def test_head_is_still_405_where_get_is(client):
+    r = client.head("/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.content == b""
+
+
 def test_missing_image_is_400(client):
     assert_error(client.post("/predict"), 400, "missing_image")
     assert_error(client.post("/predict", files={"other": ("x", b"abc")}), 400, "missing_image")

@@ -24,6 +24,7 @@ from visionserve.server import web
 from visionserve.server.admission import AdmissionGateMiddleware, AdmittedRoutes
 from visionserve.server.refusal import Refusals
 from visionserve.server.errors import install_error_handlers
+from visionserve.server.head import HeadAsGetMiddleware
 from visionserve.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from visionserve.service import DetectionService
 from visionserve.store.store import ModelStore
@@ -76,6 +77,7 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
 
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     install_error_handlers(app, pick)
+    app.add_middleware(HeadAsGetMiddleware, routes=lambda: app.routes)
     app.add_middleware(
         BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick,
         timeout_s=settings.limits.body_timeout_s,
