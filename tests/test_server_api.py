@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine_helpers import metric
+from engine_helpers import metric, read_response
 
 
 def jpeg_of(images, name="dog.jpg") -> bytes:
@@ -294,6 +294,21 @@ def test_unparsable_http_is_a_json_400_in_the_protocols_shape(server, request_by
     assert head.startswith(b"HTTP/1.1 400 "), answer
     assert b"content-type: application/json" in head.lower()
     assert json.loads(body) == (shape or {"error": {"code": "bad_request", "message": "malformed HTTP request"}})
+
+
+def test_a_websocket_upgrade_is_answered_as_plain_http(server):
+    # No route takes a WebSocket: the request gets the route's usual JSON answer, not the
+    # handshake's bare 403.
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /predict HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        answer = read_response(s)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405 "), answer
+    assert b"content-type: application/json" in head.lower()
+    assert json.loads(body)["error"]["code"] == "method_not_allowed"
+    assert "Unsupported upgrade request" not in server.output()
 
 
 def test_client_hanging_up_mid_body_is_a_499_not_an_unhandled_500(server_factory):

@@ -64,6 +64,9 @@ def serve(app, host: str, port: int, drain_timeout_s: float) -> bool:  # type: i
     config = uvicorn.Config(
         app,
         http=refusing or "auto",
+        # No route takes a WebSocket: an upgrade request is an ordinary HTTP request here and
+        # gets the usual JSON answer, not the WebSocket handshake's bare 403.
+        ws="none",
         host=host,
         port=port,
         log_config=None,

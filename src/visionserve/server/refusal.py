@@ -140,6 +140,11 @@ def refusing_protocol(refusals: Refusals) -> type | None:
                         self.scope["state"][RESERVED] = answer
             super().on_headers_complete()
 
+        def _unsupported_upgrade_warning(self) -> None:
+            # WebSockets are off on purpose (lifecycle.serve): an upgrade request is answered
+            # as plain HTTP, and uvicorn's advice to install a WebSocket library would mislead.
+            log.debug("upgrade request answered as plain HTTP")
+
         def send_400_response(self, msg: str) -> None:
             # uvicorn answers an unreadable request (bad request line, Content-Length or
             # chunking) in plain text; every error of this server is JSON.
