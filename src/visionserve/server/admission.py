@@ -81,7 +81,12 @@ class AdmissionGateMiddleware:
                 try:
                     ticket = self.scheduler.admit()  # refuses (and counts it) while full
                 except Overloaded as e:
-                    response = self.renderer_for(path)(e.status, e.code, e.message, e.headers)
+                    headers = e.headers
+                    if any(k == b"expect" and v.lower() == b"100-continue" for k, v in scope["headers"]):
+                        # The client waits to be told to send its body, and is not: it may
+                        # send it anyway or not at all, so this connection cannot go on.
+                        headers = {**headers, "Connection": "close"}
+                    response = self.renderer_for(path)(e.status, e.code, e.message, headers)
                     await response(scope, receive, send)
                     return
         if ticket is None:

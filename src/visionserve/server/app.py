@@ -87,6 +87,8 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
     detection_routes = AdmittedRoutes(lambda: [route for proto in protocols for route in proto.router.routes])
     app.add_middleware(AdmissionGateMiddleware, scheduler=scheduler, routes=detection_routes, renderer_for=pick)
     # The same refusal, earlier still: in the HTTP parser (used by ``serve``).
-    app.state.refusals = Refusals(scheduler, metrics, detection_routes, pick)
+    app.state.refusals = Refusals(
+        scheduler, metrics, detection_routes, pick, settings.limits.max_body_bytes, settings.limits.body_timeout_s
+    )
     app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log, metrics=metrics)
     return app

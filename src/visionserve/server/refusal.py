@@ -21,6 +21,7 @@ shape of its path's protocol, not uvicorn's plain text.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Callable
 
@@ -43,11 +44,18 @@ class Refusals:
         metrics: Metrics,
         routes: AdmittedRoutes,
         renderer_for: Callable[[str], ErrorRenderer],
+        max_body_bytes: int = 20_000_000,
+        body_timeout_s: float = 10.0,
     ) -> None:
         self.scheduler = scheduler
         self.metrics = metrics
         self.routes = routes
         self.renderer_for = renderer_for
+        # A refused request's body is read and thrown away (so the connection can serve the
+        # next request) within the same limits as one that is let in; past them, the
+        # connection is closed.
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
         self._heads: dict[tuple[int, str], tuple[bytes, bytes]] = {}
 
     def admit(
@@ -70,7 +78,8 @@ class Refusals:
             route_path = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(route_path, method, str(e.status)).inc()
             self.metrics.request_seconds.labels(route_path).observe(0.0)
-        incoming = next((v for k, v in headers if k == b"x-request-id"), b"").decode("latin-1")
+        # The last one, as the request-id middleware takes it for every other answer.
+        incoming = next((v for k, v in reversed(headers) if k == b"x-request-id"), b"").decode("latin-1")
         request_id = safe_request_id(incoming).encode("latin-1")
         return head + _header_lines(default_headers) + b"x-request-id: " + request_id + b"\r\n\r\n" + body
 
@@ -106,6 +115,9 @@ class _Refused:
     keep_alive = True
     message_event = _Event()
 
+    def __init__(self) -> None:
+        self.discarded = 0  # body bytes thrown away so far
+
 
 def refusing_protocol(refusals: Refusals) -> type | None:
     """uvicorn's httptools protocol with the early refusal; None without httptools."""
@@ -116,6 +128,71 @@ def refusing_protocol(refusals: Refusals) -> type | None:
         return None
 
     class RefusingHttpToolsProtocol(HttpToolsProtocol):
+        _body_timer: asyncio.TimerHandle | None = None
+        _reading_held = False  # reads paused until the client takes its refusals
+
+        def on_message_begin(self) -> None:
+            # A request is starting: a keep-alive timer armed after a refusal earlier in
+            # the same read must not close the connection under it.
+            self._unset_keepalive_if_required()
+            super().on_message_begin()
+
+        def on_body(self, body: bytes) -> None:
+            cycle = self.cycle
+            if isinstance(cycle, _Refused):
+                cycle.discarded += len(body)
+                if cycle.discarded > refusals.max_body_bytes:
+                    self.transport.close()  # no one reads it: not worth receiving more
+                return
+            super().on_body(body)
+
+        def on_message_complete(self) -> None:
+            if isinstance(self.cycle, _Refused):
+                # The refused body is done: the connection idles until the next request,
+                # under uvicorn's keep-alive timeout like any other.
+                self._cancel_body_timer()
+                self._unset_keepalive_if_required()
+                if not self.transport.is_closing():
+                    self.timeout_keep_alive_task = self.loop.call_later(
+                        self.timeout_keep_alive, self.timeout_keep_alive_handler
+                    )
+                return
+            super().on_message_complete()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            if self._reading_held:
+                self._reading_held = False
+                self.flow.resume_reading()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_body_timer()
+            super().connection_lost(exc)
+
+        def _refuse(self, answer: bytes) -> None:
+            self.cycle = _Refused()  # type: ignore[assignment]
+            self.transport.write(answer)
+            self.on_response_complete()
+            # The body may still be coming: it gets the body timeout, not the keep-alive one
+            # (any data received cancels that, and nothing would arm it again).
+            self._unset_keepalive_if_required()
+            self._body_timer = self.loop.call_later(refusals.body_timeout_s, self._body_timed_out)
+            if self.flow.write_paused:
+                # A client that sends requests without reading the answers: read no more
+                # until it does, or the answers pile up in this process's memory.
+                self.flow.pause_reading()
+                self._reading_held = True
+
+        def _body_timed_out(self) -> None:
+            self._body_timer = None
+            if isinstance(self.cycle, _Refused) and not self.transport.is_closing():
+                self.transport.close()
+
+        def _cancel_body_timer(self) -> None:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
         def on_headers_complete(self) -> None:
             if (
                 (self.cycle is None or self.cycle.response_complete)
@@ -132,9 +209,7 @@ def refusing_protocol(refusals: Refusals) -> type | None:
                         self.server_state.default_headers,
                     )
                     if isinstance(answer, bytes):
-                        self.cycle = _Refused()  # type: ignore[assignment]
-                        self.transport.write(answer)
-                        self.on_response_complete()
+                        self._refuse(answer)
                         return
                     if answer is not None:  # admitted: the gate middleware hands it on
                         self.scope["state"][RESERVED] = answer
