@@ -6,7 +6,10 @@ inference workers lack on a small machine. The admission gate middleware already
 before routing and body parsing; this goes one step earlier: as soon as a request's
 headers are parsed and the server is full, the HTTP protocol writes a ready-made 503 (the
 protocol's own error body, Retry-After, X-Request-ID) and discards the body as it arrives,
-with no ASGI scope, task or middleware. Counted in the same metrics as any refusal.
+with no ASGI scope, task or middleware. Counted in the same metrics as any refusal. The
+discarded body is held to the same limits as one that is read (``limits.body_timeout_s``,
+``limits.max_body_bytes``; past them the connection is closed), and a client that sends
+request after request without reading the 503s is not read from until it does.
 
 A request that is let in takes its place here too (passed on in the scope's state), so
 when a place frees up, the requests that arrived meanwhile do not all go on to be refused
