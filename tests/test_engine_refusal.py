@@ -4,12 +4,15 @@ given back however the request ends."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
+from typing import Iterator
 
 import httpx
 import pytest
 
+from conftest import ServerProcess
 from engine_helpers import children
 
 from engine_helpers import metric, post_image, read_response, start_upload, wait_in_flight
@@ -83,6 +86,21 @@ def test_every_detection_route_is_gated_before_routing(model_dir, mirror):
     assert routes.match("POST", "/v2/models/yolox-nano/ready") is None
 
 
+@contextlib.contextmanager
+def _full_server(server_factory, images, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
+    """A one-place server whose place a half-sent upload holds; afterwards, the place is
+    given back and a detection succeeds."""
+    srv = server_factory(env={**ONE_PLACE, **(env or {})})
+    held, _ = start_upload(srv.url, (images / "dog.jpg").read_bytes())
+    try:
+        wait_in_flight(srv.url, 1)
+        yield srv
+    finally:
+        held.close()
+    wait_in_flight(srv.url, 0)
+    assert post_image(srv.url, images / "dog.jpg").status_code == 200
+
+
 def _connect(url: str) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
     return socket.create_connection((host, int(port)), timeout=30)
@@ -105,11 +123,8 @@ def test_refused_connections_are_bounded_in_time_and_size(server_factory, images
     """A refused request's body is thrown away as it comes, under the same limits as any
     body: the connection then idles under the keep-alive timeout, and one whose body stalls
     or runs over the size limit is closed."""
-    env = {**ONE_PLACE, "VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "2", "VISIONSERVE_LIMITS__MAX_BODY_BYTES": "300000"}
-    srv = server_factory(env=env)
-    held, _ = start_upload(srv.url, (images / "dog.jpg").read_bytes())
-    try:
-        wait_in_flight(srv.url, 1)
+    env = {"VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "2", "VISIONSERVE_LIMITS__MAX_BODY_BYTES": "300000"}
+    with _full_server(server_factory, images, env) as srv:
         head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n{}\r\n"
         # Body sent after the 503, then idle: closed by the keep-alive timeout (5 s), as
         # after any answer. (The timer used to be cancelled by the body and never re-armed.)
@@ -134,21 +149,13 @@ def test_refused_connections_are_bounded_in_time_and_size(server_factory, images
         assert _closed_within(huge, 5)
         assert _closed_within(stalled, 6)
         assert _closed_within(idle, 12)
-    finally:
-        held.close()
-    wait_in_flight(srv.url, 0)
-    assert post_image(srv.url, images / "dog.jpg").status_code == 200
 
 
 def test_a_client_that_does_not_read_its_refusals_is_not_read_either(server_factory, images):
     # Pipelined requests, refused one after another, whose answers the client never reads:
     # the server stops reading when its writes back up, instead of holding every 503.
-    srv = server_factory(env=ONE_PLACE)
-    held, _ = start_upload(srv.url, (images / "dog.jpg").read_bytes())
-    flood = _connect(srv.url)
-    flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    try:
-        wait_in_flight(srv.url, 1)
+    with _full_server(server_factory, images) as srv, _connect(srv.url) as flood:
+        flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         before = _rss_mb(srv.process.pid)
         batch = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" * 2000
         flood.settimeout(0.5)
@@ -161,29 +168,17 @@ def test_a_client_that_does_not_read_its_refusals_is_not_read_either(server_fact
         grown = _rss_mb(srv.process.pid) - before
         # Unbounded, 25 MB of requests held about 180 MB of answers here.
         assert sent < 10_000_000 and grown < 60, (sent, grown)
-    finally:
-        flood.close()
-        held.close()
-    wait_in_flight(srv.url, 0)
-    assert post_image(srv.url, images / "dog.jpg").status_code == 200
 
 
 def test_a_refusal_of_a_request_expecting_100_continue_closes_the_connection(server_factory, images):
     # Its client waits to be told to send the body; after a 503 it may send the body
     # anyway or not, so the connection cannot be read further.
-    srv = server_factory(env=ONE_PLACE)
-    held, _ = start_upload(srv.url, (images / "dog.jpg").read_bytes())
-    try:
-        wait_in_flight(srv.url, 1)
-        s = _connect(srv.url)
+    with _full_server(server_factory, images) as srv, _connect(srv.url) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                   b"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
         answer = read_response(s).lower()
         assert answer.startswith(b"http/1.1 503") and b"connection: close" in answer
         assert b"100 continue" not in answer
-        s.close()
-    finally:
-        held.close()
 
 
 def _rss_mb(pid: int) -> float:
