@@ -61,11 +61,16 @@ def multipart_upload(body: bytes, path: str = "/predict") -> tuple[bytes, bytes]
     return head, payload
 
 
+def connect(url: str, timeout: float = 30) -> socket.socket:
+    """A raw TCP connection to the server at ``url``, for requests httpx would not send."""
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=timeout)
+
+
 def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.socket, bytes]:
     """Sends the headers and half the body of a multipart upload; returns the socket and the rest."""
-    host, port = url.removeprefix("http://").split(":")
     head, payload = multipart_upload(body, path)
-    s = socket.create_connection((host, int(port)), timeout=30)
+    s = connect(url)
     half = len(payload) // 2
     s.sendall(head + payload[:half])
     return s, payload[half:]

@@ -12,7 +12,7 @@ from visionserve.config import QueueSettings, RuntimeSettings
 from visionserve.errors import Overloaded
 from visionserve.runtime.scheduler import Scheduler
 
-from engine_helpers import concurrent_posts, metric, multipart_upload, post_image
+from engine_helpers import concurrent_posts, connect, metric, multipart_upload, post_image, read_response
 
 ONE_WORKER_NO_QUEUE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
 
@@ -69,40 +69,29 @@ def test_stalled_uploads_get_408_and_give_their_places_back(server_factory, imag
     # Detection requests are admitted from their headers on. Clients that send headers
     # and then stall must not keep the places: the server had answered everyone else 503.
     server = server_factory(env={"VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "1"})
-    port = int(server.url.rsplit(":", 1)[1])
     stalled = []
     raw = "Content-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\nab"
     form = "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
     for path, rest in (("/predict", raw), ("/predict", form), ("/v1/vision/detection", form), ("/predict", raw)):
-        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s = connect(server.url, timeout=10)
         s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{rest}".encode())
         stalled.append(s)  # one more than the three places
     try:
         answers = []
         for s in stalled[:3]:
-            head, _, body = _read_response(s).partition(b"\r\n\r\n")
+            head, _, body = read_response(s).partition(b"\r\n\r\n")
             answers.append((head.split(b" ")[1], head.lower(), body))
         assert [status for status, _, _ in answers] == [b"408"] * 3
         assert all(b"connection: close" in head for _, head, _ in answers)
         assert b'"code":"request_timeout"' in answers[0][2] and b"within 1 s" in answers[0][2]
         assert b'"success":false' in answers[2][2]  # DeepStack's error shape
         # The fourth was refused at once (full); the places are free again now.
-        assert _read_response(stalled[3]).split(b" ")[1] == b"503"
+        assert read_response(stalled[3]).split(b" ")[1] == b"503"
         r = post_image(server.url, images / "dog.jpg")
         assert r.status_code == 200, r.text
     finally:
         for s in stalled:
             s.close()
-
-
-def _read_response(s: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-5", "nan", "inf", "-inf", "1e400"])

@@ -13,9 +13,7 @@ import httpx
 import pytest
 
 from conftest import ServerProcess
-from engine_helpers import children
-
-from engine_helpers import metric, post_image, read_response, start_upload, wait_in_flight
+from engine_helpers import children, connect, metric, post_image, read_response, start_upload, wait_in_flight
 
 ONE_PLACE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
 
@@ -101,11 +99,6 @@ def _full_server(server_factory, images, env: dict[str, str] | None = None) -> I
     assert post_image(srv.url, images / "dog.jpg").status_code == 200
 
 
-def _connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=30)
-
-
 def _closed_within(s: socket.socket, seconds: float) -> bool:
     """Whether the server closes ``s`` within ``seconds`` (whatever it still sends is read)."""
     s.settimeout(seconds)
@@ -128,17 +121,17 @@ def test_refused_connections_are_bounded_in_time_and_size(server_factory, images
         head = "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n{}\r\n"
         # Body sent after the 503, then idle: closed by the keep-alive timeout (5 s), as
         # after any answer. (The timer used to be cancelled by the body and never re-armed.)
-        idle = _connect(srv.url)
+        idle = connect(srv.url)
         idle.sendall(head.format(10, "X-Request-ID: first\r\nX-Request-ID: last\r\n").encode())
         answer = read_response(idle)
         assert answer.startswith(b"HTTP/1.1 503") and b"x-request-id: last" in answer.lower()
         idle.sendall(b"0123456789")
         # A body that stalls: closed after the body timeout (2 s here).
-        stalled = _connect(srv.url)
+        stalled = connect(srv.url)
         stalled.sendall(head.format(1000, "").encode() + b"x")
         assert read_response(stalled).startswith(b"HTTP/1.1 503")
         # A body over the size limit: closed once it runs over.
-        huge = _connect(srv.url)
+        huge = connect(srv.url)
         huge.sendall(head.format(10_000_000, "").encode())
         assert read_response(huge).startswith(b"HTTP/1.1 503")
         try:
@@ -154,7 +147,7 @@ def test_refused_connections_are_bounded_in_time_and_size(server_factory, images
 def test_a_client_that_does_not_read_its_refusals_is_not_read_either(server_factory, images):
     # Pipelined requests, refused one after another, whose answers the client never reads:
     # the server stops reading when its writes back up, instead of holding every 503.
-    with _full_server(server_factory, images) as srv, _connect(srv.url) as flood:
+    with _full_server(server_factory, images) as srv, connect(srv.url) as flood:
         flood.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         before = _rss_mb(srv.process.pid)
         batch = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n" * 2000
@@ -173,7 +166,7 @@ def test_a_client_that_does_not_read_its_refusals_is_not_read_either(server_fact
 def test_a_refusal_of_a_request_expecting_100_continue_closes_the_connection(server_factory, images):
     # Its client waits to be told to send the body; after a 503 it may send the body
     # anyway or not, so the connection cannot be read further.
-    with _full_server(server_factory, images) as srv, _connect(srv.url) as s:
+    with _full_server(server_factory, images) as srv, connect(srv.url) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
                   b"Content-Length: 1000\r\nExpect: 100-continue\r\n\r\n")
         answer = read_response(s).lower()

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine_helpers import metric, read_response
+from engine_helpers import connect, metric, read_response
 
 
 def jpeg_of(images, name="dog.jpg") -> bytes:
@@ -299,8 +299,7 @@ def test_unparsable_http_is_a_json_400_in_the_protocols_shape(server, request_by
 def test_a_websocket_upgrade_is_answered_as_plain_http(server):
     # No route takes a WebSocket: the request gets the route's usual JSON answer, not the
     # handshake's bare 403.
-    host, port = server.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    with connect(server.url, timeout=10) as s:
         s.sendall(b"GET /predict HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         answer = read_response(s)

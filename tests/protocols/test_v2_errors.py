@@ -14,7 +14,7 @@ import termios
 
 import pytest
 
-from engine_helpers import read_response
+from engine_helpers import connect, read_response
 
 MODEL = "yolox-nano"
 INFER = f"/v2/models/{MODEL}/infer"
@@ -216,9 +216,7 @@ def test_the_server_answers_others_while_it_decodes_a_large_json_body(server):
     count = 4_500_000  # ~9 MB of JSON; the shape asks for fewer, so the answer is a 400 once decoded
     head = b'{"inputs":[{"name":"PIXELS","datatype":"UINT8","shape":[1000,1000,3],"data":['
     body = head + b"1," * (count - 1) + b"1]}]}"
-    host, port = server.url.removeprefix("http://").split(":")
-    big = socket.create_connection((host, int(port)), timeout=60)
-    health = socket.create_connection((host, int(port)), timeout=60)
+    big, health = connect(server.url, timeout=60), connect(server.url, timeout=60)
     try:
         big.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
