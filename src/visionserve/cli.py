@@ -17,7 +17,7 @@ from rich.table import Table
 
 from visionserve import __version__
 from visionserve.config import ConfigError, Settings, load_settings
-from visionserve.errors import ModelNotFound, VisionServeError
+from visionserve.errors import VisionServeError
 
 app = typer.Typer(help="visionserve: an inference server for image object detection.", no_args_is_help=True)
 models_app = typer.Typer(help="The model catalog and the local model store.", no_args_is_help=True)
@@ -357,9 +357,6 @@ def models_optimize(
                 store, name, calibration_images, eval_images, output_version=output_version,
                 min_agreement=min_agreement, min_speedup=min_speedup, seconds=seconds, recipes=recipes,
             )
-    except ModelNotFound as e:
-        _error(f"{e.message} ({store.root})")  # which store, for the operator
-        raise typer.Exit(1) from None
     except VisionServeError as e:
         _error(e.message)
         raise typer.Exit(1) from None
