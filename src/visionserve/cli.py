@@ -27,10 +27,10 @@ err = Console(stderr=True)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 ConfigOpt = Annotated[
-    Optional[Path], typer.Option("--config", "-c", envvar="VISIONSERVE_CONFIG", help="TOML config file [env VISIONSERVE_CONFIG]")
+    Optional[Path], typer.Option("--config", "-c", envvar="VISIONSERVE_CONFIG", help="TOML config file")
 ]
-ModelDirOpt = Annotated[Optional[Path], typer.Option("--model-dir", help="local model store [env VISIONSERVE_MODEL_DIR]")]
-MirrorOpt = Annotated[Optional[str], typer.Option("--mirror", help="model mirror folder or URL base [env VISIONSERVE_MODEL_MIRROR]")]
+ModelDirOpt = Annotated[Optional[Path], typer.Option("--model-dir", help=r"local model store \[env VISIONSERVE_MODEL_DIR]")]
+MirrorOpt = Annotated[Optional[str], typer.Option("--mirror", help=r"model mirror folder or URL base \[env VISIONSERVE_MODEL_MIRROR]")]
 
 
 def _error(message: object) -> None:
@@ -332,7 +332,7 @@ def models_optimize(
 ) -> None:
     """Build faster versions of a model (ONNX Runtime INT8; OpenVINO float, BF16 and INT8 when
     OpenVINO is installed), measure them here against the float model, and install the fastest
-    one whose detections agree, as NAME@VERSION (serve it with [[models]] name = NAME,
+    one whose detections agree, as NAME@VERSION (serve it with [\\[models]] name = NAME,
     version = VERSION)."""
     from visionserve.optimize import chosen_recipes, optimize_model
     from visionserve.store.store import ModelStore, check_version_name
