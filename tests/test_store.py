@@ -67,8 +67,9 @@ def fake_mirror(tmp_path: Path, mirror: Path, corrupt: bool) -> Path:
 
 def test_bad_hash_is_rejected_and_nothing_installed(tmp_path, mirror):
     store = ModelStore(tmp_path / "store", mirror=str(fake_mirror(tmp_path, mirror, corrupt=True)))
-    with pytest.raises(ModelError, match="sha256 mismatch"):
+    with pytest.raises(ModelError, match="could not get yolox_nano.onnx for 'yolox-nano'") as e:
         store.pull("yolox-nano")
+    assert "sha256 mismatch" in e.value.detail
     folder = tmp_path / "store" / "yolox-nano"
     assert store.manifest("yolox-nano") is None
     assert not folder.exists() or not any(folder.iterdir())
@@ -97,8 +98,9 @@ def test_unreachable_sources_give_a_clear_error(tmp_path):
     store = ModelStore(tmp_path / "store", mirror=str(tmp_path / "empty-mirror"))
     with pytest.raises(ModelError) as e:
         store.pull("yolox-nano")
-    message = str(e.value)
-    assert "empty-mirror/yolox_nano/yolox_nano.onnx" in message and "github.com" in message
+    # The sources tried are for the log and the CLI (the message can reach HTTP clients).
+    assert "empty-mirror/yolox_nano/yolox_nano.onnx" in e.value.detail and "github.com" in e.value.detail
+    assert str(tmp_path) not in e.value.message
 
 
 def test_ensure_pulls_catalog_models_but_not_unknown_names(tmp_path, mirror):
@@ -154,3 +156,34 @@ def test_add_version_names_the_file_by_version_and_replaces_the_previous_one(tmp
     for bad in ("../up", "a/b", "", "-x", "x" * 65):
         with pytest.raises(ModelError, match="invalid version name"):
             store.add_version(base, bad, again)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"name": "m", "family": ', "not valid JSON (Expecting value at line 1, column 25)"),
+    ("[1, 2]", "not a JSON object"),
+    ('{"name": "m", "file": "m.onnx", "labels": ["a"], "input_width": "wide", "input_height": 9}',
+     "family: Field required; input_width: Input should be a valid integer"),
+    (b"\xff\xfe", "not UTF-8 text"),
+])
+def test_a_broken_manifest_says_what_is_wrong_without_naming_server_files(tmp_path, text, problem):
+    folder = tmp_path / "store" / "m"
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    store = ModelStore(tmp_path / "store")
+    with pytest.raises(ModelError) as e:
+        store.manifest("m")
+    assert e.value.message.startswith(f"the manifest.json of 'm' is broken: {problem}"), e.value.message
+    assert str(tmp_path) not in e.value.message  # it can reach HTTP clients
+    assert str(folder / "manifest.json") in e.value.detail  # the log and the CLI name the file
+
+
+def test_installed_hands_broken_manifests_over_or_raises(tmp_path, mirror):
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    store.pull("yolox-nano")
+    (tmp_path / "store" / "broken").mkdir()
+    (tmp_path / "store" / "broken" / "manifest.json").write_text("{")
+    with pytest.raises(ModelError, match="manifest.json of 'broken' is broken"):
+        store.installed()
+    broken: dict[str, str] = {}
+    assert [m.name for m in store.installed(broken=lambda name, e: broken.update({name: e.message}))] == ["yolox-nano"]
+    assert list(broken) == ["broken"] and "not valid JSON" in broken["broken"]

@@ -39,6 +39,12 @@ def _error(message: object) -> None:
     err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
 
 
+def _described(e: VisionServeError) -> str:
+    """The error's message and, for the operator at the terminal, its detail (file paths,
+    a library's own words), which servers keep out of their answers."""
+    return f"{e.message}\n  {e.detail}" if e.detail else e.message
+
+
 def _settings(config: Path | None, **overrides: object) -> Settings:
     try:
         return load_settings(config, **overrides)
@@ -130,7 +136,7 @@ def detect(
     try:
         detector = OfflineDetector(settings, model, progress=lambda name: _progress_bar(name))
     except VisionServeError as e:
-        _error(e.message)
+        _error(_described(e))
         raise typer.Exit(1) from None
     params = _params(min_confidence, iou, max_detections, classes)
     writer = csv.writer(sys.stdout) if output_format == "csv" else None
@@ -233,7 +239,7 @@ def _pull(store, name: str, force: bool = False) -> None:  # type: ignore[no-unt
     try:
         manifest = store.pull(name, force=force, progress=_progress_bar)
     except VisionServeError as e:
-        _error(e.message)
+        _error(_described(e))
         raise typer.Exit(1) from None
     err.print(f"{escape(name)}: installed in {escape(str(manifest.folder))} ([green]verified[/green])", highlight=False)
 
@@ -298,7 +304,7 @@ def models_import_darknet(
     try:
         manifest = import_darknet(cfg, weights, labels, settings.model_dir / name, name)
     except VisionServeError as e:
-        _error(e.message)
+        _error(_described(e))
         raise typer.Exit(1) from None
     err.print(
         f"{name}: {manifest.family}, {manifest.input_width}x{manifest.input_height}, {len(manifest.labels)} classes, "
@@ -358,7 +364,7 @@ def models_optimize(
                 min_agreement=min_agreement, min_speedup=min_speedup, seconds=seconds, recipes=recipes,
             )
     except VisionServeError as e:
-        _error(e.message)
+        _error(_described(e))
         raise typer.Exit(1) from None
     print(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
 

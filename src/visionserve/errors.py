@@ -11,10 +11,13 @@ class VisionServeError(Exception):
     code: str = "internal_error"
     status: int = 500
 
-    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, detail: str | None = None) -> None:
+        """``message`` may reach clients: it names no server file and quotes no library's
+        internals. ``detail`` is for the server's log and the CLI only (paths, a library's words)."""
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        self.detail = detail
 
 
 class MissingImage(VisionServeError):
@@ -69,6 +72,22 @@ class ModelError(VisionServeError):
     """A model file, manifest or catalog entry is unusable."""
 
     code, status = "model_error", 500
+
+
+class ModelLoadFailed(VisionServeError):
+    """A model could not be loaded (broken files, a graph that does not fit its family).
+    400, as Triton answers a load request whose model fails to load (INVALID_ARG)."""
+
+    code, status = "model_load_failed", 400
+
+
+def unexpected_error(e: BaseException, doing: str) -> ModelError:
+    """A ModelError for an exception nobody anticipated: its type for clients, its text
+    (which may hold file paths) for the log."""
+    return ModelError(
+        f"unexpected {type(e).__name__} while {doing} (the server log has the details)",
+        detail=f"{type(e).__name__}: {e}",
+    )
 
 
 class ConfigError(Exception):

@@ -154,7 +154,7 @@ def optimize_model(
                 build_s[recipe.name] = time.perf_counter() - t0
                 detections = served_detections(manifest, variant, eval_pixels, thresholds)
             except Exception as e:  # noqa: BLE001 - the quantizer and the engines raise their own kinds
-                message = e.message if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+                message = (e.detail or e.message) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
                 failures[recipe.name] = f"failed: {message}"
                 continue
             variants[recipe.name] = variant

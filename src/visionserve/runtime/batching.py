@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visionserve.runtime.onnx_file import read_onnx
+
 log = logging.getLogger("visionserve.models")
 
 BATCH_DIM = "batch"
@@ -21,9 +23,7 @@ BATCH_DIM = "batch"
 
 def graph_batch_size(path: Path) -> int | str | None:
     """The batch dimension of a model's first input: an int when fixed, its name when dynamic."""
-    import onnx
-
-    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    dims = read_onnx(path, external_data=False).graph.input[0].type.tensor_type.shape.dim
     if not dims:
         return None
     return dims[0].dim_value or dims[0].dim_param or None
@@ -31,10 +31,9 @@ def graph_batch_size(path: Path) -> int | str | None:
 
 def dynamic_batch_variant(path: Path) -> bytes | None:
     """The serialized model with a symbolic batch dimension, or None when it cannot be made safely."""
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(path))
+    model = read_onnx(path)
     graph = model.graph
     if len(graph.input) != 1:
         return None

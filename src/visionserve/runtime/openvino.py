@@ -70,7 +70,8 @@ def create_session(model: Path | bytes, threads: int, options: Mapping[str, str]
     """
     label = name or str(model)
     if isinstance(model, bytes):
-        raise ModelError(f"{label}: the OpenVINO backend loads model files, not in-memory graphs")
+        message = "the OpenVINO backend loads model files, not in-memory graphs"
+        raise ModelError(message, detail=f"{label}: {message}")
     core = _shared_core(label)
     config: dict[str, Any] = {
         "NUM_STREAMS": 1,
@@ -83,7 +84,8 @@ def create_session(model: Path | bytes, threads: int, options: Mapping[str, str]
     try:
         return OpenVINOSession(core.compile_model(str(model), "CPU", config))
     except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
-        raise ModelError(f"OpenVINO cannot load {label}: {e}") from None
+        # OpenVINO's text names the file: the log gets it, clients a reason.
+        raise ModelError("OpenVINO cannot load the model file", detail=f"OpenVINO cannot load {label}: {e}") from None
 
 
 def available() -> bool:
@@ -106,14 +108,21 @@ def _shared_core(label: str) -> ov.Core:
                 import openvino as ov
             except ImportError:
                 raise ModelError(
-                    f"{label} runs on OpenVINO, which is not installed: pip install 'visionserve[openvino]'"
+                    "the model runs on OpenVINO, which is not installed: pip install 'visionserve[openvino]'",
+                    detail=f"{label} runs on OpenVINO, which is not installed",
                 ) from None
             except Exception as e:  # installed, but its native libraries do not load
-                raise ModelError(f"{label} runs on OpenVINO, which does not load here: {e}") from None
+                raise ModelError(
+                    "the model runs on OpenVINO, which does not load here",
+                    detail=f"{label} runs on OpenVINO, which does not load here: {e}",
+                ) from None
             try:
                 _core = ov.Core()
             except Exception as e:  # a broken install: missing plugins or libraries
-                raise ModelError(f"{label} runs on OpenVINO, which does not start here: {e}") from None
+                raise ModelError(
+                    "the model runs on OpenVINO, which does not start here",
+                    detail=f"{label} runs on OpenVINO, which does not start here: {e}",
+                ) from None
         return _core
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from visionserve.errors import ModelError
+from visionserve.runtime.onnx_file import NOT_ONNX
 from visionserve.runtime.settings import RuntimeSettings
 
 if TYPE_CHECKING:
@@ -25,6 +26,16 @@ _OPT_LEVELS = {
     "extended": "ORT_ENABLE_EXTENDED",
     "all": "ORT_ENABLE_ALL",
 }
+
+# ONNX Runtime's exception types (onnxruntime.capi.onnxruntime_pybind11_state) -> what they say.
+_ORT_REASONS = {
+    "InvalidProtobuf": NOT_ONNX,  # not protobuf at all, or truncated
+    "InvalidArgument": NOT_ONNX,  # e.g. an empty file: "No graph was found"
+    "InvalidGraph": "the ONNX graph is invalid",
+    "NoSuchFile": "the model file is missing",
+    "NotImplemented": "the ONNX graph uses an operator or type ONNX Runtime does not implement",
+}
+
 _shared_arena = threading.Lock()
 _shared_arena_ready = False
 
@@ -72,7 +83,8 @@ def create_session(
     threads = intra_op_threads or runtime.intra_op_threads or cpu_count()
     if backend != "onnxruntime":
         if backend not in OPTIONAL_BACKENDS:
-            raise ModelError(f"{name or model}: unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+            message = f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})"
+            raise ModelError(message, detail=f"{_label(model, name)}: {message}")
         engine = importlib.import_module(OPTIONAL_BACKENDS[backend])
         return engine.create_session(model, threads, options or {}, name=name)
     import onnxruntime as ort
@@ -102,7 +114,13 @@ def create_session(
     try:
         return ort.InferenceSession(source, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT raises its own exception types for bad files
-        raise ModelError(f"ONNX Runtime cannot load {name or model}: {e}") from None
+        # ORT's text names the file: the log gets it, clients a reason by ORT's error type.
+        reason = _ORT_REASONS.get(type(e).__name__, "ONNX Runtime cannot load the model file")
+        raise ModelError(reason, detail=f"ONNX Runtime cannot load {_label(model, name)}: {e}") from None
+
+
+def _label(model: Path | bytes, name: str) -> str:
+    return name or (f"an in-memory graph of {len(model)} bytes" if isinstance(model, bytes) else str(model))
 
 
 def _register_shared_arena(ort) -> None:  # type: ignore[no-untyped-def]

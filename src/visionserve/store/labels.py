@@ -15,7 +15,7 @@ def read_labels(labels: str | Path | list[str]) -> list[str]:
     try:
         text = Path(labels).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelError(f"cannot read labels file {labels}: {e}") from None
+        raise ModelError("cannot read the model's labels file", detail=f"cannot read labels file {labels}: {e}") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 

@@ -6,10 +6,13 @@ re-hashes what is there, and ``manifest`` is what the server loads.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from pydantic import ValidationError
 
 from visionserve.errors import ModelError, ModelNotFound
 from visionserve.store.catalog import CATALOG, CatalogEntry, get_entry
@@ -82,6 +85,22 @@ class FileCheck:
     detail: str
 
 
+def _manifest_problem(e: Exception) -> str:
+    """What is wrong with a manifest, in words that name no file."""
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})"
+    if isinstance(e, ValidationError):
+        problems = [f"{'.'.join(map(str, err['loc'])) or 'manifest'}: {err['msg']}" for err in e.errors()]
+        return "; ".join(problems[:3]) + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+    if isinstance(e, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(e, TypeError):
+        return "not a JSON object"
+    if isinstance(e, OSError):
+        return f"it cannot be read ({e.strerror or type(e).__name__})"
+    return type(e).__name__
+
+
 class ModelStore:
     def __init__(self, root: Path, mirror: str | None = None) -> None:
         self.root = Path(root).expanduser()
@@ -97,14 +116,27 @@ class ModelStore:
             return None
         try:
             manifest = ModelManifest.load(folder)
-        except (ValueError, OSError) as e:
-            raise ModelError(f"broken manifest for {name!r} in {folder}: {e}") from None
+        except (ValueError, TypeError, OSError) as e:
+            # The message can reach HTTP clients (the load API, model status): no path in it.
+            raise ModelError(
+                f"the {MANIFEST_NAME} of {name!r} is broken: {_manifest_problem(e)}",
+                detail=f"{folder / MANIFEST_NAME}: {type(e).__name__}: {e}",
+            ) from None
         return manifest if manifest.path.is_file() else None
 
-    def installed(self) -> list[ModelManifest]:
+    def installed(self, broken: Callable[[str, ModelError], None] | None = None) -> list[ModelManifest]:
+        """The installed models' manifests. A broken manifest raises its ModelError, or with
+        ``broken`` is handed to it (with the folder's name) and left out."""
         if not self.root.is_dir():
             return []
-        found = (self.manifest(p.name) for p in sorted(self.root.iterdir()) if p.is_dir())
+        found = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            try:
+                found.append(self.manifest(folder.name))
+            except ModelError as e:
+                if broken is None:
+                    raise
+                broken(folder.name, e)
         return [m for m in found if m is not None]
 
     def pull(self, name: str, *, force: bool = False, progress: Callable[[str], Progress] | None = None) -> ModelManifest:
@@ -119,8 +151,8 @@ class ModelStore:
                 continue
             try:
                 fetch(f, entry.folder, target, self.mirror, progress(f.name) if progress else None)
-            except FetchError as e:
-                raise ModelError(str(e)) from None
+            except FetchError as e:  # names the mirror's paths: for the log, not for clients
+                raise ModelError(f"could not get {f.name} for {name!r}", detail=str(e)) from None
         installer = INSTALLERS.get(entry.format)
         if installer is None:
             raise ModelError(f"no installer for model format {entry.format!r}")
