@@ -99,7 +99,7 @@ def serve(
 
     store = ModelStore(settings.model_dir, settings.model_mirror)
     for m in settings.models:  # pull missing catalog models before listening
-        if m.path is None and store.manifest(m.name) is None:
+        if m.path is None and not _installed(store, m.name):
             _pull(store, m.name)
     if not serve_app(create_app(settings, workers), settings.host, settings.port, settings.queue.drain_timeout_s):
         raise typer.Exit(3)
@@ -233,6 +233,15 @@ def models_pull(
     store = ModelStore(settings.model_dir, settings.model_mirror)
     for name in names:
         _pull(store, name, force=force)
+
+
+def _installed(store, name: str) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the store has the model; a broken one counts: the server serves the others and
+    reports it failed, as it does a model whose file does not load."""
+    try:
+        return store.manifest(name) is not None
+    except VisionServeError:
+        return True
 
 
 def _pull(store, name: str, force: bool = False) -> None:  # type: ignore[no-untyped-def]

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from visionserve.errors import InvalidParameter, ModelError
+from visionserve.errors import InvalidParameter, ModelError, VisionServeError, unexpected_error
 from visionserve.families import get_family
 from visionserve.families.base import ModelFamily
 from visionserve.runtime.batching import dynamic_batch_variant, graph_batch_size, same_outputs
@@ -105,7 +105,9 @@ class ServedModel:
             self.warm_up()
             self.state = ModelState.READY
         except Exception as e:
-            self.state, self.error = ModelState.FAILED, str(e)
+            # What the model's status shows: never the library's text (it names files).
+            failure = e if isinstance(e, VisionServeError) else unexpected_error(e, "loading the model")
+            self.state, self.error = ModelState.FAILED, failure.message
             raise
 
     def _create_session(self, source: Path | bytes, threads: int) -> Session:

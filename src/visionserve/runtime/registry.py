@@ -8,8 +8,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from visionserve.config import MODEL_NAME, ModelConfig, Settings
-from visionserve.errors import ModelError, ModelNotFound, ModelNotReady
+from visionserve.errors import (
+    ModelError,
+    ModelLoadFailed,
+    ModelNotFound,
+    ModelNotReady,
+    VisionServeError,
+    unexpected_error,
+)
 from visionserve.runtime.model import ModelState, ServedModel
+from visionserve.runtime.onnx_file import read_onnx
 from visionserve.store.labels import read_labels
 from visionserve.store.manifest import ModelManifest
 from visionserve.store.store import ModelStore, version_ref
@@ -61,15 +69,13 @@ def manifest_for(config: ModelConfig, store: ModelStore) -> ModelManifest:
 
 
 def _graph_input_size(path: Path) -> tuple[int, int]:
-    import onnx
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False).graph
-    except Exception as e:
-        raise ModelError(f"cannot read ONNX file {path}: {e}") from None
-    dims = graph.input[0].type.tensor_type.shape.dim
+    graph = read_onnx(path, external_data=False).graph
+    dims = graph.input[0].type.tensor_type.shape.dim if graph.input else []
     if len(dims) != 4 or not dims[2].dim_value or not dims[3].dim_value:
-        raise ModelError(f"{path}: input size is not fixed in the graph; set input_width and input_height")
+        raise ModelError(
+            "the graph's input size is not fixed; set input_width and input_height",
+            detail=f"{path}: input dimensions {[d.dim_value or d.dim_param for d in dims]}",
+        )
     return dims[3].dim_value, dims[2].dim_value
 
 
@@ -99,6 +105,8 @@ class ModelRegistry:
             if name in self._configs:
                 raise ModelNotReady(f"model {name!r} is still loading")
             raise ModelNotFound(f"no model named {name!r}; served: {', '.join(self.names())}")
+        if model.state is ModelState.FAILED:
+            raise ModelNotReady(f"model {name!r} failed to load: {model.error}")
         if model.state is not ModelState.READY:
             detail = f": {model.error}" if model.error else ""
             raise ModelNotReady(f"model {name!r} is {model.state.value}{detail}")
@@ -116,45 +124,71 @@ class ModelRegistry:
         )
 
     def load(self, name: str) -> ServedModel:
-        """Loads (or reloads) a configured, installed or catalog model; blocking."""
+        """Loads (or reloads) a configured, installed or catalog model; blocking.
+
+        A model that fails to load raises ModelLoadFailed, whose message (kept as the
+        model's error for its status) names no server file; the full account is logged."""
         config = self._configs.get(name)
         if config is None:
             if not MODEL_NAME.fullmatch(name):  # also keeps names like ".." out of the store's paths
                 raise ModelNotFound(f"no model named {name!r}")
             config = ModelConfig(name=name)
+        model: ServedModel | None = None
         try:
             manifest = manifest_for(config, self.store)
-        except Exception as e:
+            model = ServedModel(manifest, self.settings.runtime, max_batch_size=self.settings.queue.max_batch_size)
+            with self._lock:
+                previous = self._models.get(name)
+                if previous is None or previous.state is not ModelState.READY:
+                    self._models[name] = model  # shows "loading" while it loads
+            if self.workers is not None:
+                try:
+                    model.attach_workers(self.workers.load(manifest, self.settings.queue.max_batch_size))
+                except Exception:
+                    self.workers.unload(name)  # from the workers where it did load
+                    raise
+            else:
+                model.load()
+        except ModelNotFound as e:  # neither installed nor in the catalog: 404, as for any unknown model
             if name in self._configs:  # an unknown name asked for at run time stays unknown
-                self._failures[name] = str(e)
+                log.error("model %s failed to load: %s (model store %s)", name, e.message, self.store.root)
+                self._failures[name] = e.message
             raise
+        except Exception as e:
+            raise self._failed(name, model, e) from None
         self._failures.pop(name, None)
-        model = ServedModel(manifest, self.settings.runtime, max_batch_size=self.settings.queue.max_batch_size)
-        with self._lock:
-            previous = self._models.get(name)
-            if previous is None or previous.state is not ModelState.READY:
-                self._models[name] = model  # shows "loading" while it loads
-        if self.workers is not None:
-            try:
-                model.attach_workers(self.workers.load(manifest, self.settings.queue.max_batch_size))
-            except Exception as e:
-                model.state, model.error = ModelState.FAILED, str(e)
-                self.workers.unload(name)  # from the workers where it did load
-                raise
-        else:
-            model.load()
         with self._lock:
             self._models[name] = model
         log.info("model %s (version %s, family %s) ready", name, model.version, model.manifest.family)
         return model
 
+    def _failed(self, name: str, model: ServedModel | None, e: Exception) -> ModelLoadFailed:
+        """Records why a model failed to load, in words fit for clients, logs the full
+        account (file paths, the library's words), and returns the error to raise."""
+        unexpected = not isinstance(e, VisionServeError)
+        error = unexpected_error(e, "loading the model") if unexpected else e
+        log.error(
+            "model %s failed to load: %s (model store %s)", name, error.detail or error.message, self.store.root,
+            exc_info=e if unexpected else None,
+        )
+        reason = error.message
+        if model is not None:
+            model.state, model.error = ModelState.FAILED, reason
+        with self._lock:
+            current = self._models.get(name)
+            if current is not None and current.state is not ModelState.READY:
+                current.state, current.error = ModelState.FAILED, reason
+            elif current is None and name in self._configs:
+                self._failures[name] = reason
+        return ModelLoadFailed(f"model {name!r} failed to load: {reason}")
+
     def load_configured(self) -> None:
-        """Loads every configured model; a failing one is logged and stays failed."""
+        """Loads every configured model; a failing one is logged (by load) and stays failed."""
         for name in self._configs:
             try:
                 self.load(name)
-            except Exception as e:
-                log.error("model %s failed to load: %s (model store %s)", name, e, self.store.root)
+            except VisionServeError:
+                pass  # logged by load
 
     def unload(self, name: str) -> None:
         with self._lock:

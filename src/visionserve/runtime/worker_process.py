@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from visionserve.errors import ModelError, ModelNotReady, VisionServeError
+from visionserve.errors import ModelError, ModelNotReady, VisionServeError, unexpected_error
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.server.logs import configure_logging
 from visionserve.types import DecodedImage
@@ -48,10 +48,14 @@ class WorkerOrders:
     log_level: str
 
 
-def portable_error(e: BaseException) -> BaseException:
-    """An exception that survives pickling (our own errors do; others become a ModelError)."""
+def portable_error(e: BaseException, loading: bool = False) -> BaseException:
+    """An exception that survives pickling (our own errors do; others become a ModelError).
+    ``loading``: the error of a model load, whose message clients see in the model's status,
+    so the exception's text (which may name files) goes to the detail, for the log."""
     if isinstance(e, VisionServeError):
         return e
+    if loading:
+        return unexpected_error(e, "loading the model")
     return ModelError(f"inference failed: {type(e).__name__}: {e}")
 
 
@@ -116,7 +120,7 @@ def serve_worker(index: int, runtime: RuntimeSettings, jobs: Connection, results
             else:
                 reply = ("error", ModelError(f"unknown worker command {op!r}"))
         except BaseException as e:  # noqa: BLE001 - every failure goes back to the caller
-            reply = ("error", portable_error(e))
+            reply = ("error", portable_error(e, loading=op == "load"))
         try:
             data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:  # an unpicklable exception inside an outcome

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
-from visionserve.errors import BadRequest, ModelNotFound
+from visionserve.errors import BadRequest, ModelError, ModelNotFound
 from visionserve.protocols import Protocol, positive_finite, received_at
 from visionserve.protocols.v2.codec import (
     InferRequest,
@@ -441,8 +441,12 @@ async def repository_index(request: Request) -> list[dict[str, Any]]:
         if "version" in entry:
             item["version"] = entry["version"]
         index[entry["name"]] = item
-    # Installed in the model store but not (yet) served: loadable with the load API.
-    for manifest in request.app.state.registry.store.installed():
+    # Installed in the model store but not (yet) served: loadable with the load API. A broken
+    # manifest makes its model unavailable, not the index (its message names no server file).
+    def broken(folder: str, error: ModelError) -> None:
+        index.setdefault(folder, {"name": folder, "state": "UNAVAILABLE", "reason": error.message})
+
+    for manifest in registry.store.installed(broken=broken):
         index.setdefault(manifest.name, {"name": manifest.name, "version": manifest.version,
                                          "state": "UNAVAILABLE", "reason": "not loaded"})
     items = sorted(index.values(), key=lambda i: i["name"])
