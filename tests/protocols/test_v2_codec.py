@@ -13,6 +13,7 @@ import tritonclient.utils as tritonutils
 
 from visionserve.errors import BadRequest, PayloadTooLarge
 from visionserve.protocols.v2.codec import (
+    NUMPY_DTYPES,
     OutputTensor,
     decompress,
     encode_output,
@@ -274,6 +275,56 @@ def test_cooperative_decoding_refuses_what_plain_decoding_refuses(data, message)
     for cooperative in (False, True):
         with pytest.raises(BadRequest, match=message):
             parse_infer_request({"inputs": [spec]}, memoryview(b""), cooperative=cooperative)
+
+
+NUMERIC = [t for t in NUMPY_DTYPES if t not in ("BOOL", "BYTES")]
+
+
+@pytest.mark.parametrize("datatype", NUMERIC)
+@pytest.mark.parametrize("data, shape", [
+    ([1, True, 3], [3]),
+    ([[2, 3], [False, 4]], [2, 2]),
+    ([[0.5, 1.0], [True, 2.0]], [2, 2]),  # among fractions too (integer tensors refuse them anyway)
+    ([True, False], [2]),
+    ([[[1, 2, True]]], [1, 1, 3]),
+])
+def test_true_and_false_are_not_numbers(datatype, data, shape):
+    # numpy reads them as 1 and 0 beside numbers; V2 has BOOL for them.
+    spec = {"name": "T", "datatype": datatype, "shape": shape, "data": data}
+    for cooperative in (False, True):
+        with pytest.raises(BadRequest, match=rf"input 'T': 'data' holds true/false, not {datatype} numbers"):
+            parse_infer_request({"inputs": [spec]}, memoryview(b""), cooperative=cooperative)
+
+
+@pytest.mark.parametrize("datatype", NUMERIC)
+def test_true_and_false_are_found_among_many_numbers_and_across_chunks(datatype):
+    # 200k elements: the cooperative path converts them a chunk at a time, and a chunk of
+    # booleans alone becomes a bool array that concatenating with numbers turns into 1s and 0s.
+    rows = [[1, 0, 1]] * 70_000
+    for at in (0, 35_000, 69_999):
+        data = [*rows[:at], [1, True, 0], *rows[at + 1:]]
+        spec = {"name": "T", "datatype": datatype, "shape": [70_000, 3], "data": data}
+        for cooperative in (False, True):
+            with pytest.raises(BadRequest, match="holds true/false"):
+                parse_infer_request({"inputs": [spec]}, memoryview(b""), cooperative=cooperative)
+    spec = {"name": "T", "datatype": datatype, "shape": [140_000], "data": [False] * 70_000 + [1] * 70_000}
+    with pytest.raises(BadRequest, match="holds true/false"):
+        parse_infer_request({"inputs": [spec]}, memoryview(b""), cooperative=True)
+    # Numbers alone, 0s and 1s included, still decode.
+    spec = {"name": "T", "datatype": datatype, "shape": [70_000, 3], "data": rows}
+    for cooperative in (False, True):
+        (t,) = parse_infer_request({"inputs": [spec]}, memoryview(b""), cooperative=cooperative).inputs
+        assert t.data.dtype == NUMPY_DTYPES[datatype] and t.data.shape == (70_000, 3) and int(t.data.astype(np.int64).sum()) == 140_000
+
+
+def test_bool_tensors_take_true_and_false_only():
+    spec = {"name": "B", "datatype": "BOOL", "shape": [2, 2], "data": [[True, False], [False, True]]}
+    for cooperative in (False, True):
+        (t,) = parse_infer_request({"inputs": [spec]}, memoryview(b""), cooperative=cooperative).inputs
+        assert t.data.dtype == np.bool_ and t.data.tolist() == [[True, False], [False, True]]
+        with pytest.raises(BadRequest, match="integer values, not BOOL"):
+            parse_infer_request({"inputs": [{**spec, "data": [[True, 0], [1, True]]}]}, memoryview(b""),
+                                cooperative=cooperative)
 
 
 def test_malformed_request_level_fields():

@@ -12,6 +12,7 @@ import socket
 import struct
 import termios
 
+import numpy as np
 import pytest
 
 from engine_helpers import connect, read_response
@@ -118,6 +119,10 @@ def test_binary_data_size_mismatches(client, dog):
     ([{"name": "IMAGE", "datatype": "BYTES", "shape": [0], "data": []}], "holds no image"),
     ([{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "data": ["not an image"]}], "image"),
     ([{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, 2, 999]}], "out of range"),
+    # Not 1 and 0: BOOL is a datatype of its own.
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 3], "data": [1, True, 3]}],
+     "input 'PIXELS': 'data' holds true/false, not UINT8 numbers"),
+    ([{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [[[[False, 0, 0]]]]}], "holds true/false"),
     # Empty, so the sizes agree, but no array can have such a dimension.
     ([{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 2**70, 3], "data": []}], "too large"),
     # Not a shape PIXELS takes: refused from the shape, before the data is looked at.
@@ -229,6 +234,15 @@ def test_the_server_answers_others_while_it_decodes_a_large_json_body(server):
     finally:
         big.close()
         health.close()
+
+
+def test_true_or_false_among_the_pixels_of_a_large_body_is_400(client):
+    # Over 1 MB: decoded in a worker thread, a slice at a time; one true among 600k numbers.
+    pixels = np.full((1, 200, 1000, 3), 7, np.uint8).tolist()
+    pixels[0][199][999][2] = True
+    body = json.dumps({"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 200, 1000, 3], "data": pixels}]})
+    assert len(body) > 1 << 20
+    _assert_error(client.post(INFER, content=body), 400, "input 'PIXELS': 'data' holds true/false, not UINT8 numbers")
 
 
 def test_body_over_the_limit_is_413_in_v2_form(client):

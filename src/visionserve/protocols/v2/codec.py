@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import math
 import zlib
@@ -317,7 +318,11 @@ def _json_data(
             ) from None
     dtype = NUMPY_DTYPES[datatype]
     try:
-        array = _chunked_array(data, count) if cooperative else np.asarray(data)
+        array = _chunked_array(data, count, dtype) if cooperative else _array(data, dtype)
+    except _Booleans:
+        raise BadRequest(
+            f"input '{name}': 'data' holds true/false, not {datatype} numbers (BOOL is a datatype of its own)"
+        ) from None
     except ValueError:
         raise BadRequest(f"input '{name}': 'data' is a ragged nested list") from None
     except TypeError:  # chunks of unrelated kinds (numbers and strings) do not concatenate
@@ -331,15 +336,42 @@ def _json_data(
     return _reshape(array.astype(dtype), shape, name)
 
 
-def _chunked_array(data: Any, count: int) -> np.ndarray:
-    """np.asarray(data), a slice of the outermost list at a time: converting a list holds
+def _chunked_array(data: Any, count: int, wanted: np.dtype) -> np.ndarray:
+    """_array(data, wanted), a slice of the outermost list at a time: converting a list holds
     the GIL throughout, and millions of numbers take a good part of a second."""
     while isinstance(data, list) and len(data) == 1 and count > _CHUNK_ELEMENTS:
         data = data[0]  # [[...]]: the shape is restored by the caller's reshape
     if not isinstance(data, list) or len(data) < 2 or count <= _CHUNK_ELEMENTS:
-        return np.asarray(data)
+        return _array(data, wanted)
     rows = max(1, len(data) * _CHUNK_ELEMENTS // count)
-    return np.concatenate([np.asarray(data[i : i + rows]) for i in range(0, len(data), rows)])
+    return np.concatenate([_array(data[i : i + rows], wanted) for i in range(0, len(data), rows)])
+
+
+class _Booleans(Exception):
+    """JSON true or false among the data of a numeric tensor."""
+
+
+def _array(data: Any, wanted: np.dtype) -> np.ndarray:
+    """np.asarray(data); _Booleans when a numeric tensor's data holds JSON true or false,
+    which numpy would take for 1 and 0 among numbers."""
+    array = np.asarray(data)
+    if wanted.kind != "b" and _holds_booleans(data, array):
+        raise _Booleans
+    return array
+
+
+def _holds_booleans(data: Any, array: np.ndarray) -> bool:
+    """Whether ``data``, converted to ``array``, held Python booleans. Only 0 and 1 can have
+    been booleans, so one vectorised test clears most tensors; the others have their
+    elements' types gathered by C loops (itertools, map, set), no Python code per element."""
+    if array.dtype.kind == "b":
+        return array.size > 0
+    if array.dtype.kind not in "iuf" or array.ndim == 0 or not ((array == 0) | (array == 1)).any():
+        return False  # strings or mixed values are refused for what they are
+    items: Any = data
+    for _ in range(array.ndim - 1):  # a regular nested list: as deep as the array
+        items = itertools.chain.from_iterable(items)
+    return bool in set(map(type, items))
 
 
 def _reshape(array: np.ndarray, shape: list[int], name: str) -> np.ndarray:
