@@ -13,13 +13,16 @@ import tritonclient.utils as tritonutils
 
 from visionserve.errors import BadRequest, PayloadTooLarge
 from visionserve.protocols.v2.codec import (
+    MAX_JSON_CONTAINERS,
     NUMPY_DTYPES,
     OutputTensor,
     decompress,
     encode_output,
     encode_response,
+    json_containers,
     pack_bytes,
     parse_infer_request,
+    parse_json,
     split_body,
     unpack_bytes,
     wants_binary,
@@ -193,6 +196,15 @@ def test_json_bytes_plain_and_base64():
         ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1, "a"]}], b"", "string values"),
         ([{"name": "A", "datatype": "UINT8", "shape": [2], "data": [1.5, 2]}], b"", "number values"),
         ([{"name": "A", "datatype": "UINT8", "shape": [2, 2], "data": [[1, 2], [3]]}], b"", "ragged"),
+        # The outline is checked before converting: deeper than the shape, or more elements
+        # along the first ones than the shape has (here strings, which converting would name).
+        ([{"name": "A", "datatype": "UINT8", "shape": [2, 2], "data": [[[1, 2], [3, 4]]]}], b"",
+         r"nested deeper than its shape \[2, 2\]"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [3], "data": [[[[[[1, 2, 3]]]]]]}], b"", "nested deeper"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [1, 3], "data": ["a"] * 1000}], b"",
+         r"has 1000 element\(s\), its shape \[1, 3\] needs 3"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [1, 3], "data": [[]] * 1000}], b"", "has 0 element"),
+        ([{"name": "A", "datatype": "UINT8", "shape": [2, 3], "data": [[1, 2, 3, 4, 5, 6, 7]]}], b"", "has 7 element"),
         ([{"name": "A", "datatype": "UINT8", "shape": [0, 2**62, 2**62], "data": []}], b"", "too large"),
         ([{"name": "A", "datatype": "BYTES", "shape": [1], "data": [5]}], b"", "must be strings"),
         ([{"name": "A", "datatype": "BYTES", "shape": [1], "data": ["!!"], "parameters": {"content_type": "base64"}}],
@@ -247,6 +259,39 @@ def test_binary_bytes_too_small_for_their_shape_are_refused_before_unpacking():
     header = {"inputs": [{"name": "A", "datatype": "BYTES", "shape": [10**9], "parameters": {"binary_data_size": 8}}]}
     with pytest.raises(BadRequest, match=r"binary_data_size 8 is too small for shape \[1000000000\] of BYTES \(each of its 1000000000 "):
         parse_infer_request(header, memoryview(pack_bytes([b"", b""])))
+
+
+@pytest.mark.parametrize("shape, data", [
+    ([2, 3], [1, 2, 3, 4, 5, 6]),  # flat, row-major
+    ([2, 3], [[1, 2, 3], [4, 5, 6]]),  # nested as the shape
+    ([2, 3], [[1, 2, 3, 4, 5, 6]]),  # nested part of the way
+    ([1, 2, 3], [[1, 2, 3], [4, 5, 6]]),  # without the leading 1
+    ([], 5),  # a scalar
+    ([0, 3], []),
+])
+def test_json_data_may_be_flat_or_nested_in_any_way_that_fits_the_shape(shape, data):
+    spec = {"name": "A", "datatype": "INT32", "shape": shape, "data": data}
+    for cooperative in (False, True):
+        (t,) = parse_infer_request({"inputs": [spec]}, memoryview(b""), cooperative=cooperative).inputs
+        assert t.data.shape == tuple(shape) and t.data.reshape(-1).tolist() == np.asarray(data).reshape(-1).tolist()
+
+
+def test_a_json_document_of_millions_of_arrays_is_refused_before_it_is_parsed():
+    # The parser makes arrays, objects and strings in C without a pause: millions of them
+    # held the GIL for seconds. Counted in the raw bytes; numbers do not count.
+    # 3 "[" and 3 "{" (one of each inside a string: an overestimate) and 10 quotes, 5 strings
+    assert json_containers(b'{"a": [[1, 2], {"b": "c"}], "d": "[{"}') == 11
+    many = b'{"inputs": [{"name": "A", "datatype": "UINT8", "shape": [1], "data": [' + b"[]," * MAX_JSON_CONTAINERS + b"1]}]}"
+    for cooperative in (False, True):
+        # + 3 arrays, 2 objects and 7 strings around the data
+        with pytest.raises(BadRequest, match=f"holds about {MAX_JSON_CONTAINERS + 12} JSON arrays, objects and strings; "
+                                             f"at most {MAX_JSON_CONTAINERS}"):
+            split_body(many, None, cooperative)
+    deep = b"[" * (MAX_JSON_CONTAINERS + 1) + b"]" * (MAX_JSON_CONTAINERS + 1)
+    with pytest.raises(BadRequest, match="JSON arrays"):
+        parse_json(deep)
+    numbers = b'{"inputs": [{"name": "A", "datatype": "UINT8", "shape": [2000000], "data": [' + b"1," * 1_999_999 + b"1]}]}"
+    assert split_body(numbers, None, True)[0]["inputs"][0]["shape"] == [2_000_000]
 
 
 def test_cooperative_decoding_gives_the_same_request():

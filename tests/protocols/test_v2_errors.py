@@ -236,6 +236,40 @@ def test_the_server_answers_others_while_it_decodes_a_large_json_body(server):
         health.close()
 
 
+def test_a_small_body_of_many_json_arrays_is_decoded_off_the_event_loop(server):
+    """Under 1 MB, but 100k nested arrays (a 100k-pixel PIXELS tensor nested as its shape):
+    the parser makes arrays without a pause, so such a body is decoded in a worker thread
+    like a large one, and /healthz is answered first (its last pixel is short: a 400 once
+    decoded, which the event loop would otherwise answer first, having been busy decoding)."""
+    rows = ",".join(["[" + ",".join(["[1,2,3]"] * 1000) + "]"] * 100)
+    body = ('{"inputs":[{"name":"PIXELS","datatype":"UINT8","shape":[1,101,1000,3],"data":[[' + rows
+            + ",[" + ",".join(["[1,2,3]"] * 999) + ",[1,2]]]]}]}").encode()
+    assert len(body) < 1 << 20 and body.count(b"[") > 100_000
+    big, health = connect(server.url, timeout=60), connect(server.url, timeout=60)
+    try:
+        big.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait_until_received(big)
+        health.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(health).startswith(b"HTTP/1.1 200")
+        assert not _readable(big), "the request of many arrays was answered first: it was decoded on the event loop"
+        answer = read_response(big)
+        assert answer.startswith(b"HTTP/1.1 400") and b"ragged" in answer
+    finally:
+        big.close()
+        health.close()
+
+
+@pytest.mark.parametrize("unit", [b"[" * 500 + b"]" * 500, b"[]", b'"x"', b"{}"])
+def test_a_body_of_millions_of_json_arrays_objects_or_strings_is_refused_before_parsing(client, unit):
+    # Made in C without a pause, millions of them held the GIL for seconds (4.6 s for ~20 MB
+    # of nested arrays) while parsed, garbage-collected and freed; counted in the raw bytes.
+    data = b"[" + b",".join([unit] * (19_000_000 // (len(unit) + 1))) + b"]"
+    body = b'{"inputs":[{"name":"PIXELS","datatype":"UINT8","shape":[1,1,1,3],"data":' + data + b"}]}"
+    r = client.post(INFER, content=body)
+    _assert_error(r, 400, "JSON arrays, objects and strings; at most 1048576 are taken: send large tensors as flat")
+
+
 def test_true_or_false_among_the_pixels_of_a_large_body_is_400(client):
     # Over 1 MB: decoded in a worker thread, a slice at a time; one true among 600k numbers.
     pixels = np.full((1, 200, 1000, 3), 7, np.uint8).tolist()

@@ -48,6 +48,10 @@ InputCheck = Callable[[str, str, tuple[int, ...]], None]
 # Elements converted to numpy at a time when decoding cooperatively (see ``split_body``).
 _CHUNK_ELEMENTS = 1 << 16
 
+# Most arrays, objects and strings a JSON request may hold (see ``parse_json``). A nested
+# PIXELS tensor has one array per pixel: up to about a megapixel nested, any size flat.
+MAX_JSON_CONTAINERS = 1 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class Tensor:
@@ -129,8 +133,27 @@ def split_body(
 
 
 def parse_json(text: bytes, cooperative: bool = False) -> Any:
-    """json.loads; ``cooperative``: giving the GIL up as it goes (see ``split_body``)."""
+    """json.loads; ``cooperative``: giving the GIL up as it goes (see ``split_body``).
+
+    BadRequest for a document of more than MAX_JSON_CONTAINERS arrays, objects and strings:
+    the parser makes those without calling Python (only numbers reach the hooks), so
+    millions of them (``[[],[],...]``, ``[[[[...]]]]``) held the GIL for seconds while being
+    parsed, collected and freed; counted in the raw bytes first (vectorised, a few ms for 20 MB).
+    """
+    found = json_containers(text)
+    if found > MAX_JSON_CONTAINERS:
+        raise BadRequest(
+            f"the request holds about {found} JSON arrays, objects and strings; at most {MAX_JSON_CONTAINERS} are "
+            "taken: send large tensors as flat lists of numbers (row-major) or as binary data"
+        )
     return json.loads(text, parse_int=_parse_int, parse_float=_parse_float) if cooperative else json.loads(text)
+
+
+def json_containers(text: bytes) -> int:
+    """An upper bound of the arrays, objects and strings in a JSON text: its ``[``, ``{``
+    and half its ``"`` (those inside strings count too, so it can only overestimate)."""
+    raw = np.frombuffer(text, np.uint8)
+    return sum(int(np.count_nonzero(raw == ord(c))) for c in "[{") + int(np.count_nonzero(raw == ord('"'))) // 2
 
 
 def _parse_int(text: str) -> int:
@@ -317,6 +340,7 @@ def _json_data(
                 "send binary data as base64 (content_type 'base64') or with the binary tensor extension"
             ) from None
     dtype = NUMPY_DTYPES[datatype]
+    _check_layout(data, shape, name)
     try:
         array = _chunked_array(data, count, dtype) if cooperative else _array(data, dtype)
     except _Booleans:
@@ -334,6 +358,23 @@ def _json_data(
     if dtype.kind in "ui" and array.size and (array.min() < np.iinfo(dtype).min or array.max() > np.iinfo(dtype).max):
         raise BadRequest(f"input '{name}': a value is out of range for {datatype}")
     return _reshape(array.astype(dtype), shape, name)
+
+
+def _check_layout(data: Any, shape: list[int], name: str) -> None:
+    """Refuses data whose outline does not fit the shape before converting it: flat or nested
+    at most as deep as the shape, and as many elements as the shape has along its first
+    elements (a regular array has them everywhere; numpy finds irregular ones). Converting
+    is a C loop that holds the GIL, so the millions of elements of a body that declares a
+    few (or nests lists far deeper) are refused without it."""
+    lengths, node = [], data
+    while isinstance(node, list) and len(lengths) <= len(shape):
+        lengths.append(len(node))
+        node = node[0] if node else None
+    if len(lengths) > max(len(shape), 1):
+        raise BadRequest(f"input '{name}': 'data' is nested deeper than its shape {shape}")
+    found, count = math.prod(lengths), math.prod(shape)
+    if found != count:
+        raise BadRequest(f"input '{name}' has {found} element(s), its shape {shape} needs {count}")
 
 
 def _chunked_array(data: Any, count: int, wanted: np.dtype) -> np.ndarray:

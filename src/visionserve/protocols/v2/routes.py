@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import traceback
 import zlib
 from functools import partial
 from typing import Any, Callable, Mapping, TypeVar
@@ -30,6 +31,7 @@ from visionserve.protocols.v2.codec import (
     decompress,
     encode_output,
     encode_response,
+    json_containers,
     parse_infer_request,
     parse_json,
     split_body,
@@ -37,6 +39,7 @@ from visionserve.protocols.v2.codec import (
 )
 from visionserve.runtime.model import ModelState, ServedModel
 from visionserve.server.admission import admitted
+from visionserve.server.collector import collector_paused
 from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
 
@@ -61,6 +64,9 @@ OUTPUT_NAMES = [o["name"] for o in OUTPUT_METADATA]
 # compressed ones in a worker thread, cooperatively (codec.split_body says why), so that a
 # JSON body of millions of numbers does not stop the server answering everyone else.
 INLINE_BODY_BYTES = 1 << 20
+# ... and when they hold few JSON arrays, objects and strings: the parser makes those in C
+# without a pause, a megabyte of `[[],[],...]` in 0.1 s or more (codec.parse_json).
+INLINE_JSON_CONTAINERS = 1 << 15
 T = TypeVar("T")
 # V2 has no 422; a bad parameter is a bad request there.
 _STATUS = {422: 400}
@@ -217,7 +223,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     decode = partial(
         _decode, body, encoding, request.headers.get(HEADER_LENGTH), settings.limits.max_body_bytes, check
     )
-    infer_request = await _decoded(request, decode, len(body), _compressed(encoding))
+    infer_request = await _decoded(request, decode, body, _compressed(encoding))
     params = _predict_params(infer_request.parameters)
     requested = _requested_outputs(infer_request)
     tensor = _single_input(infer_request.inputs, name)
@@ -263,11 +269,23 @@ def _compressed(encoding: str | None) -> bool:
     return (encoding or "identity").strip().lower() not in ("", "identity")
 
 
-async def _decoded(request: Request, decode: Callable[[bool], T], size: int, compressed: bool) -> T:
+async def _decoded(request: Request, decode: Callable[[bool], T], body: bytes, compressed: bool) -> T:
     """``decode(cooperative)``'s result: inline for a small body, else in a worker thread."""
-    if size <= INLINE_BODY_BYTES and not compressed:
+    if not compressed and len(body) <= INLINE_BODY_BYTES and json_containers(body) <= INLINE_JSON_CONTAINERS:
         return decode(False)
-    return await request.app.state.service.scheduler.run_aux(decode, True)
+    return await request.app.state.service.scheduler.run_aux(_cooperatively, decode)
+
+
+def _cooperatively(decode: Callable[[bool], T]) -> T:
+    """``decode(True)`` in a worker thread, the garbage collector paused (server/collector.py),
+    and what it parsed freed here, not on the event loop, when it fails: a traceback holds
+    its frames, and their locals the parsed body, until the exception is let go of."""
+    with collector_paused():
+        try:
+            return decode(True)
+        except BaseException as e:
+            traceback.clear_frames(e.__traceback__)
+            raise
 
 
 def _timeout_ms(parameters: Mapping[str, Any] | None) -> float | None:
@@ -409,7 +427,7 @@ async def _json_object(request: Request, what: str) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        value = await _decoded(request, partial(parse_json, body), len(body), False)
+        value = await _decoded(request, partial(parse_json, body), body, False)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         raise BadRequest(f"the {what} request is not valid JSON: {e}") from None
     if not isinstance(value, dict):
