@@ -110,6 +110,37 @@ def test_a_lost_worker_fails_requests_and_readiness_instead_of_hanging(server_fa
     assert srv.stop(signal.SIGTERM) == 0
 
 
+def read_chars(pid: int) -> int:
+    """Bytes the process has read with read() and friends (pipes included)."""
+    line = next(ln for ln in Path(f"/proc/{pid}/io").read_text().splitlines() if ln.startswith("rchar:"))
+    return int(line.split()[1])
+
+
+def test_uploads_reach_the_worker_through_shared_memory_not_its_pipe(server_factory, images):
+    """runtime/shared_bytes.py: a typical upload is copied once into shared memory; only a
+    small message goes down the worker's pipe. One too large for a slot still works, by pipe."""
+    import cv2
+    import numpy as np
+
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    (engine,) = children(srv.process.pid)
+    dog = images / "dog.jpg"
+    assert post_image(srv.url, dog).status_code == 200
+    before = read_chars(engine)
+    for _ in range(5):
+        r = post_image(srv.url, dog)
+        assert r.status_code == 200 and "dog" in {d["label"] for d in r.json()["detections"]}
+    assert read_chars(engine) - before < dog.stat().st_size  # five uploads, not one came by pipe
+    # Over a slot's 1 MB: noise compresses badly, so a 1000x1000 JPEG of it is a few MB.
+    pixels = np.random.default_rng(0).integers(0, 255, (1000, 1000, 3), dtype=np.uint8)
+    big = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    assert len(big) > 1 << 20
+    before = read_chars(engine)
+    r = httpx.post(srv.url + "/predict", files={"image": ("noise.jpg", big, "image/jpeg")}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert read_chars(engine) - before >= len(big)
+
+
 def test_the_http_process_holds_no_inference_libraries(server_factory, images):
     """ONNX Runtime and OpenCV live in the inference process only: the HTTP process stays
     small (the memory target of docs/benchmarks.md), and the one process hosts both workers."""
