@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
+
 from visionserve.runtime.shared_bytes import KEEP_BYTES, MIN_BYTES, SharedBytes, SharedBytesReader
 
 
@@ -29,6 +31,19 @@ def test_large_bytes_go_through_a_slot_and_small_ones_stay_in_the_pickle():
         pass
     else:
         raise AssertionError("the pickle held the upload")
+
+
+def test_arrays_go_through_a_slot_and_come_back_equal_and_writable():
+    shared, reader = pair(3)
+    pixels = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    scores = np.linspace(0, 1, 10_000, dtype=">f4")  # byte order kept
+    strided = pixels[:, ::2]  # not contiguous: NumPy pickles it as a byte string, which takes a slot
+    data, taken = shared.dumps((pixels, scores, strided))
+    assert taken == [0, 1, 2] and len(data) < 4096
+    got_pixels, got_scores, got_strided = reader.loads(data)
+    assert np.array_equal(got_pixels, pixels) and got_pixels.flags.writeable
+    assert got_scores.dtype == scores.dtype and np.array_equal(got_scores, scores)
+    assert np.array_equal(got_strided, strided)
 
 
 def test_full_or_too_large_goes_in_the_pickle_and_freed_slots_are_reused_lowest_first():

@@ -2,9 +2,10 @@
 
 Pickled into the pipe, a 164 kB upload is copied four times on its way (pickling, the pipe's
 two kernel copies, unpickling): about 120 us of the HTTP process's CPU per job and 80 us of
-the inference process's. Instead, the HTTP process copies each large byte string once into a
-slot of a memfd both processes map, and the pickle carries only (slot, length); unpickling
-in the inference process copies it out of the slot. A slot is taken again only after the
+the inference process's. Instead, the HTTP process copies each large byte string (an
+encoded upload) or array (a V2 tensor's pixels) once into a slot of a memfd both processes
+map, and the pickle carries only where it is; unpickling in the inference process copies it
+out of the slot. A slot is taken again only after the
 worker has answered the job that used it, which is after it unpickled the job. When every
 slot is taken, or the bytes do not fit one, they travel in the pipe as before.
 
@@ -22,7 +23,9 @@ import pickle
 import threading
 from typing import Any
 
-SLOT_BYTES = 1 << 20  # larger uploads take the pipe
+import numpy as np
+
+SLOT_BYTES = 4 << 20  # larger uploads take the pipe (a slot's pages are used only as needed)
 MIN_BYTES = 16 << 10  # below this the pipe costs about as much as the slot's bookkeeping
 KEEP_BYTES = 256 << 10  # pages of a freed slot kept resident, at most
 
@@ -68,18 +71,23 @@ class SharedBytes:
                 self._free.append(slot)
             self._free.sort(reverse=True)
 
-    def _place(self, data: bytes) -> tuple[int, int] | None:
-        if len(data) > self.slot_bytes:
+    def _place(self, data: bytes | np.ndarray) -> int | None:
+        """The slot now holding ``data`` (bytes, or a C-contiguous array), or None."""
+        size = data.nbytes if isinstance(data, np.ndarray) else len(data)
+        if size > self.slot_bytes:
             return None
         with self._lock:
             if not self._free:
                 return None
             slot = self._free.pop()
-            self._used[slot] = len(data)
+            self._used[slot] = size
         start = slot * self.slot_bytes
-        self._map[start : start + len(data)] = data
+        if isinstance(data, np.ndarray):
+            np.frombuffer(self._map, np.uint8, size, start)[:] = data.reshape(-1).view(np.uint8)
+        else:
+            self._map[start : start + size] = data
         self.placed += 1
-        return slot, len(data)
+        return slot
 
 
 class _SlotPickler(pickle.Pickler):
@@ -88,12 +96,18 @@ class _SlotPickler(pickle.Pickler):
         self.shared = shared
         self.taken = taken
 
-    def persistent_id(self, obj: Any) -> tuple[int, int] | None:
-        if type(obj) is bytes and len(obj) >= MIN_BYTES:
-            placed = self.shared._place(obj)
-            if placed is not None:
-                self.taken.append(placed[0])
-                return placed
+    def persistent_id(self, obj: Any) -> tuple | None:
+        kind = type(obj)
+        if kind is bytes and len(obj) >= MIN_BYTES:
+            slot = self.shared._place(obj)
+            if slot is not None:
+                self.taken.append(slot)
+                return (slot, len(obj))
+        elif kind is np.ndarray and obj.nbytes >= MIN_BYTES and obj.flags.c_contiguous and not obj.dtype.hasobject:
+            slot = self.shared._place(obj)
+            if slot is not None:
+                self.taken.append(slot)
+                return (slot, obj.nbytes, obj.dtype.str, obj.shape)
         return None
 
 
@@ -111,12 +125,18 @@ class SharedBytesReader:
         start = slot * self.slot_bytes
         return self._map[start : start + length]  # a copy: the slot is reused after the reply
 
+    def read_array(self, slot: int, length: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+        array = np.empty(shape, dtype)  # a writable copy, like an unpickled array
+        array.reshape(-1).view(np.uint8)[:] = np.frombuffer(self._map, np.uint8, length, slot * self.slot_bytes)
+        return array
+
 
 class _SlotUnpickler(pickle.Unpickler):
     def __init__(self, file: io.BytesIO, reader: SharedBytesReader) -> None:
         super().__init__(file)
         self.reader = reader
 
-    def persistent_load(self, pid: Any) -> bytes:
-        slot, length = pid
-        return self.reader.read(slot, length)
+    def persistent_load(self, pid: Any) -> bytes | np.ndarray:
+        if len(pid) == 2:
+            return self.reader.read(*pid)
+        return self.reader.read_array(*pid)
