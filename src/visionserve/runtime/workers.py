@@ -13,8 +13,9 @@ the HTTP stack. Worker 0 also holds the *wide* session (all cores) that a lone r
 on; every worker has one single-threaded session. Each worker talks to the HTTP process over
 two pipes (jobs down, results up, enlarged so that a typical upload is written without
 blocking); the HTTP process reads results on its event loop (``add_reader``), so no thread
-sits between a worker and the loop. A job carries the encoded bytes (or pixels) and goes
-through decode, pre-processing, inference and post-processing in the worker; the small
+sits between a worker and the loop. A job carries the encoded bytes (or pixels), placed in
+shared memory rather than the pipe (runtime/shared_bytes.py), and goes through decode,
+pre-processing, inference and post-processing in the worker; the small
 result arrays come back, and decoded pixels only when the caller asks for them (annotated
 images).
 """
