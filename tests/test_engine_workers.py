@@ -11,6 +11,8 @@ from pathlib import Path
 
 import httpx
 
+from visionserve.runtime.shared_bytes import SLOT_BYTES
+
 from engine_helpers import children, concurrent_posts, mapped_libraries, metric, post_image
 
 
@@ -75,6 +77,7 @@ def test_raw_pixels_run_in_a_worker(server_factory, images):
     import cv2
 
     srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    (engine,) = children(srv.process.pid)
     rgb = cv2.cvtColor(cv2.imread(str(images / "dog.jpg")), cv2.COLOR_BGR2RGB)
     payload = {"inputs": [{"name": "PIXELS", "shape": list(rgb.shape), "datatype": "UINT8",
                            "data": rgb.flatten().tolist()}]}
@@ -82,6 +85,10 @@ def test_raw_pixels_run_in_a_worker(server_factory, images):
     assert r.status_code == 200, r.text
     labels = r.json()["outputs"]
     assert "dog" in str(labels)
+    # The second time (the first imports what raw pixels need): through shared memory.
+    before = read_chars(engine)
+    assert httpx.post(srv.url + "/v2/models/yolox-nano/infer", json=payload, timeout=60).json() == r.json()
+    assert read_chars(engine) - before < rgb.nbytes // 10
 
 
 def test_sigterm_stops_the_workers_and_exits_0(server_factory, images):
@@ -108,6 +115,37 @@ def test_a_lost_worker_fails_requests_and_readiness_instead_of_hanging(server_fa
     r = post_image(srv.url, images / "dog.jpg")
     assert r.status_code >= 500 and "worker" in r.json()["error"]["message"]
     assert srv.stop(signal.SIGTERM) == 0
+
+
+def read_chars(pid: int) -> int:
+    """Bytes the process has read with read() and friends (pipes included)."""
+    line = next(ln for ln in Path(f"/proc/{pid}/io").read_text().splitlines() if ln.startswith("rchar:"))
+    return int(line.split()[1])
+
+
+def test_uploads_reach_the_worker_through_shared_memory_not_its_pipe(server_factory, images):
+    """runtime/shared_bytes.py: a typical upload is copied once into shared memory; only a
+    small message goes down the worker's pipe. One too large for a slot still works, by pipe."""
+    import cv2
+    import numpy as np
+
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    (engine,) = children(srv.process.pid)
+    dog = images / "dog.jpg"
+    assert post_image(srv.url, dog).status_code == 200
+    before = read_chars(engine)
+    for _ in range(5):
+        r = post_image(srv.url, dog)
+        assert r.status_code == 200 and "dog" in {d["label"] for d in r.json()["detections"]}
+    assert read_chars(engine) - before < dog.stat().st_size  # five uploads, not one came by pipe
+    # Over a slot's size: noise compresses badly, so a 1800x1800 JPEG of it is about 7 MB.
+    pixels = np.random.default_rng(0).integers(0, 255, (1800, 1800, 3), dtype=np.uint8)
+    big = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    assert len(big) > SLOT_BYTES
+    before = read_chars(engine)
+    r = httpx.post(srv.url + "/predict", files={"image": ("noise.jpg", big, "image/jpeg")}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert read_chars(engine) - before >= len(big)
 
 
 def test_the_http_process_holds_no_inference_libraries(server_factory, images):

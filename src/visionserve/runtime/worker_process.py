@@ -28,6 +28,7 @@ from typing import Any
 
 from visionserve.errors import ModelError, ModelNotReady, VisionServeError, unexpected_error
 from visionserve.runtime.settings import RuntimeSettings
+from visionserve.runtime.shared_bytes import SharedBytesReader
 from visionserve.server.logs import configure_logging
 from visionserve.types import DecodedImage
 
@@ -43,6 +44,7 @@ class WorkerOrders:
     workers: list[tuple[int, int, int]]  # (worker index, job pipe fd to read, result pipe fd to write)
     drops_fd: int  # memfd of one flag byte per job in flight
     drop_slots: int
+    uploads: tuple[int, int, int]  # memfd, slots and slot size of runtime/shared_bytes.py
     runtime: RuntimeSettings
     log_format: str  # "text" or "json", as the HTTP process logs
     log_level: str
@@ -78,7 +80,14 @@ def _release_free_heap() -> None:
         pass
 
 
-def serve_worker(index: int, runtime: RuntimeSettings, jobs: Connection, results: Connection, dropped: mmap.mmap) -> None:
+def serve_worker(
+    index: int,
+    runtime: RuntimeSettings,
+    jobs: Connection,
+    results: Connection,
+    dropped: mmap.mmap,
+    uploads: SharedBytesReader,
+) -> None:
     """One worker: reads jobs from its pipe until end-of-file, answers each in order."""
     from visionserve.runtime.model import ServedModel
     from visionserve.runtime.execute import Job, execute_jobs
@@ -86,7 +95,7 @@ def serve_worker(index: int, runtime: RuntimeSettings, jobs: Connection, results
     models: dict[str, ServedModel] = {}
     while True:
         try:
-            message = pickle.loads(jobs.recv_bytes())
+            message = uploads.loads(jobs.recv_bytes())
         except (EOFError, OSError):
             return
         op = message[0]
@@ -141,13 +150,19 @@ def main() -> None:
     sys.setswitchinterval(orders.runtime.gil_switch_interval_ms / 1e3)
     dropped = mmap.mmap(orders.drops_fd, orders.drop_slots)
     os.close(orders.drops_fd)
+    uploads_fd, upload_slots, slot_bytes = orders.uploads
+    uploads = SharedBytesReader(uploads_fd, upload_slots, slot_bytes)
+    os.close(uploads_fd)
     # Everything a job needs, imported now (while the HTTP process starts), not on the first load.
     for module in PRELOAD:
         importlib.import_module(module)
     threads = [
         threading.Thread(
             target=serve_worker,
-            args=(index, orders.runtime, Connection(job_fd, writable=False), Connection(result_fd, readable=False), dropped),
+            args=(
+                index, orders.runtime, Connection(job_fd, writable=False), Connection(result_fd, readable=False),
+                dropped, uploads,
+            ),
             name=f"visionserve-infer-{index}",
         )
         for index, job_fd, result_fd in orders.workers

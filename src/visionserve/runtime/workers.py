@@ -13,8 +13,9 @@ the HTTP stack. Worker 0 also holds the *wide* session (all cores) that a lone r
 on; every worker has one single-threaded session. Each worker talks to the HTTP process over
 two pipes (jobs down, results up, enlarged so that a typical upload is written without
 blocking); the HTTP process reads results on its event loop (``add_reader``), so no thread
-sits between a worker and the loop. A job carries the encoded bytes (or pixels) and goes
-through decode, pre-processing, inference and post-processing in the worker; the small
+sits between a worker and the loop. A job carries the encoded bytes (or pixels), placed in
+shared memory rather than the pipe (runtime/shared_bytes.py), and goes through decode,
+pre-processing, inference and post-processing in the worker; the small
 result arrays come back, and decoded pixels only when the caller asks for them (annotated
 images).
 """
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import threading
 from collections import deque
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -42,6 +44,7 @@ import numpy as np
 from visionserve.errors import ModelError
 from visionserve.runtime.session import cpu_count
 from visionserve.runtime.settings import RuntimeSettings
+from visionserve.runtime.shared_bytes import SharedBytes
 from visionserve.runtime.worker_process import WorkerOrders
 from visionserve.server.logs import JsonFormatter
 from visionserve.store.manifest import ModelManifest
@@ -55,6 +58,9 @@ PIPE_BYTES = 1 << 20  # Linux's default ceiling for unprivileged pipe sizes
 READ_BYTES = 1 << 16
 LOAD_TIMEOUT_S = 300.0
 DROP_SLOTS = 1 << 16
+# Shared-memory slots for uploads (runtime/shared_bytes.py): a worker holds at most two jobs
+# (scheduler.PROCESS_DEPTH), so this covers batches of two; more take the pipe.
+UPLOAD_SLOTS_PER_WORKER = 4
 
 Reply = tuple[str, Any]
 
@@ -94,6 +100,11 @@ def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
+def _release_then(uploads: SharedBytes, taken: list[int], callback: Callable[[Reply], None], reply: Reply) -> None:
+    uploads.release(taken)
+    callback(reply)
+
+
 class _Worker:
     def __init__(self, index: int, process: subprocess.Popen, jobs: Connection, results: Connection) -> None:
         self.index = index
@@ -126,6 +137,7 @@ class WorkerPool:
         # gone (disconnected, deadline passed), so a worker skips it if it has not begun.
         self.dropped: Any = None
         self._next_slot = 0
+        self.uploads: SharedBytes | None = None  # large byte strings in jobs go through here
 
     @classmethod
     def for_runtime(cls, runtime: RuntimeSettings) -> "WorkerPool":
@@ -144,6 +156,8 @@ class WorkerPool:
         drops_fd = os.memfd_create("visionserve-drops")
         os.ftruncate(drops_fd, DROP_SLOTS)
         self.dropped = mmap.mmap(drops_fd, DROP_SLOTS)
+        self.uploads = SharedBytes(UPLOAD_SLOTS_PER_WORKER * self.count)
+        uploads = (self.uploads.fd, self.uploads.slots, self.uploads.slot_bytes)
         root = logging.getLogger()
         log_format = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
         log_level = logging.getLevelName(logging.getLogger("visionserve").getEffectiveLevel())
@@ -161,12 +175,12 @@ class WorkerPool:
                 child_fds = [fd for _, r, w in ends for fd in (r, w)]
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "visionserve.runtime.worker_process"],
-                    stdin=subprocess.PIPE, pass_fds=[drops_fd, *child_fds], close_fds=True, env=_child_env(),
+                    stdin=subprocess.PIPE, pass_fds=[drops_fd, self.uploads.fd, *child_fds], close_fds=True, env=_child_env(),
                 )
                 for fd in child_fds:
                     os.close(fd)
                 assert proc.stdin is not None
-                orders = WorkerOrders(ends, drops_fd, DROP_SLOTS, self.runtime, log_format, log_level)
+                orders = WorkerOrders(ends, drops_fd, DROP_SLOTS, uploads, self.runtime, log_format, log_level)
                 proc.stdin.write(pickle.dumps(orders, protocol=pickle.HIGHEST_PROTOCOL))
                 proc.stdin.close()
                 self._processes.append(proc)
@@ -176,6 +190,7 @@ class WorkerPool:
                     )
         finally:
             os.close(drops_fd)
+            self.uploads.close_fd()
         self._workers.sort(key=lambda w: w.index)
         log.debug("started %d inference workers in %d processes: %s", self.count, self.process_count, self.pids)
         # Workers ignore SIGTERM (the HTTP process drains first), so an exit that skips the
@@ -240,7 +255,10 @@ class WorkerPool:
             worker.pending.popleft()(("error", ModelError(self.broken)))
 
     def _send(self, worker: _Worker, message: tuple, callback: Callable[[Reply], None]) -> None:
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        assert self.uploads is not None, "spawn() first"
+        data, taken = self.uploads.dumps(message)
+        if taken:  # the slots are free again once the worker has answered (or is gone)
+            callback = partial(_release_then, self.uploads, taken, callback)
         if len(data) > PIPE_BYTES // 2 and self._loop is not None and _on_loop(self._loop):
             # Would block the event loop until the worker, maybe busy, reads it: write it
             # from a thread (replies still match: callbacks queue in the order of writing).
