@@ -109,3 +109,21 @@ def children(pid: int) -> list[int]:
 def mapped_libraries(pid: int) -> str:
     """The files a process has mapped, one per line (its shared libraries among them)."""
     return "\n".join(line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/" in line)
+
+
+def read_until_closed(s: socket.socket, seconds: float) -> bytes | None:
+    """All the server sends on ``s`` until it closes the connection; None when it is still
+    open ``seconds`` later."""
+    data, deadline = b"", time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    return None
