@@ -87,6 +87,24 @@ def read_response(s: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + rest
 
 
+def read_responses(s: socket.socket, n: int) -> list[bytes]:
+    """``n`` answers in a row (to pipelined requests, which may come in one read)."""
+    data, answers = b"", []
+    while len(answers) < n:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length")), None) if sep else None
+        if length is not None and len(rest) >= length:
+            answers.append(head + sep + rest[:length])
+            data = rest[length:]
+            continue
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {len(answers)} answers")
+        data += chunk
+    return answers
+
+
 def wait_in_flight(url: str, n: int) -> None:
     for _ in range(200):
         if metric(httpx.get(url + "/metrics").text, "visionserve_requests_in_flight") == n:

@@ -20,7 +20,7 @@ the ordinary path, where the gate middleware refuses it.
 
 The same protocol answers a request the parser cannot read with a JSON 400 in the error
 shape of its path's protocol, not uvicorn's plain text, bounds the time a request's headers
-may take (server/connection.py).
+may take, and serves requests with ``Upgrade`` as plain HTTP/1.1 (server/connection.py).
 """
 
 from __future__ import annotations
@@ -138,11 +138,14 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
         import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        from visionserve.server.connection import HeaderDeadline
+        from visionserve.server.connection import HeaderDeadline, PlainUpgrade
     except ImportError:
         return None
 
-    class RefusingHttpToolsProtocol(HeaderDeadline, HttpToolsProtocol):  # type: ignore[misc]
+    # HeaderDeadline before PlainUpgrade: the stand-in head PlainUpgrade feeds the parser for
+    # an upgrade request's body completes headers too, which must not leave the deadline
+    # thinking a request has begun.
+    class RefusingHttpToolsProtocol(HeaderDeadline, PlainUpgrade, HttpToolsProtocol):  # type: ignore[misc]
         _body_timer: asyncio.TimerHandle | None = None
         _reading_held = False  # reads paused until the client takes its refusals
 
