@@ -79,12 +79,19 @@ def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.
 def read_response(s: socket.socket) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
+        data += _recv(s, data)
     head, _, rest = data.partition(b"\r\n\r\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     while len(rest) < length:
-        rest += s.recv(65536)
+        rest += _recv(s, data + rest)
     return head + b"\r\n\r\n" + rest
+
+
+def _recv(s: socket.socket, so_far: bytes) -> bytes:
+    chunk = s.recv(65536)
+    if not chunk:  # else the caller would wait for more forever
+        raise ConnectionError(f"connection closed by the server after {so_far[:200]!r}")
+    return chunk
 
 
 def read_responses(s: socket.socket, n: int) -> list[bytes]:
@@ -98,10 +105,7 @@ def read_responses(s: socket.socket, n: int) -> list[bytes]:
             answers.append(head + sep + rest[:length])
             data = rest[length:]
             continue
-        chunk = s.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"closed after {len(answers)} answers")
-        data += chunk
+        data += _recv(s, data)
     return answers
 
 
