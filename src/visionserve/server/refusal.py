@@ -142,9 +142,6 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
     except ImportError:
         return None
 
-    # HeaderDeadline before PlainUpgrade: the stand-in head PlainUpgrade feeds the parser for
-    # an upgrade request's body completes headers too, which must not leave the deadline
-    # thinking a request has begun.
     class RefusingHttpToolsProtocol(HeaderDeadline, PlainUpgrade, HttpToolsProtocol):  # type: ignore[misc]
         _body_timer: asyncio.TimerHandle | None = None
         _reading_held = False  # reads paused until the client takes its refusals
@@ -191,12 +188,13 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
         def _refuse(self, answer: bytes) -> None:
             self.cycle = _Refused()  # type: ignore[assignment]
             self.transport.write(answer)
-            self.on_response_complete()
+            # uvicorn's own, without arming the header deadline: the connection waits for
+            # this request's body, not for a request (a new cycle tells the deadline that
+            # the last wait's request came).
+            HttpToolsProtocol.on_response_complete(self)
             # The body may still be coming: it gets the body timeout, not the keep-alive one
-            # (any data received cancels that, and nothing would arm it again) nor the header
-            # deadline (both armed by on_response_complete).
+            # (any data received cancels that, and nothing would arm it again).
             self._unset_keepalive_if_required()
-            self._cancel_header_deadline()
             self._body_timer = self.loop.call_later(refusals.body_timeout_s, self._body_timed_out)
             if self.flow.write_paused:
                 # A client that sends requests without reading the answers: read no more
