@@ -79,12 +79,34 @@ def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.
 def read_response(s: socket.socket) -> bytes:
     data = b""
     while b"\r\n\r\n" not in data:
-        data += s.recv(65536)
+        data += _recv(s, data)
     head, _, rest = data.partition(b"\r\n\r\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     while len(rest) < length:
-        rest += s.recv(65536)
+        rest += _recv(s, data + rest)
     return head + b"\r\n\r\n" + rest
+
+
+def _recv(s: socket.socket, so_far: bytes) -> bytes:
+    chunk = s.recv(65536)
+    if not chunk:  # else the caller would wait for more forever
+        raise ConnectionError(f"connection closed by the server after {so_far[:200]!r}")
+    return chunk
+
+
+def read_responses(s: socket.socket, n: int) -> list[bytes]:
+    """``n`` answers in a row (to pipelined requests, which may come in one read)."""
+    data, answers = b"", []
+    while len(answers) < n:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length")), None) if sep else None
+        if length is not None and len(rest) >= length:
+            answers.append(head + sep + rest[:length])
+            data = rest[length:]
+            continue
+        data += _recv(s, data)
+    return answers
 
 
 def wait_in_flight(url: str, n: int) -> None:
@@ -109,3 +131,21 @@ def children(pid: int) -> list[int]:
 def mapped_libraries(pid: int) -> str:
     """The files a process has mapped, one per line (its shared libraries among them)."""
     return "\n".join(line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/" in line)
+
+
+def read_until_closed(s: socket.socket, seconds: float) -> bytes | None:
+    """All the server sends on ``s`` until it closes the connection; None when it is still
+    open ``seconds`` later."""
+    data, deadline = b"", time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        s.settimeout(left)
+        try:
+            chunk = s.recv(65536)
+        except TimeoutError:
+            return None
+        except ConnectionResetError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+    return None

@@ -181,3 +181,26 @@ def _rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise AssertionError("no VmRSS")
+
+
+def test_a_refused_body_is_under_the_body_timeout_and_the_next_headers_under_the_header_deadline(
+    server_factory, images
+):
+    # The header deadline ends with the refused request's headers: a body that comes after
+    # it (within the body timeout) is discarded as usual, and the connection serves the next
+    # request; the deadline applies again from the end of that body.
+    env = {"VISIONSERVE_LIMITS__HEADER_TIMEOUT_S": "1", "VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "10"}
+    with _full_server(server_factory, images, env) as srv, connect(srv.url) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 10\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 503")
+        time.sleep(2)
+        s.sendall(b"0123456789GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 4\r\n\r\nabcd")
+        assert read_response(s).startswith(b"HTTP/1.1 503")
+        s.sendall(b"GET /heal")
+        s.settimeout(8)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower(), answer

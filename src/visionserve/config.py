@@ -63,6 +63,15 @@ class Limits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_body_bytes: int = Field(default=20_000_000, gt=0, description="request bodies above this get 413")
+    # Headers are a few hundred bytes and arrive in one packet from any real client; 10 s is
+    # generous even on a congested link (HAProxy's usual ``timeout http-request``), yet bounds
+    # how long a connection that trickles or stalls its headers holds a socket (slowloris).
+    header_timeout_s: float = Field(
+        default=10.0, gt=0,
+        description="a request's headers not complete this many seconds after the connection opened, or "
+        "after the previous answer on a kept-alive connection, close the connection (with 408 when part of "
+        "a request had arrived)",
+    )
     body_timeout_s: float = Field(
         default=10.0, gt=0,
         description="a request body not fully received this many seconds after the request began to read it "

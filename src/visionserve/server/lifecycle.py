@@ -60,7 +60,11 @@ def serve(app, host: str, port: int, drain_timeout_s: float) -> bool:  # type: i
     # Python's default 5 ms switch interval it waits up to that long behind a busy event
     # loop, many times per image. 1 ms measured far lower tail latency under load.
     sys.setswitchinterval(app.state.settings.runtime.gil_switch_interval_ms / 1e3)
-    refusing = refusing_protocol(app.state.refusals) if hasattr(app.state, "refusals") else None
+    settings = app.state.settings
+    refusing = (
+        refusing_protocol(app.state.refusals, settings.limits.header_timeout_s)
+        if hasattr(app.state, "refusals") else None
+    )
     config = uvicorn.Config(
         app,
         http=refusing or "auto",

@@ -19,7 +19,8 @@ parser; anything unusual (HTTP/1.0,
 the ordinary path, where the gate middleware refuses it.
 
 The same protocol answers a request the parser cannot read with a JSON 400 in the error
-shape of its path's protocol, not uvicorn's plain text.
+shape of its path's protocol, not uvicorn's plain text, bounds the time a request's headers
+may take, and serves requests with ``Upgrade`` as plain HTTP/1.1 (server/connection.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from visionserve.errors import BadRequest, Overloaded
+from visionserve.errors import BadRequest, Overloaded, RequestTimeout, VisionServeError
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 from visionserve.runtime.scheduler import Scheduler, Ticket
@@ -81,16 +82,17 @@ class Refusals:
             route_path = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(route_path, method, str(e.status)).inc()
             self.metrics.request_seconds.labels(route_path).observe(0.0)
-        # The last one, as the request-id middleware takes it for every other answer.
-        incoming = next((v for k, v in reversed(headers) if k == b"x-request-id"), b"").decode("latin-1")
-        request_id = safe_request_id(incoming).encode("latin-1")
-        return head + _header_lines(default_headers) + b"x-request-id: " + request_id + b"\r\n\r\n" + body
+        return head + _header_lines(default_headers) + _request_id_line(headers) + b"\r\n" + body
 
     def unparsable(self, url: bytes) -> tuple[bytes, bytes]:
-        """The 400 head and body for a request the HTTP parser cannot read, in the error shape
-        of the protocol its path (as far as it was read) belongs to."""
+        """The 400 head and body for a request the HTTP parser cannot read."""
+        return self.connection_error(url, BadRequest("malformed HTTP request"))
+
+    def connection_error(self, url: bytes, error: VisionServeError) -> tuple[bytes, bytes]:
+        """The head (without its blank line) and body of an error the HTTP protocol answers
+        itself, in the error shape of the protocol its path (as far as it was read) belongs to."""
         path = url.split(b"?", 1)[0].decode("latin-1")
-        return _render(self.renderer_for(path)(400, BadRequest.code, "malformed HTTP request", {}))
+        return _render(self.renderer_for(path)(error.status, error.code, error.message, error.headers))
 
 
 def _render(response) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
@@ -103,6 +105,13 @@ def _render(response) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
 
 def _header_lines(headers: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+
+
+def _request_id_line(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The answer's X-Request-ID header line: the request's last one, as the request-id
+    middleware takes it for every other answer, or a new one."""
+    incoming = next((v for k, v in reversed(headers) if k == b"x-request-id"), b"").decode("latin-1")
+    return b"x-request-id: " + safe_request_id(incoming).encode("latin-1") + b"\r\n"
 
 
 class _Event:
@@ -122,15 +131,18 @@ class _Refused:
         self.discarded = 0  # body bytes thrown away so far
 
 
-def refusing_protocol(refusals: Refusals) -> type | None:
-    """uvicorn's httptools protocol with the early refusal; None without httptools."""
+def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> type | None:
+    """uvicorn's httptools protocol with the early refusal and the connection guards of
+    server/connection.py; None without httptools."""
     try:
         import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+        from visionserve.server.connection import HeaderDeadline, PlainUpgrade
     except ImportError:
         return None
 
-    class RefusingHttpToolsProtocol(HttpToolsProtocol):
+    class RefusingHttpToolsProtocol(HeaderDeadline, PlainUpgrade, HttpToolsProtocol):  # type: ignore[misc]
         _body_timer: asyncio.TimerHandle | None = None
         _reading_held = False  # reads paused until the client takes its refusals
 
@@ -152,13 +164,14 @@ def refusing_protocol(refusals: Refusals) -> type | None:
         def on_message_complete(self) -> None:
             if isinstance(self.cycle, _Refused):
                 # The refused body is done: the connection idles until the next request,
-                # under uvicorn's keep-alive timeout like any other.
+                # under uvicorn's keep-alive timeout and the header deadline like any other.
                 self._cancel_body_timer()
                 self._unset_keepalive_if_required()
                 if not self.transport.is_closing():
                     self.timeout_keep_alive_task = self.loop.call_later(
                         self.timeout_keep_alive, self.timeout_keep_alive_handler
                     )
+                    self._arm_header_deadline()
                 return
             super().on_message_complete()
 
@@ -175,7 +188,10 @@ def refusing_protocol(refusals: Refusals) -> type | None:
         def _refuse(self, answer: bytes) -> None:
             self.cycle = _Refused()  # type: ignore[assignment]
             self.transport.write(answer)
-            self.on_response_complete()
+            # uvicorn's own, without arming the header deadline: the connection waits for
+            # this request's body, not for a request (a new cycle tells the deadline that
+            # the last wait's request came).
+            HttpToolsProtocol.on_response_complete(self)
             # The body may still be coming: it gets the body timeout, not the keep-alive one
             # (any data received cancels that, and nothing would arm it again).
             self._unset_keepalive_if_required()
@@ -223,6 +239,15 @@ def refusing_protocol(refusals: Refusals) -> type | None:
             # as plain HTTP, and uvicorn's advice to install a WebSocket library would mislead.
             log.debug("upgrade request answered as plain HTTP")
 
+        def _header_timeout_response(self) -> bytes:
+            error = RequestTimeout(f"the request headers did not arrive within {self.header_timeout_s:g} s")
+            # on_message_begin has run for this request: url and headers are its own, as far
+            # as they arrived.
+            head, body = refusals.connection_error(self.url, error)
+            extra = _header_lines(self.server_state.default_headers) + _request_id_line(self.headers)
+            log.debug("request headers not complete in %gs: connection closed with 408", self.header_timeout_s)
+            return head + extra + b"connection: close\r\n\r\n" + body
+
         def send_400_response(self, msg: str) -> None:
             # uvicorn answers an unreadable request (bad request line, Content-Length or
             # chunking) in plain text; every error of this server is JSON.
@@ -231,4 +256,5 @@ def refusing_protocol(refusals: Refusals) -> type | None:
             self.transport.write(head + extra + b"connection: close\r\n\r\n" + body)
             self.transport.close()
 
+    RefusingHttpToolsProtocol.header_timeout_s = header_timeout_s
     return RefusingHttpToolsProtocol

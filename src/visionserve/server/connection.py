@@ -1,0 +1,168 @@
+"""Connection guards for uvicorn's httptools protocol, mixed into the server's protocol class
+(server/refusal.py builds it; they come before uvicorn's class in its bases).
+
+``HeaderDeadline``: uvicorn bounds a connection only after an answer (its keep-alive timer),
+and that timer is cancelled by the first byte that arrives. A connection that sends nothing,
+or part of a request line or headers and then stalls or trickles (slowloris), stayed open for
+good, each holding a socket and a file descriptor. Now a request's headers must be complete
+``limits.header_timeout_s`` after the connection opened or after the previous answer; past
+that the connection is closed. Cheap per request: an answer moves the deadline (a clock read),
+and one timer per connection, re-armed only when it fires early, checks it.
+
+``PlainUpgrade``: a request with ``Upgrade`` (``curl --http2`` on plain HTTP sends
+``Connection: Upgrade, HTTP2-Settings`` and ``Upgrade: h2c``) lost its body. httptools tells
+llhttp that an upgrade request has no body, so the message ends with its headers (the app reads
+an empty body), and uvicorn, which upgrades to nothing but WebSockets, then drops the rest of
+that read; the body's next reads were parsed as a new request (400, connection closed). RFC
+9110 §7.8 lets a server ignore Upgrade and answer over HTTP/1.1, so this protocol does: the
+request's end is taken back, and a new parser reads its body after a stand-in head (the
+request's own Content-Length or Transfer-Encoding) that reaches no one, then reads the
+connection on as HTTP/1.1. Nothing changes for other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httptools
+
+
+class HeaderDeadline:
+    """Closes a connection whose next request's headers are not complete in time. When part
+    of a request had arrived, the client first gets a 408 (``_header_timeout_response``) with
+    ``Connection: close``, as Apache, HAProxy and Node.js answer a partial request: a slow
+    client, or whoever debugs one, learns why. A connection on which nothing of a request
+    arrived is closed silently, as those servers do (and nginx and Go in both cases): a 408
+    there could be taken as the answer to a request the client is only now sending (RFC 9112
+    §9.5), and browsers open spare connections that they may leave unused a while.
+
+    The deadline holds while the connection waits for a request: from ``connection_made``,
+    and from each answer after which uvicorn waits for the next request (it arms its
+    keep-alive timer then). It is met once a request's headers are complete: uvicorn then
+    makes a new request cycle."""
+
+    header_timeout_s: float = 10.0
+    _header_timer: asyncio.TimerHandle | None = None
+    _header_deadline = 0.0  # loop time
+    _awaited_after: object = None  # the request cycle when the wait began
+    _headers_then: object = None  # uvicorn's header list then; a new one means a request began
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)  # type: ignore[misc]
+        self._arm_header_deadline()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        # Not when a pipelined request is already in, nor when the connection is closing.
+        if self.timeout_keep_alive_task is not None:  # type: ignore[attr-defined]
+            self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        """The connection now waits for a request: its headers are due in header_timeout_s."""
+        loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
+        self._header_deadline = loop.time() + self.header_timeout_s
+        self._awaited_after = self.cycle  # type: ignore[attr-defined]
+        self._headers_then = self.headers  # type: ignore[attr-defined]
+        if self._header_timer is None:
+            self._header_timer = loop.call_at(self._header_deadline, self._check_header_deadline)
+
+    def _check_header_deadline(self) -> None:
+        self._header_timer = None
+        deadline = self._header_deadline
+        transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
+        if self.cycle is not self._awaited_after or transport.is_closing():  # type: ignore[attr-defined]
+            return  # met (a request came): armed again when the next wait begins
+        loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
+        if loop.time() < deadline:  # the wait began again since this timer was set
+            self._header_timer = loop.call_at(deadline, self._check_header_deadline)
+            return
+        if self.headers is not self._headers_then:  # type: ignore[attr-defined]
+            transport.write(self._header_timeout_response())
+        transport.close()
+
+    def _header_timeout_response(self) -> bytes:
+        """The complete 408 response (with ``Connection: close``) for a partial request."""
+        raise NotImplementedError
+
+
+class PlainUpgrade:
+    """Serves a request that asks for an upgrade as plain HTTP/1.1, with its body. For a server
+    with no WebSockets (``ws="none"``); a WebSocket upgrade, were they on, is handed to
+    uvicorn as before. It replaces uvicorn's ``data_received``, at the same cost."""
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's, but the read goes on past an upgrade request instead of being dropped.
+        self._unset_keepalive_if_required()  # type: ignore[attr-defined]
+        while True:
+            try:
+                self.parser.feed_data(data)  # type: ignore[attr-defined]
+                return
+            except httptools.HttpParserError:
+                self.logger.warning("Invalid HTTP request received.")  # type: ignore[attr-defined]
+                self.send_400_response("Invalid HTTP request received.")  # type: ignore[attr-defined]
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                if self._should_upgrade():  # type: ignore[attr-defined]
+                    self.handle_websocket_upgrade()  # type: ignore[attr-defined]
+                    return
+                self._unsupported_upgrade_warning()  # type: ignore[attr-defined]
+                # The parser stopped right after the request's headers: what follows in this
+                # read is its body, then any pipelined requests.
+                data = self._read_on_as_http(data[upgrade.args[0]:])
+                if not data:
+                    return
+
+    def _read_on_as_http(self, rest: bytes) -> bytes:
+        """What to feed the parser next, after an upgrade request's headers."""
+        head = self._stand_in_head()
+        cycle = self.cycle  # type: ignore[attr-defined]
+        if head is None or cycle is None or cycle.response_complete:
+            return rest  # no body: httptools has already set the parser to read a new request
+        # The parser ended the message with its headers, and uvicorn told the request so; its
+        # task has not run yet (still in this read), so taking that back is safe.
+        cycle.more_body = True
+        parser = httptools.HttpRequestParser(_AfterStandInHead(self))
+        try:
+            parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn sets its own
+        except AttributeError:  # httptools < 0.6.3
+            pass
+        self.parser = parser
+        return head + rest
+
+    def _stand_in_head(self) -> bytes | None:
+        """A request head with only this request's body framing (None when it has no body),
+        for a parser to read the body by. Its target is the request's own (a malformed body
+        is answered in its path's error shape); its method is never CONNECT, which llhttp
+        would take for an upgrade again."""
+        framing = [k + b": " + v + b"\r\n" for k, v in self.headers if k in _FRAMING]  # type: ignore[attr-defined]
+        if not framing:
+            return None
+        url: bytes = self.url  # type: ignore[attr-defined]
+        target = url if url.startswith(b"/") else b"/"
+        return b"POST " + target + b" HTTP/1.1\r\n" + b"".join(framing) + b"\r\n"
+
+
+class _AfterStandInHead:
+    """The callbacks of the parser that reads on after an upgrade request: the protocol's,
+    except that the stand-in head's completion reaches no one (its request is under way)."""
+
+    def __init__(self, protocol: object) -> None:
+        self._protocol = protocol
+        self._stand_in = True
+        for name in ("on_message_begin", "on_url", "on_header", "on_body", "on_message_complete"):
+            setattr(self, name, getattr(protocol, name))
+
+    def on_headers_complete(self) -> None:
+        if self._stand_in:
+            self._stand_in = False
+            return
+        self._protocol.on_headers_complete()  # type: ignore[attr-defined]
+
+
+_FRAMING = (b"content-length", b"transfer-encoding")

@@ -1,0 +1,219 @@
+"""Connection guards of the HTTP protocol (server/connection.py), against a real server over
+raw sockets: the header deadline (slowloris) and requests that ask for an upgrade."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import pytest
+
+from conftest import ServerProcess, start_server
+from engine_helpers import connect, multipart_upload, read_response, read_responses, read_until_closed
+
+HEADER_TIMEOUT_S = 1
+# Far past the deadline: an unguarded connection stays open, and nothing here waits that long.
+CLOSED_WITHIN_S = 8
+H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+
+
+@pytest.fixture(scope="module")
+def srv(model_dir: Path, mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(model_dir, mirror, tmp_path_factory.mktemp("conn"),
+                          env={"VISIONSERVE_LIMITS__HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)})
+    yield server
+    server.stop()
+
+
+def _split(answer: bytes) -> tuple[bytes, bytes]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.lower(), body
+
+
+def _labels(answer: bytes) -> set[str]:
+    head, body = _split(answer)
+    assert head.startswith(b"http/1.1 200"), answer[:300]
+    return {d["label"] for d in json.loads(body)["detections"]}
+
+
+# -- the header deadline ------------------------------------------------------------------
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer(srv):
+    with connect(srv.url) as s:
+        assert read_until_closed(s, CLOSED_WITHIN_S) == b""
+
+
+@pytest.mark.parametrize(("path", "sent"), [
+    ("/predict", b"POST /pre"),  # part of the request line
+    ("/predict", b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: slow-1\r\nContent-Le"),  # part of the headers
+    ("/v1/vision/detection", b"POST /v1/vision/detection HTTP/1.1\r\nHost: x\r\n"),  # DeepStack's error shape
+])
+def test_headers_that_stall_get_a_408_in_the_paths_shape_and_the_connection_closes(srv, path, sent):
+    with connect(srv.url) as s:
+        s.sendall(sent)
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None, "still open"
+    head, body = _split(answer)
+    assert head.startswith(b"http/1.1 408 ") and b"connection: close" in head, answer
+    assert b"content-type: application/json" in head and b"x-request-id: " in head
+    if path.startswith("/v1/vision"):
+        assert json.loads(body) == {"success": False, "code": 408,
+                                    "error": f"the request headers did not arrive within {HEADER_TIMEOUT_S} s"}
+    else:
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+    if b"slow-1" in sent:
+        assert b"x-request-id: slow-1" in head
+
+
+def test_headers_trickled_in_without_end_are_cut_off_at_the_deadline(srv):
+    # Slowloris: every read brings a byte, so no per-read timeout would ever fire.
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n\r\n"
+    with connect(srv.url) as s:
+        started, sent = time.monotonic(), 0
+        try:
+            while sent < len(request) and time.monotonic() - started < CLOSED_WITHIN_S:
+                s.sendall(request[sent : sent + 1])
+                sent += 1
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert sent < len(request)  # cut off before the end
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_the_deadline_counts_from_the_previous_answer_on_a_kept_alive_connection(srv):
+    with connect(srv.url) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # cancels uvicorn's keep-alive timer
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
+
+
+def test_an_idle_kept_alive_connection_is_closed_without_an_answer(srv):
+    with connect(srv.url) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        assert read_until_closed(s, CLOSED_WITHIN_S) == b""
+
+
+def test_requests_whose_headers_arrive_in_time_are_served_however_slow_their_body(srv, images):
+    # The deadline ends with the headers: the body is under limits.body_timeout_s (10 s).
+    head, body = multipart_upload((images / "dog.jpg").read_bytes())
+    with connect(srv.url) as s:
+        s.sendall(head[:20])
+        time.sleep(HEADER_TIMEOUT_S / 3)
+        s.sendall(head[20:])
+        time.sleep(HEADER_TIMEOUT_S * 2)
+        s.sendall(body)
+        assert {"dog", "bicycle", "car"} <= _labels(read_response(s))
+        # The connection serves the next request.
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+
+
+def test_many_stalled_connections_are_all_let_go(srv):
+    """What slowloris does: each connection holds a socket and a file descriptor in the
+    server until its headers' deadline."""
+    pid = srv.process.pid
+    before = len(os.listdir(f"/proc/{pid}/fd"))
+    stalled = [connect(srv.url) for _ in range(100)]
+    try:
+        for i, s in enumerate(stalled):
+            if i % 2:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        httpx.get(srv.url + "/healthz")  # all accepted by now
+        assert len(os.listdir(f"/proc/{pid}/fd")) >= before + 90
+        for s in stalled:
+            assert read_until_closed(s, CLOSED_WITHIN_S) is not None
+    finally:
+        for s in stalled:
+            s.close()
+    deadline = time.monotonic() + 5
+    while len(os.listdir(f"/proc/{pid}/fd")) > before + 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(os.listdir(f"/proc/{pid}/fd")) <= before + 5
+
+
+# -- requests that ask for an upgrade -----------------------------------------------------
+
+
+def _chunked(payload: bytes) -> bytes:
+    step = 50_000
+    return b"".join(b"%x\r\n%s\r\n" % (len(payload[i : i + step]), payload[i : i + step])
+                    for i in range(0, len(payload), step)) + b"0\r\n\r\n"
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("body_sent", ["with the headers", "later"])
+def test_an_upload_asking_for_h2c_is_served_over_http11_with_its_body(srv, images, framing, body_sent):
+    head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+    head = head.replace(b"Host: x\r\n", b"Host: x\r\n" + H2C)
+    if framing == "chunked":
+        head = head.replace(b"Content-Length: %d\r\n" % len(payload), b"Transfer-Encoding: chunked\r\n")
+        payload = _chunked(payload)
+    with connect(srv.url) as s:
+        if body_sent == "later":
+            s.sendall(head)
+            time.sleep(0.3)
+            s.sendall(payload)
+        else:
+            s.sendall(head + payload)
+        answer = read_response(s)
+        assert {"dog", "bicycle", "car"} <= _labels(answer)
+        assert b"upgrade" not in _split(answer)[0]
+        # Still HTTP/1.1 afterwards.
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+
+
+def test_a_connection_idle_after_an_upload_asking_for_h2c_is_closed_without_an_answer(srv, images):
+    head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+    with connect(srv.url) as s:
+        s.sendall(head.replace(b"Host: x\r\n", b"Host: x\r\n" + H2C) + payload)
+        assert {"dog", "bicycle", "car"} <= _labels(read_response(s))
+        assert read_until_closed(s, CLOSED_WITHIN_S) == b""
+
+
+def test_requests_pipelined_after_one_asking_for_an_upgrade_are_answered(srv, images):
+    head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+    upload = head.replace(b"Host: x\r\n", b"Host: x\r\n" + H2C) + payload
+    get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + H2C + b"\r\n"
+    with connect(srv.url) as s:
+        s.sendall(get + upload + b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        first, second, third = read_responses(s, 3)
+    assert json.loads(_split(first)[1]) == {"status": "alive"}
+    assert {"dog", "bicycle", "car"} <= _labels(second)
+    assert json.loads(_split(third)[1]) == {"status": "alive"}
+
+
+def test_a_body_the_parser_cannot_read_after_an_upgrade_request_is_a_json_400(srv):
+    with connect(srv.url) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n" + H2C + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n")
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None
+    # The request may be answered first (its body cut short), then the parser's 400.
+    assert b"HTTP/1.1 400 " in answer and b'"code":"bad_request"' in answer, answer
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl")
+def test_curl_http2_upload_gets_its_detections(srv, images):
+    features = subprocess.run(["curl", "--version"], capture_output=True, text=True).stdout
+    if "HTTP2" not in features:
+        pytest.skip("curl without HTTP/2")
+    done = subprocess.run(
+        ["curl", "-sS", "--http2", "-F", f"image=@{images / 'dog.jpg'}", "-w", "\n%{http_version}",
+         srv.url + "/predict"],
+        capture_output=True, text=True, timeout=30,
+    )
+    body, _, version = done.stdout.rpartition("\n")
+    assert done.returncode == 0 and version == "1.1", done
+    assert {"dog", "bicycle", "car"} <= {d["label"] for d in json.loads(body)["detections"]}
