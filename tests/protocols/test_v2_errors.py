@@ -214,6 +214,24 @@ def _wait_until_received(s: socket.socket) -> None:
         select.select([], [], [], 0.005)
 
 
+def _answer_after_healthz(url: str, body: bytes, held_up: str) -> bytes:
+    """Sends ``body`` to the infer route, then GET /healthz once the server has it all: asserts
+    that /healthz is answered first (decoding the body did not hold up the event loop; the
+    message says what did) and returns the infer request's answer."""
+    big, health = connect(url, timeout=60), connect(url, timeout=60)
+    try:
+        big.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        _wait_until_received(big)  # so /healthz arrives while the server decodes, not while it reads
+        health.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(health).startswith(b"HTTP/1.1 200")
+        assert not _readable(big), held_up
+        return read_response(big)
+    finally:
+        big.close()
+        health.close()
+
+
 def test_the_server_answers_others_while_it_decodes_a_large_json_body(server):
     """Millions of JSON numbers are decoded off the event loop: /healthz, asked for once the
     large body is sent, is answered before the large request (which fails only once decoded,
@@ -221,19 +239,10 @@ def test_the_server_answers_others_while_it_decodes_a_large_json_body(server):
     count = 4_500_000  # ~9 MB of JSON; the shape asks for fewer, so the answer is a 400 once decoded
     head = b'{"inputs":[{"name":"PIXELS","datatype":"UINT8","shape":[1000,1000,3],"data":['
     body = head + b"1," * (count - 1) + b"1]}]}"
-    big, health = connect(server.url, timeout=60), connect(server.url, timeout=60)
-    try:
-        big.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        _wait_until_received(big)  # so /healthz arrives while the server decodes, not while it reads
-        health.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_response(health).startswith(b"HTTP/1.1 200")
-        assert not _readable(big), "the large request was answered first: its decoding held up the event loop"
-        answer = read_response(big)
-        assert answer.startswith(b"HTTP/1.1 400") and b"its shape [1000, 1000, 3] needs 3000000" in answer
-    finally:
-        big.close()
-        health.close()
+    answer = _answer_after_healthz(
+        server.url, body, "the large request was answered first: its decoding held up the event loop"
+    )
+    assert answer.startswith(b"HTTP/1.1 400") and b"its shape [1000, 1000, 3] needs 3000000" in answer
 
 
 def test_a_small_body_of_many_json_arrays_is_decoded_off_the_event_loop(server):
@@ -245,19 +254,10 @@ def test_a_small_body_of_many_json_arrays_is_decoded_off_the_event_loop(server):
     body = ('{"inputs":[{"name":"PIXELS","datatype":"UINT8","shape":[1,101,1000,3],"data":[[' + rows
             + ",[" + ",".join(["[1,2,3]"] * 999) + ",[1,2]]]]}]}").encode()
     assert len(body) < 1 << 20 and body.count(b"[") > 100_000
-    big, health = connect(server.url, timeout=60), connect(server.url, timeout=60)
-    try:
-        big.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                    f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-        _wait_until_received(big)
-        health.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert read_response(health).startswith(b"HTTP/1.1 200")
-        assert not _readable(big), "the request of many arrays was answered first: it was decoded on the event loop"
-        answer = read_response(big)
-        assert answer.startswith(b"HTTP/1.1 400") and b"ragged" in answer
-    finally:
-        big.close()
-        health.close()
+    answer = _answer_after_healthz(
+        server.url, body, "the request of many arrays was answered first: it was decoded on the event loop"
+    )
+    assert answer.startswith(b"HTTP/1.1 400") and b"ragged" in answer
 
 
 @pytest.mark.parametrize("unit", [b"[" * 500 + b"]" * 500, b"[]", b'"x"', b"{}"])
