@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import struct
 import time
 
 import httpx
@@ -130,6 +132,36 @@ def test_work_of_a_disconnected_client_is_dropped(server_factory, images):
     runs = sum(metric(text, "visionserve_inference_runs_total", mode=m) for m in ("wide", "worker"))
     assert runs < 12  # at least one dropped job never ran (warm-up runs are not counted)
     assert post_image(srv.url, images / "dog.jpg").status_code == 200
+
+
+def test_a_v2_batch_whose_client_disconnects_is_dropped_without_an_error_in_the_log(server_factory, images):
+    """The batch's detections are gathered; cancelled when the client went away, the gathering
+    ended with a CancelledError that no one retrieved, and asyncio logged it as an ERROR with
+    a traceback, once per disconnected V2 batch."""
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "16"})
+    kite = (images / "kite.jpg").read_bytes()
+    raw = b"".join(struct.pack("<I", len(kite)) + kite for _ in range(6))
+    header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [6],
+                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
+    body = header + raw
+    head = (f"POST /v2/models/yolox-nano/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            f"Inference-Header-Content-Length: {len(header)}\r\n\r\n").encode()
+    with connect(srv.url) as s:
+        s.sendall(head + body)
+        for _ in range(200):  # its images are admitted (they take a place each)
+            if metric(httpx.get(srv.url + "/metrics").text, "visionserve_requests_in_flight") > 0:
+                break
+            time.sleep(0.02)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(srv.url + "/metrics").text
+        if metric(text, "visionserve_requests_in_flight") == 0 and metric(text, "visionserve_cancelled_requests_total") > 0:
+            break
+        time.sleep(0.05)
+    assert metric(text, "visionserve_cancelled_requests_total") >= 1
+    assert post_image(srv.url, images / "dog.jpg").status_code == 200  # after the gathering was let go of
+    log = srv.output()
+    assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]
 
 
 def _v2_body(image_bytes: bytes, **parameters: object) -> dict:

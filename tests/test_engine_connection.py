@@ -98,6 +98,25 @@ def test_the_deadline_counts_from_the_previous_answer_on_a_kept_alive_connection
     assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
 
 
+@pytest.mark.parametrize("first", ["get", "upload asking for h2c"])
+def test_a_partial_request_sent_with_the_previous_one_gets_its_408_too(srv, images, first):
+    """The next request's beginning may come in the same read as the request before it (or
+    while that one runs): its headers are as partial as any, and get the 408."""
+    if first == "get":
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    else:
+        head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+        request = head.replace(b"Host: x\r\n", b"Host: x\r\n" + H2C) + payload
+    with connect(srv.url) as s:
+        s.sendall(request + b"POST /v1/vision/detection HTTP/1.1\r\nHost: x\r\nX-Request-ID: late-1\r\nContent-Le")
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None, "still open"
+    head, body = _split(answer)
+    assert head.startswith(b"http/1.1 408 ") and b"x-request-id: late-1" in head, answer
+    assert json.loads(body)["code"] == 408  # DeepStack's error shape: the partial request's path
+
+
 def test_an_idle_kept_alive_connection_is_closed_without_an_answer(srv):
     with connect(srv.url) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -56,6 +56,10 @@ PIPE_BYTES = 1 << 20  # Linux's default ceiling for unprivileged pipe sizes
 # Replies are read in pieces this big: a reply is about 1 kB unless it carries pixels, and
 # os.read allocates its whole buffer each call (1 MB cost 11 us per reply, 64 kB 1 us).
 READ_BYTES = 1 << 16
+# At most this much is read per wake-up of the event loop: the worker refills the pipe as it
+# is read, so a reply of pixels (an annotated 49 MP image: 147 MB) read in one go held the
+# loop for all of it (100 ms; with this cap, 2 ms at most per wake-up). A pipe's worth.
+READ_PER_WAKEUP = PIPE_BYTES
 LOAD_TIMEOUT_S = 300.0
 DROP_SLOTS = 1 << 16
 # Shared-memory slots for uploads (runtime/shared_bytes.py): a worker holds at most two jobs
@@ -209,7 +213,9 @@ class WorkerPool:
     def _on_reply(self, worker: _Worker) -> None:
         # The event loop made the pipe non-blocking: read what is there, answer every
         # complete message (multiprocessing's framing: a 4-byte length, or -1 and 8 bytes).
+        # Level-triggered: what is left past READ_PER_WAKEUP wakes the loop again.
         fd = worker.results.fileno()
+        budget = READ_PER_WAKEUP
         try:
             while True:
                 chunk = os.read(fd, READ_BYTES)
@@ -217,7 +223,8 @@ class WorkerPool:
                     self._lost(worker)
                     return
                 worker.inbox += chunk
-                if len(chunk) < READ_BYTES:
+                budget -= len(chunk)
+                if len(chunk) < READ_BYTES or budget <= 0:
                     break
         except BlockingIOError:
             pass

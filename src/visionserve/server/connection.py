@@ -45,7 +45,7 @@ class HeaderDeadline:
     _header_timer: asyncio.TimerHandle | None = None
     _header_deadline = 0.0  # loop time
     _awaited_after: object = None  # the request cycle when the wait began
-    _headers_then: object = None  # uvicorn's header list then; a new one means a request began
+    _scope_then: object = None  # the answered request's scope; a new one means a request began
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
@@ -67,8 +67,12 @@ class HeaderDeadline:
         """The connection now waits for a request: its headers are due in header_timeout_s."""
         loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
         self._header_deadline = loop.time() + self.header_timeout_s
-        self._awaited_after = self.cycle  # type: ignore[attr-defined]
-        self._headers_then = self.headers  # type: ignore[attr-defined]
+        cycle = self.cycle  # type: ignore[attr-defined]
+        self._awaited_after = cycle
+        # The answered request's scope: the next request may have begun already (sent with
+        # it, or while it ran), and its partial headers must still count as a request.
+        # A refused request has no cycle of its own; nothing of the next has come after it yet.
+        self._scope_then = getattr(cycle, "scope", None) or self.scope  # type: ignore[attr-defined]
         if self._header_timer is None:
             self._header_timer = loop.call_at(self._header_deadline, self._check_header_deadline)
 
@@ -82,7 +86,7 @@ class HeaderDeadline:
         if loop.time() < deadline:  # the wait began again since this timer was set
             self._header_timer = loop.call_at(deadline, self._check_header_deadline)
             return
-        if self.headers is not self._headers_then:  # type: ignore[attr-defined]
+        if self.scope is not self._scope_then:  # type: ignore[attr-defined]
             transport.write(self._header_timeout_response())
         transport.close()
 
@@ -150,17 +154,22 @@ class PlainUpgrade:
 
 class _AfterStandInHead:
     """The callbacks of the parser that reads on after an upgrade request: the protocol's,
-    except that the stand-in head's completion reaches no one (its request is under way)."""
+    except that the stand-in head's completion reaches no one (its request is under way),
+    and what its beginning set (the request's URL, headers and scope) is put back then."""
 
     def __init__(self, protocol: object) -> None:
         self._protocol = protocol
         self._stand_in = True
+        self._request = (protocol.url, protocol.headers, protocol.scope, protocol.expect_100_continue)  # type: ignore[attr-defined]
         for name in ("on_message_begin", "on_url", "on_header", "on_body", "on_message_complete"):
             setattr(self, name, getattr(protocol, name))
 
     def on_headers_complete(self) -> None:
         if self._stand_in:
             self._stand_in = False
+            # The header deadline tells a request that has begun by a new scope.
+            p = self._protocol
+            p.url, p.headers, p.scope, p.expect_100_continue = self._request  # type: ignore[attr-defined]
             return
         self._protocol.on_headers_complete()  # type: ignore[attr-defined]
 

@@ -29,11 +29,24 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
-        task.cancel()
+        _abandon(task)
         raise
     finally:
         watcher.cancel()
     if task.done():
         return task.result()
-    task.cancel()
+    _abandon(task)
     raise ClientDisconnected("the client disconnected before the answer")
+
+
+def _abandon(task: asyncio.Future) -> None:
+    """Cancels ``task``, whose outcome no one will await. A cancelled ``asyncio.gather``
+    ends with a CancelledError *exception* (not cancelled), which asyncio logs as an error
+    with a traceback when it is never retrieved: it is retrieved here."""
+    task.cancel()
+    task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
