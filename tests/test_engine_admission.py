@@ -109,6 +109,18 @@ def test_default_timeout_from_config_applies(server_factory, images):
     assert post_image(srv.url, images / "dog.jpg").status_code == 504
 
 
+def _metrics_once_dropped(url: str) -> str:
+    """/metrics once a dropped request is counted and none is in flight (30 s at most)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = httpx.get(url + "/metrics").text
+        if metric(text, "visionserve_requests_in_flight") == 0 and metric(text, "visionserve_cancelled_requests_total") > 0:
+            break
+        time.sleep(0.05)
+    assert metric(text, "visionserve_cancelled_requests_total") >= 1
+    return text
+
+
 def test_work_of_a_disconnected_client_is_dropped(server_factory, images):
     srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "16"})
     host, port = srv.url.removeprefix("http://").split(":")
@@ -122,13 +134,7 @@ def test_work_of_a_disconnected_client_is_dropped(server_factory, images):
         socks.append(s)
     for s in socks:
         s.close()
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = httpx.get(srv.url + "/metrics").text
-        if metric(text, "visionserve_requests_in_flight") == 0 and metric(text, "visionserve_cancelled_requests_total") > 0:
-            break
-        time.sleep(0.05)
-    assert metric(text, "visionserve_cancelled_requests_total") >= 1
+    text = _metrics_once_dropped(srv.url)
     runs = sum(metric(text, "visionserve_inference_runs_total", mode=m) for m in ("wide", "worker"))
     assert runs < 12  # at least one dropped job never ran (warm-up runs are not counted)
     assert post_image(srv.url, images / "dog.jpg").status_code == 200
@@ -152,13 +158,7 @@ def test_a_v2_batch_whose_client_disconnects_is_dropped_without_an_error_in_the_
             if metric(httpx.get(srv.url + "/metrics").text, "visionserve_requests_in_flight") > 0:
                 break
             time.sleep(0.02)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        text = httpx.get(srv.url + "/metrics").text
-        if metric(text, "visionserve_requests_in_flight") == 0 and metric(text, "visionserve_cancelled_requests_total") > 0:
-            break
-        time.sleep(0.05)
-    assert metric(text, "visionserve_cancelled_requests_total") >= 1
+    text = _metrics_once_dropped(srv.url)
     assert post_image(srv.url, images / "dog.jpg").status_code == 200  # after the gathering was let go of
     log = srv.output()
     assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]
