@@ -84,15 +84,13 @@ class Refusals:
             self.metrics.request_seconds.labels(route_path).observe(0.0)
         return head + _header_lines(default_headers) + _request_id_line(headers) + b"\r\n" + body
 
-    def unparsable(self, url: bytes) -> tuple[bytes, bytes]:
-        """The 400 head and body for a request the HTTP parser cannot read."""
-        return self.connection_error(url, BadRequest("malformed HTTP request"))
-
-    def connection_error(self, url: bytes, error: VisionServeError) -> tuple[bytes, bytes]:
-        """The head (without its blank line) and body of an error the HTTP protocol answers
-        itself, in the error shape of the protocol its path (as far as it was read) belongs to."""
+    def closing_answer(self, url: bytes, error: VisionServeError, extra_headers: bytes) -> bytes:
+        """The complete answer, with ``Connection: close``, to an error the HTTP protocol
+        answers itself before closing the connection, in the error shape of the protocol its
+        path (as far as it was read) belongs to."""
         path = url.split(b"?", 1)[0].decode("latin-1")
-        return _render(self.renderer_for(path)(error.status, error.code, error.message, error.headers))
+        head, body = _render(self.renderer_for(path)(error.status, error.code, error.message, error.headers))
+        return head + extra_headers + b"connection: close\r\n\r\n" + body
 
 
 def _render(response) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
@@ -243,17 +241,16 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
             error = RequestTimeout(f"the request headers did not arrive within {self.header_timeout_s:g} s")
             # on_message_begin has run for this request: url and headers are its own, as far
             # as they arrived.
-            head, body = refusals.connection_error(self.url, error)
             extra = _header_lines(self.server_state.default_headers) + _request_id_line(self.headers)
             log.debug("request headers not complete in %gs: connection closed with 408", self.header_timeout_s)
-            return head + extra + b"connection: close\r\n\r\n" + body
+            return refusals.closing_answer(self.url, error, extra)
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn answers an unreadable request (bad request line, Content-Length or
             # chunking) in plain text; every error of this server is JSON.
-            head, body = refusals.unparsable(getattr(self, "url", b""))
+            error = BadRequest("malformed HTTP request")
             extra = _header_lines(self.server_state.default_headers)
-            self.transport.write(head + extra + b"connection: close\r\n\r\n" + body)
+            self.transport.write(refusals.closing_answer(getattr(self, "url", b""), error, extra))
             self.transport.close()
 
     RefusingHttpToolsProtocol.header_timeout_s = header_timeout_s
