@@ -109,17 +109,7 @@ def split_body(
     loop all the same; Python-level number hooks give the GIL up as they go (numbers parse
     about 3x slower).
     """
-    if header_length is None or header_length == "":
-        json_end = len(body)
-    else:
-        try:
-            json_end = int(header_length)
-        except (TypeError, ValueError):
-            raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
-        if json_end < 0 or json_end > len(body):
-            raise BadRequest(
-                f"Inference-Header-Content-Length {json_end} is outside the {len(body)}-byte request body"
-            )
+    json_end = json_length(len(body), header_length)
     if json_end == 0:
         raise BadRequest("the request body is empty: expected an inference request JSON object")
     try:
@@ -130,6 +120,20 @@ def split_body(
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object")
     return header, memoryview(body)[json_end:]
+
+
+def json_length(body_bytes: int, header_length: str | int | None) -> int:
+    """How many of a body's bytes are its JSON header: all, or what
+    Inference-Header-Content-Length says when binary tensor data follows."""
+    if header_length is None or header_length == "":
+        return body_bytes
+    try:
+        json_end = int(header_length)
+    except (TypeError, ValueError):
+        raise BadRequest(f"Inference-Header-Content-Length must be an integer, got {header_length!r}") from None
+    if json_end < 0 or json_end > body_bytes:
+        raise BadRequest(f"Inference-Header-Content-Length {json_end} is outside the {body_bytes}-byte request body")
+    return json_end
 
 
 def parse_json(text: bytes, cooperative: bool = False) -> Any:
@@ -149,7 +153,7 @@ def parse_json(text: bytes, cooperative: bool = False) -> Any:
     return json.loads(text, parse_int=_parse_int, parse_float=_parse_float) if cooperative else json.loads(text)
 
 
-def json_containers(text: bytes) -> int:
+def json_containers(text: bytes | memoryview) -> int:
     """An upper bound of the arrays, objects and strings in a JSON text: its ``[``, ``{``
     and half its ``"`` (those inside strings count too, so it can only overestimate)."""
     raw = np.frombuffer(text, np.uint8)

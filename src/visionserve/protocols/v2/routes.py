@@ -32,6 +32,7 @@ from visionserve.protocols.v2.codec import (
     encode_output,
     encode_response,
     json_containers,
+    json_length,
     parse_infer_request,
     parse_json,
     split_body,
@@ -219,11 +220,13 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         raise ModelNotFound(f"model {name!r} has no version {version!r}; it has version {model.version!r}")
     body = await request.body()
     encoding = request.headers.get("content-encoding")
+    header_length = request.headers.get(HEADER_LENGTH)
     check = partial(_check_input, model=name, max_batch=settings.v2.max_batch_size)
-    decode = partial(
-        _decode, body, encoding, request.headers.get(HEADER_LENGTH), settings.limits.max_body_bytes, check
-    )
-    infer_request = await _decoded(request, decode, body, _compressed(encoding))
+    decode = partial(_decode, body, encoding, header_length, settings.limits.max_body_bytes, check)
+    compressed = _compressed(encoding)
+    # Only the JSON header is JSON: binary tensor data (images) after it is not worth scanning.
+    json_text = body if compressed else memoryview(body)[: json_length(len(body), header_length)]
+    infer_request = await _decoded(request, decode, json_text, len(body), compressed)
     params = _predict_params(infer_request.parameters)
     requested = _requested_outputs(infer_request)
     tensor = _single_input(infer_request.inputs, name)
@@ -251,10 +254,10 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
     header: dict[str, Any] = {"model_name": name, "model_version": model.version, "outputs": entries}
     if infer_request.id is not None:
         header["id"] = infer_request.id
-    payload, json_length = encode_response(header, chunks)
-    headers = {} if json_length is None else {HEADER_LENGTH: str(json_length)}
+    payload, json_bytes = encode_response(header, chunks)
+    headers = {} if json_bytes is None else {HEADER_LENGTH: str(json_bytes)}
     payload = _compress(payload, request.headers.get("accept-encoding", ""), headers)
-    media_type = "application/json" if json_length is None else "application/octet-stream"
+    media_type = "application/json" if json_bytes is None else "application/octet-stream"
     return Response(payload, media_type=media_type, headers=headers)
 
 
@@ -269,9 +272,12 @@ def _compressed(encoding: str | None) -> bool:
     return (encoding or "identity").strip().lower() not in ("", "identity")
 
 
-async def _decoded(request: Request, decode: Callable[[bool], T], body: bytes, compressed: bool) -> T:
-    """``decode(cooperative)``'s result: inline for a small body, else in a worker thread."""
-    if not compressed and len(body) <= INLINE_BODY_BYTES and json_containers(body) <= INLINE_JSON_CONTAINERS:
+async def _decoded(
+    request: Request, decode: Callable[[bool], T], json_text: bytes | memoryview, size: int, compressed: bool
+) -> T:
+    """``decode(cooperative)``'s result: inline for a small body (``size`` bytes, of which
+    ``json_text`` is JSON) with few JSON containers, else in a worker thread."""
+    if not compressed and size <= INLINE_BODY_BYTES and json_containers(json_text) <= INLINE_JSON_CONTAINERS:
         return decode(False)
     return await request.app.state.service.scheduler.run_aux(_cooperatively, decode)
 
@@ -427,7 +433,7 @@ async def _json_object(request: Request, what: str) -> dict[str, Any]:
     if not body.strip():
         return {}
     try:
-        value = await _decoded(request, partial(parse_json, body), body, False)
+        value = await _decoded(request, partial(parse_json, body), body, len(body), False)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         raise BadRequest(f"the {what} request is not valid JSON: {e}") from None
     if not isinstance(value, dict):
