@@ -99,16 +99,16 @@ class _SlotPickler(pickle.Pickler):
     def persistent_id(self, obj: Any) -> tuple | None:
         kind = type(obj)
         if kind is bytes and len(obj) >= MIN_BYTES:
-            slot = self.shared._place(obj)
-            if slot is not None:
-                self.taken.append(slot)
-                return (slot, len(obj))
+            layout: tuple = (len(obj),)
         elif kind is np.ndarray and obj.nbytes >= MIN_BYTES and obj.flags.c_contiguous and not obj.dtype.hasobject:
-            slot = self.shared._place(obj)
-            if slot is not None:
-                self.taken.append(slot)
-                return (slot, obj.nbytes, obj.dtype.str, obj.shape)
-        return None
+            layout = (obj.nbytes, obj.dtype.str, obj.shape)
+        else:
+            return None
+        slot = self.shared._place(obj)
+        if slot is None:
+            return None  # every slot taken, or too large: pickled into the pipe
+        self.taken.append(slot)
+        return (slot, *layout)
 
 
 class SharedBytesReader:
