@@ -77,14 +77,8 @@ def start_upload(url: str, body: bytes, path: str = "/predict") -> tuple[socket.
 
 
 def read_response(s: socket.socket) -> bytes:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += _recv(s, data)
-    head, _, rest = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-    while len(rest) < length:
-        rest += _recv(s, data + rest)
-    return head + b"\r\n\r\n" + rest
+    """One answer (with a Content-Length)."""
+    return read_responses(s, 1)[0]
 
 
 def _recv(s: socket.socket, so_far: bytes) -> bytes:
