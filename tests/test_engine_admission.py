@@ -158,7 +158,7 @@ def test_a_v2_batch_whose_client_disconnects_is_dropped_without_an_error_in_the_
             if metric(httpx.get(srv.url + "/metrics").text, "visionserve_requests_in_flight") > 0:
                 break
             time.sleep(0.02)
-    text = _metrics_once_dropped(srv.url)
+    _metrics_once_dropped(srv.url)
     assert post_image(srv.url, images / "dog.jpg").status_code == 200  # after the gathering was let go of
     log = srv.output()
     assert "never retrieved" not in log and "Traceback" not in log, log[-3000:]

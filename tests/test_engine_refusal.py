@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from conftest import ServerProcess
-from engine_helpers import children, connect, metric, post_image, read_response, start_upload, wait_in_flight
+from engine_helpers import (
+    children, connect, metric, post_image, read_response, read_until_closed, start_upload, wait_in_flight,
+)
 
 ONE_PLACE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
 
@@ -199,8 +201,6 @@ def test_a_refused_body_is_under_the_body_timeout_and_the_next_headers_under_the
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 4\r\n\r\nabcd")
         assert read_response(s).startswith(b"HTTP/1.1 503")
         s.sendall(b"GET /heal")
-        s.settimeout(8)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+        answer = read_until_closed(s, 8)
+        assert answer is not None, "still open"
         assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower(), answer

@@ -26,7 +26,7 @@ def test_a_long_reply_is_read_over_several_wakeups_of_the_loop(monkeypatch):
     """A reply of pixels (an annotated image) is many MB, and the worker refills the pipe as
     it is read: read until the pipe runs dry, it held the event loop for the whole transfer."""
     cap = 128 << 10
-    monkeypatch.setattr(workers, "READ_PER_WAKEUP", cap, raising=False)
+    monkeypatch.setattr(workers, "READ_PER_WAKEUP", cap)
     r, w = os.pipe()
     workers._enlarge(w)
     if fcntl.fcntl(w, 1032) < 4 * cap:  # F_GETPIPE_SZ: the pipe could not be enlarged
