@@ -53,14 +53,23 @@ def test_processes_and_threads_give_the_same_detections(server_factory, images):
     # Stage times measured in the workers reach the HTTP process's histograms.
     for stage in ("decode", "preprocess", "inference", "postprocess"):
         assert metric(text, "visionserve_stage_duration_seconds_count", model="yolox-nano", stage=stage) >= 9
+    # Annotated images are drawn by the same code wherever the worker runs: the same bytes.
+    drawn = [post_image(s.url, images / "horses.jpg", {"accept": "image/jpeg"}) for s in (procs, threads, apart)]
+    assert all(r.status_code == 200 and r.headers["content-type"] == "image/jpeg" for r in drawn)
+    assert drawn[0].content == drawn[1].content == drawn[2].content
 
 
-def test_annotated_image_comes_back_from_a_worker(server_factory, images):
+def test_annotated_image_is_drawn_in_the_worker(server_factory, images):
+    """The worker draws and encodes the annotated image: its pixels never cross to the HTTP
+    process, which never loads OpenCV, and the drawing is timed as its own stage."""
     srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    body = (images / "dog.jpg").read_bytes()
     with srv.client() as c:
-        body = (images / "dog.jpg").read_bytes()
         r = c.post("/predict", params={"format": "png"}, files={"image": ("dog.jpg", body, "image/jpeg")})
+        jpeg = c.post("/predict", files={"image": ("dog.jpg", body, "image/jpeg")}, headers={"accept": "image/jpeg"})
+        text = c.get("/metrics").text
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert jpeg.status_code == 200 and jpeg.content.startswith(b"\xff\xd8\xff")
     import cv2
     import numpy as np
 
@@ -70,6 +79,10 @@ def test_annotated_image_comes_back_from_a_worker(server_factory, images):
     # Boxes were drawn on the real pixels (not on a blank stand-in): mostly the photo, partly changed.
     same = np.mean(np.abs(drawn.astype(int) - original.astype(int)).max(axis=2) < 40)
     assert 0.5 < same < 0.999
+    stages = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+    assert float(stages["render"]) > 0 and float(stages["total"]) > float(stages["render"])
+    assert metric(text, "visionserve_stage_duration_seconds_count", model="yolox-nano", stage="render") == 2
+    assert "cv2" not in mapped_libraries(srv.process.pid)
 
 
 def test_raw_pixels_run_in_a_worker(server_factory, images):

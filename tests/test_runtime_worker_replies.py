@@ -23,7 +23,7 @@ def _buffered(fd: int) -> int:
 
 
 def test_a_long_reply_is_read_over_several_wakeups_of_the_loop(monkeypatch):
-    """A reply of pixels (an annotated image) is many MB, and the worker refills the pipe as
+    """A reply with an annotated image can be tens of MB, and the worker refills the pipe as
     it is read: read until the pipe runs dry, it held the event loop for the whole transfer."""
     cap = 128 << 10
     monkeypatch.setattr(workers, "READ_PER_WAKEUP", cap)

@@ -15,7 +15,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                    0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64, 128, 256)
-STAGES = ("queue", "decode", "preprocess", "inference", "postprocess", "total")
+STAGES = ("queue", "decode", "preprocess", "inference", "postprocess", "render", "total")
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 

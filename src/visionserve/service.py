@@ -16,12 +16,15 @@ from functools import partial
 import numpy as np
 
 from visionserve.config import Settings
-from visionserve.errors import InvalidImage
+from visionserve.errors import InvalidImage, InvalidParameter
 from visionserve.imaging.decode import decode_image
+from visionserve.imaging.draw import render_annotated
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler, Ticket
 from visionserve.types import DecodedImage, PredictParams, Prediction
+
+ANNOTATED_FORMATS = ("jpeg", "png")
 
 
 class DetectionService:
@@ -52,19 +55,24 @@ class DetectionService:
         params: PredictParams,
         *,
         deadline: float | None = None,
-        keep_pixels: bool = False,
+        annotated: str | None = None,
     ) -> Prediction:
         """Detects objects in an encoded image (JPEG, PNG, ...); ``deadline`` is time.monotonic().
 
-        ``keep_pixels``: the caller needs ``prediction.image.pixels`` (e.g. to draw on them);
-        otherwise, with worker processes, the image carries its sizes and a zero-byte
-        stand-in for the pixels, which stay in the worker."""
+        ``annotated`` ('jpeg' or 'png'): ``prediction.rendered`` is the image with its
+        detections drawn, in that format, made where the image was decoded (the pixels stay
+        there). ``prediction.image.pixels`` is a stand-in with worker processes either way."""
         served = self.registry.get(model)
         thresholds = served.thresholds(params)  # bad parameters fail before any decoding
+        render = None
+        if annotated is not None:
+            if annotated not in ANNOTATED_FORMATS:
+                raise InvalidParameter(f"unsupported output format {annotated!r}: use 'jpeg' or 'png'")
+            render = partial(render_annotated, fmt=annotated)
         prepare = partial(
             decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=served.decode_min_size()
         )
-        return await self._predict(served, prepare, thresholds, deadline, keep_pixels)
+        return await self._predict(served, prepare, thresholds, deadline, render)
 
     async def detect_pixels(
         self, model: str | None, pixels: np.ndarray, params: PredictParams, *, deadline: float | None = None
@@ -76,17 +84,19 @@ class DetectionService:
             raise InvalidImage(f"pixels must be a non-empty HxWx3 uint8 array, got {pixels.dtype} {list(pixels.shape)}")
         image = DecodedImage(np.ascontiguousarray(pixels), pixels.shape[1], pixels.shape[0], "raw")
         # A picklable "prepare" (worker processes receive it); the caller has the pixels already.
-        return await self._predict(served, partial(_given, image), thresholds, deadline, False)
+        return await self._predict(served, partial(_given, image), thresholds, deadline, None)
 
     async def _predict(  # type: ignore[no-untyped-def]
-        self, served: ServedModel, prepare, thresholds, deadline: float | None, keep_pixels: bool
+        self, served: ServedModel, prepare, thresholds, deadline: float | None, render
     ) -> Prediction:
         start = time.perf_counter()
-        image, detections, timings = await self.scheduler.run(served, prepare, thresholds, deadline, keep_pixels)
+        outcome, timings = await self.scheduler.run(served, prepare, thresholds, deadline, render)
+        image, detections = outcome.image, outcome.detections
+        assert image is not None and detections is not None
         detections = detections.scaled(image.scale_x, image.scale_y, image.width, image.height)
         timings["total"] = (time.perf_counter() - start) * 1e3
         self.metrics.observe_stages(served.name, timings)
-        return Prediction(served.name, served.version, image, detections, timings)
+        return Prediction(served.name, served.version, image, detections, timings, outcome.rendered)
 
 
 def _given(image: DecodedImage) -> DecodedImage:

@@ -107,3 +107,4 @@ class Prediction:
     image: DecodedImage
     detections: Detections
     timings_ms: dict[str, float] = field(default_factory=dict)
+    rendered: bytes | None = None  # the annotated image, encoded, when the caller asked for one

@@ -8,7 +8,7 @@ import numpy as np
 import simplejpeg
 
 from visionserve.errors import InvalidParameter
-from visionserve.types import Detections
+from visionserve.types import DecodedImage, Detections
 
 # OpenCV is imported where it is used: only annotated responses need it, and it would add
 # about 20 MB to the HTTP process that never draws otherwise (docs/benchmarks.md).
@@ -123,3 +123,10 @@ def encode_image(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
             raise ValueError("PNG encoding failed")
         return encoded.tobytes()
     raise InvalidParameter(f"unsupported output format {fmt!r}: use 'jpeg' or 'png'")
+
+
+def render_annotated(image: DecodedImage, detections: Detections, fmt: str) -> bytes:
+    """``image`` with ``detections`` drawn on it, encoded as ``fmt`` ('jpeg' or 'png').
+    The boxes are in the coordinates of ``image.pixels``, as a model family's post-processing
+    gives them, so that a DCT-scaled JPEG is drawn at the size it was decoded."""
+    return encode_image(annotate(image.pixels, detections), fmt)

@@ -16,7 +16,6 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
 from visionserve.errors import InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
-from visionserve.imaging.draw import annotate, encode_image
 from visionserve.protocols import Protocol, header_timeout_ms, received_at
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
@@ -167,14 +166,13 @@ async def _predict(request: Request, model: str | None) -> Response:
                 "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
             ) from None
         image_format = options.format or _negotiate(request.headers.get("accept", ""))
-        annotated = image_format in ("jpeg", "png")
+        annotated = image_format if image_format != "json" else None
         prediction = await unless_disconnected(
             request.receive,
-            service.detect(model, data, options.params(), deadline=deadline, keep_pixels=annotated),
+            service.detect(model, data, options.params(), deadline=deadline, annotated=annotated),
         )
-    if image_format in ("jpeg", "png"):
-        body = await service.scheduler.run_aux(_draw, prediction, image_format)
-        return Response(body, media_type=f"image/{image_format}", headers=_server_timing(prediction))
+    if prediction.rendered is not None:
+        return Response(prediction.rendered, media_type=f"image/{image_format}", headers=_server_timing(prediction))
     return JSONResponse(prediction_json(prediction), headers=_server_timing(prediction))
 
 
@@ -235,14 +233,6 @@ def _negotiate(accept: str) -> str:
         return "json"
     best = max(offers, key=lambda k: offers[k])  # dict order breaks ties in JSON's favour
     return best if offers[best] > 0 else "json"
-
-
-def _draw(prediction: Prediction, fmt: str) -> bytes:
-    # Draw on the decoded pixels (smaller than the original only for DCT-scaled JPEGs).
-    img = prediction.image
-    h, w = img.pixels.shape[:2]
-    detections = prediction.detections.scaled(1 / img.scale_x, 1 / img.scale_y, w, h)
-    return encode_image(annotate(img.pixels, detections), fmt)
 
 
 def _server_timing(prediction: Prediction) -> dict[str, str]:

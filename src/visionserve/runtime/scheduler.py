@@ -192,15 +192,16 @@ class Scheduler:
         prepare: Callable[[], DecodedImage],
         thresholds: Thresholds,
         deadline: float | None = None,
-        keep_pixels: bool = True,
-    ) -> tuple[DecodedImage, Detections, dict[str, float]]:
-        """Decodes (via ``prepare``) and detects on a worker; returns the image, its detections
-        (in the decoded pixels) and stage timings in ms."""
+        render: Callable[[DecodedImage, Detections], bytes] | None = None,
+    ) -> tuple[Outcome, dict[str, float]]:
+        """Decodes (via ``prepare``) and detects on a worker. Returns the outcome: the image
+        (its pixels a stand-in when they stayed in an inference process), its detections (in
+        the decoded pixels) and, given ``render``, the annotated image; and stage timings in ms."""
         if _current_ticket.get() is None:
             with self.admit():
-                return await self.run(model, prepare, thresholds, deadline, keep_pixels)
+                return await self.run(model, prepare, thresholds, deadline, render)
         loop = asyncio.get_running_loop()
-        job = Job(model, prepare, thresholds, deadline, loop.create_future(), keep_pixels=keep_pixels)
+        job = Job(model, prepare, thresholds, deadline, loop.create_future(), render=render)
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -217,10 +218,10 @@ class Scheduler:
         if outcome.error is not None:
             raise outcome.error
         assert outcome.image is not None and outcome.detections is not None
-        return outcome.image, outcome.detections, job.timings
+        return outcome, job.timings
 
     async def run_aux(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
-        """Runs other CPU work (e.g. drawing and encoding an annotated image) off the event loop."""
+        """Runs other CPU work (e.g. decoding a large V2 JSON body) off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self._aux, partial(fn, *args, **kwargs))
 
     # -- dispatch (event loop thread only) -----------------------------------------------
@@ -282,7 +283,7 @@ class Scheduler:
         for j in jobs:
             j.slot = self.processes.slot()
         specs = [
-            (j.model.name, j.prepare, j.thresholds, j.deadline, j.enqueued, j.keep_pixels, j.slot) for j in jobs
+            (j.model.name, j.prepare, j.thresholds, j.deadline, j.enqueued, j.render, j.slot) for j in jobs
         ]
         self.processes.submit(index, specs, wide, partial(self._replied, jobs, slots, index, wide))
 
@@ -296,15 +297,14 @@ class Scheduler:
             if ran:
                 self.metrics.inference_runs.labels(jobs[0].model.name, "wide" if wide else "worker").inc()
             outcomes = []
-            for job, (error, meta, arrays, timings) in zip(jobs, results):
+            for job, (error, meta, arrays, rendered, timings) in zip(jobs, results):
                 job.timings.update(timings)
                 if error is not None:
                     outcomes.append(Outcome(error=error))
                     continue
                 boxes, scores, class_ids = arrays
-                outcomes.append(
-                    Outcome(unpack_image(meta), Detections(boxes, scores, class_ids, job.model.labels))
-                )
+                detections = Detections(boxes, scores, class_ids, job.model.labels)
+                outcomes.append(Outcome(unpack_image(meta), detections, rendered))
         self._complete(jobs, slots, outcomes)
 
     def _finished(self, jobs: list[Job], slots: int, fut: asyncio.Future) -> None:

@@ -31,7 +31,7 @@ class RuntimeSettings(BaseModel):
     inference_workers: int = Field(
         default=0, ge=0, description="inferences run at once when requests queue up; 0 = one per core"
     )
-    decode_threads: int = Field(default=0, ge=0, description="threads for image encoding (annotated images); 0 = number of cores")
+    decode_threads: int = Field(default=0, ge=0, description="threads for the HTTP process's CPU work beside inference (decoding large V2 JSON bodies); 0 = number of cores")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     allow_spinning: bool = Field(
         default=True,

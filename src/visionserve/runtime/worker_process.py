@@ -61,14 +61,15 @@ def portable_error(e: BaseException, loading: bool = False) -> BaseException:
     return ModelError(f"inference failed: {type(e).__name__}: {e}")
 
 
-def pack(outcome: Any, keep_pixels: bool, timings: dict[str, float]) -> tuple:
-    """A job's outcome as plain values: the decoded pixels travel only when asked for."""
+def pack(outcome: Any, timings: dict[str, float]) -> tuple:
+    """A job's outcome as plain values: the image's sizes (its pixels stay here), the
+    detections' arrays and the annotated image when the job asked for one."""
     if outcome.error is not None:
-        return (portable_error(outcome.error), None, None, timings)
+        return (portable_error(outcome.error), None, None, None, timings)
     image: DecodedImage = outcome.image
     d = outcome.detections
-    meta = image if keep_pixels else (image.width, image.height, image.format, image.pixels.shape)
-    return (None, meta, (d.boxes, d.scores, d.class_ids), timings)
+    meta = (image.width, image.height, image.format, image.pixels.shape)
+    return (None, meta, (d.boxes, d.scores, d.class_ids), outcome.rendered, timings)
 
 
 def _release_free_heap() -> None:
@@ -103,16 +104,16 @@ def serve_worker(
             if op == "run":
                 _, specs, wide = message
                 batch = []
-                for name, prepare, thresholds, deadline, enqueued, _keep, slot in specs:
+                for name, prepare, thresholds, deadline, enqueued, render, slot in specs:
                     model = models.get(name)
                     if model is None:
                         raise ModelNotReady(f"model {name!r} is not loaded in worker {index}")
-                    job = Job(model, prepare, thresholds, deadline, None, enqueued)  # type: ignore[arg-type]
+                    job = Job(model, prepare, thresholds, deadline, None, enqueued, render=render)  # type: ignore[arg-type]
                     job.cancelled = bool(dropped[slot])  # its caller went away while it waited here
                     batch.append(job)
                 outcomes = execute_jobs(batch, wide)
                 ran = any("inference" in job.timings for job in batch)
-                reply: tuple = ("ok", ([pack(o, spec[5], job.timings) for o, spec, job in zip(outcomes, specs, batch)], ran))
+                reply: tuple = ("ok", ([pack(o, job.timings) for o, job in zip(outcomes, batch)], ran))
             elif op == "load":
                 _, manifest, max_batch_size = message
                 model = ServedModel(manifest, runtime, max_batch_size=max_batch_size, sessions=1, wide=index == 0)

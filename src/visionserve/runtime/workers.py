@@ -16,8 +16,8 @@ blocking); the HTTP process reads results on its event loop (``add_reader``), so
 sits between a worker and the loop. A job carries the encoded bytes (or pixels), placed in
 shared memory rather than the pipe (runtime/shared_bytes.py), and goes through decode,
 pre-processing, inference and post-processing in the worker; the small
-result arrays come back, and decoded pixels only when the caller asks for them (annotated
-images).
+result arrays come back, with the annotated image, drawn and encoded in the worker, when
+the caller asks for one. Decoded pixels never come back.
 """
 
 from __future__ import annotations
@@ -53,12 +53,12 @@ from visionserve.types import DecodedImage
 log = logging.getLogger("visionserve.workers")
 
 PIPE_BYTES = 1 << 20  # Linux's default ceiling for unprivileged pipe sizes
-# Replies are read in pieces this big: a reply is about 1 kB unless it carries pixels, and
-# os.read allocates its whole buffer each call (1 MB cost 11 us per reply, 64 kB 1 us).
+# Replies are read in pieces this big: a reply is about 1 kB unless it carries an annotated
+# image, and os.read allocates its whole buffer each call (1 MB cost 11 us per reply, 64 kB 1 us).
 READ_BYTES = 1 << 16
 # At most this much is read per wake-up of the event loop: the worker refills the pipe as it
-# is read, so a reply of pixels (an annotated 49 MP image: 147 MB) read in one go held the
-# loop for all of it (100 ms; with this cap, 2 ms at most per wake-up). A pipe's worth.
+# is read, so a long reply (an annotated 49 MP image: tens of MB as JPEG, more as PNG) read
+# in one go would hold the loop for all of it. A pipe's worth (2 ms at most per wake-up).
 READ_PER_WAKEUP = PIPE_BYTES
 LOAD_TIMEOUT_S = 300.0
 DROP_SLOTS = 1 << 16
@@ -85,11 +85,9 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
 
 
-def unpack_image(meta: DecodedImage | tuple) -> DecodedImage:
-    """The worker's decoded image; without its pixels, a zero-byte stand-in of the same shape
-    (callers use only the sizes)."""
-    if isinstance(meta, DecodedImage):
-        return meta
+def unpack_image(meta: tuple) -> DecodedImage:
+    """The worker's decoded image, with a zero-byte stand-in of the same shape for its pixels,
+    which stay in the worker (callers use only the sizes)."""
     width, height, fmt, shape = meta
     return DecodedImage(np.broadcast_to(np.zeros((), np.uint8), shape), width, height, fmt)
 
@@ -303,7 +301,7 @@ class WorkerPool:
 
     def submit(self, index: int, specs: list[tuple], wide: bool, callback: Callable[[Reply], None]) -> None:
         """Sends a batch of jobs (model name, prepare, thresholds, deadline, enqueued,
-        keep_pixels, drop slot) to one worker; ``callback`` runs on the event loop with its
+        render, drop slot) to one worker; ``callback`` runs on the event loop with its
         reply: ("ok", (per-job results, whether inference ran)) or ("error", exception)."""
         self._send(self._workers[index], ("run", specs, wide), callback)
 
