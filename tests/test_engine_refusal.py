@@ -146,6 +146,30 @@ def test_refused_connections_are_bounded_in_time_and_size(server_factory, images
         assert _closed_within(idle, 12)
 
 
+def test_a_refused_connection_is_read_again_only_after_the_pause(server_factory, images):
+    """A client that re-sends at once after its 503, ignoring Retry-After, gets its next
+    answer only after ``queue.refusal_pause_ms``: a refusal storm costs one refusal per pause
+    and connection, not one per round trip. Other connections are answered meanwhile."""
+    with _full_server(server_factory, images, {"VISIONSERVE_QUEUE__REFUSAL_PAUSE_MS": "2000"}) as srv:
+        request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 4\r\n\r\nabcd"
+        with connect(srv.url) as storm, connect(srv.url) as other:
+            storm.sendall(request)
+            assert read_response(storm).startswith(b"HTTP/1.1 503")
+            storm.sendall(request)  # at once
+            storm.settimeout(0.6)
+            with pytest.raises(TimeoutError):
+                storm.recv(1)  # not read yet: no answer
+            # The pause is this connection's: another one is refused at once, and the server
+            # answers everything else.
+            other.sendall(request)
+            assert read_response(other).startswith(b"HTTP/1.1 503")
+            assert httpx.get(srv.url + "/healthz").status_code == 200
+            storm.settimeout(10)
+            assert read_response(storm).startswith(b"HTTP/1.1 503")  # after the pause
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric(text, "visionserve_rejected_requests_total", reason="queue_full") == 3
+
+
 def test_a_client_that_does_not_read_its_refusals_is_not_read_either(server_factory, images):
     # Pipelined requests, refused one after another, whose answers the client never reads:
     # the server stops reading when its writes back up, instead of holding every 503.

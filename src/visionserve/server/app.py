@@ -88,7 +88,8 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
     app.add_middleware(AdmissionGateMiddleware, scheduler=scheduler, routes=detection_routes, renderer_for=pick)
     # The same refusal, earlier still: in the HTTP parser (used by ``serve``).
     app.state.refusals = Refusals(
-        scheduler, metrics, detection_routes, pick, settings.limits.max_body_bytes, settings.limits.body_timeout_s
+        scheduler, metrics, detection_routes, pick, settings.limits.max_body_bytes, settings.limits.body_timeout_s,
+        settings.queue.refusal_pause_ms / 1e3,
     )
     app.add_middleware(RequestContextMiddleware, renderer_for=pick, access=settings.access_log, metrics=metrics)
     return app

@@ -9,7 +9,10 @@ protocol's own error body, Retry-After, X-Request-ID) and discards the body as i
 with no ASGI scope, task or middleware. Counted in the same metrics as any refusal. The
 discarded body is held to the same limits as one that is read (``limits.body_timeout_s``,
 ``limits.max_body_bytes``; past them the connection is closed), and a client that sends
-request after request without reading the 503s is not read from until it does.
+request after request without reading the 503s is not read from until it does. After a
+refusal, the connection is not read for ``queue.refusal_pause_ms``: a client that re-sends at
+once, ignoring Retry-After, otherwise turns each round trip into another refusal, and on a
+small machine a few such clients take the cores the workers need (docs/benchmarks.md).
 
 A request that is let in takes its place here too (passed on in the scope's state), so
 when a place frees up, the requests that arrived meanwhile do not all go on to be refused
@@ -50,6 +53,7 @@ class Refusals:
         renderer_for: Callable[[str], ErrorRenderer],
         max_body_bytes: int = 20_000_000,
         body_timeout_s: float = 10.0,
+        pause_s: float = 0.0,
     ) -> None:
         self.scheduler = scheduler
         self.metrics = metrics
@@ -60,6 +64,9 @@ class Refusals:
         # connection is closed.
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        # After a refusal, the connection is not read for this long: a client that re-sends at
+        # once (ignoring Retry-After) costs one refusal per pause, not one per round trip.
+        self.pause_s = pause_s
         self._heads: dict[tuple[int, str], tuple[bytes, bytes]] = {}
 
     def admit(
@@ -143,6 +150,7 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
     class RefusingHttpToolsProtocol(HeaderDeadline, PlainUpgrade, HttpToolsProtocol):  # type: ignore[misc]
         _body_timer: asyncio.TimerHandle | None = None
         _reading_held = False  # reads paused until the client takes its refusals
+        _pause_timer: asyncio.TimerHandle | None = None  # reads paused for a while after a refusal
 
         def on_message_begin(self) -> None:
             # A request is starting: a keep-alive timer armed after a refusal earlier in
@@ -177,10 +185,14 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
             super().resume_writing()
             if self._reading_held:
                 self._reading_held = False
-                self.flow.resume_reading()
+                if self._pause_timer is None:
+                    self.flow.resume_reading()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_body_timer()
+            if self._pause_timer is not None:
+                self._pause_timer.cancel()
+                self._pause_timer = None
             super().connection_lost(exc)
 
         def _refuse(self, answer: bytes) -> None:
@@ -194,11 +206,23 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
             # (any data received cancels that, and nothing would arm it again).
             self._unset_keepalive_if_required()
             self._body_timer = self.loop.call_later(refusals.body_timeout_s, self._body_timed_out)
+            if refusals.pause_s > 0:
+                # The 503 is on its way; the next request is read after the pause. What was
+                # already read is still parsed (the refused body's start, pipelined requests).
+                self.flow.pause_reading()
+                if self._pause_timer is not None:
+                    self._pause_timer.cancel()
+                self._pause_timer = self.loop.call_later(refusals.pause_s, self._pause_over)
             if self.flow.write_paused:
                 # A client that sends requests without reading the answers: read no more
                 # until it does, or the answers pile up in this process's memory.
                 self.flow.pause_reading()
                 self._reading_held = True
+
+        def _pause_over(self) -> None:
+            self._pause_timer = None
+            if not self._reading_held:
+                self.flow.resume_reading()
 
         def _body_timed_out(self) -> None:
             self._body_timer = None
