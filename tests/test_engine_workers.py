@@ -37,7 +37,8 @@ def test_processes_and_threads_give_the_same_detections(server_factory, images):
     procs = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
     threads = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "threads"})
     # One process per worker (inference_processes = 0), as opposed to the default (one for all).
-    apart = server_factory(env={**two, "VISIONSERVE_RUNTIME__INFERENCE_PROCESSES": "0"})
+    apart = server_factory(env={**two, "VISIONSERVE_RUNTIME__WORKER_MODE": "processes",
+                                "VISIONSERVE_RUNTIME__INFERENCE_PROCESSES": "0"})
     assert len(children(procs.process.pid)) == 1
     assert len(children(apart.process.pid)) == 2
     assert children(threads.process.pid) == []
@@ -162,9 +163,9 @@ def test_uploads_reach_the_worker_through_shared_memory_not_its_pipe(server_fact
 
 
 def test_the_http_process_holds_no_inference_libraries(server_factory, images):
-    """ONNX Runtime and OpenCV live in the inference process only: the HTTP process stays
-    small (the memory target of docs/benchmarks.md), and the one process hosts both workers."""
-    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
+    """With worker processes, ONNX Runtime and OpenCV live in the inference process only:
+    the HTTP process stays small, and the one process hosts both workers."""
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2", "VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
     assert post_image(srv.url, images / "dog.jpg").status_code == 200
     (engine,) = children(srv.process.pid)
     http_libs, engine_libs = mapped_libraries(srv.process.pid), mapped_libraries(engine)
@@ -191,7 +192,8 @@ def test_inference_process_logs_in_the_servers_format(server_factory):
     import json
 
     srv = server_factory("--log-format", "json", "--log-level", "info",
-                         env={"VISIONSERVE_QUEUE__MAX_BATCH_SIZE": "4", "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
+                         env={"VISIONSERVE_QUEUE__MAX_BATCH_SIZE": "4", "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2",
+                              "VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
     srv.stop()
     lines = [line for line in srv.output().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line, from either process, is JSON

@@ -158,7 +158,8 @@ def test_optimize_measures_the_openvino_recipes_and_installs_the_winner(
 
     config = tmp_path / "openvino.toml"
     config.write_text(f'[[models]]\nname = "yolox-nano"\nversion = "{winner.name}"\n')
-    server = start_server(store.root, mirror, tmp_path, "--config", str(config))
+    server = start_server(store.root, mirror, tmp_path, "--config", str(config),
+                          env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
     try:
         r = post_image(server.url, images / "dog.jpg")
         with server.client() as c:
