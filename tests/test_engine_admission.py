@@ -231,6 +231,57 @@ def test_a_request_of_several_images_holds_the_free_places_it_needs():
         scheduler.shutdown()
 
 
+def test_a_worker_thread_is_handed_its_next_job_while_it_runs_one():
+    """The pool's queue holds each worker's next job, so a worker thread never waits for the
+    event loop (busy with other requests) between images. A stand-in model holds the first
+    job in inference until the second has been handed over."""
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from visionserve.types import DecodedImage, Detections
+
+    release, inferring = threading.Event(), threading.Event()
+
+    class Family:
+        def preprocess(self, pixels):
+            return np.zeros((3, 2, 2), np.float32), None
+
+        def postprocess(self, outputs, placement, size, thresholds):
+            return Detections.empty(["thing"])
+
+    class Model:
+        name, labels, max_batch_size, has_wide_session, family = "stand-in", ["thing"], 1, False, Family()
+
+        def run(self, batch, wide):
+            inferring.set()
+            release.wait(10)
+            return [np.zeros((1, 1), np.float32)]
+
+    def prepare():
+        return DecodedImage(np.zeros((2, 2, 3), np.uint8), 2, 2)
+
+    async def two_jobs(scheduler):
+        jobs = [asyncio.create_task(scheduler.run(Model(), prepare, None)) for _ in range(2)]
+        while not inferring.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the loop has dispatched all it will
+        handed = (scheduler.running, scheduler.queue_depth)
+        release.set()
+        outcomes = await asyncio.gather(*jobs)
+        return handed, [o.detections for o, _ in outcomes]
+
+    scheduler = Scheduler(RuntimeSettings(inference_workers=1, worker_mode="threads"), QueueSettings(max_queue=1))
+    try:
+        handed, detections = asyncio.run(two_jobs(scheduler))
+    finally:
+        release.set()
+        scheduler.shutdown()
+    assert handed == (2, 0)  # both with the one worker: running, and next in its queue
+    assert all(d is not None and len(d) == 0 for d in detections)
+
+
 def test_v2_batch_larger_than_the_capacity_is_served(server_factory, images):
     # Each image used to take a place of its own: on an idle server with 3 places a batch
     # of 4 was refused every time, though v2.max_batch_size allows 16.

@@ -43,7 +43,7 @@ from visionserve.types import DecodedImage, Detections, Thresholds
 T = TypeVar("T")
 
 RETRY_AFTER_S = "1"
-PROCESS_DEPTH = 2  # jobs handed to one worker process at a time
+WORKER_DEPTH = 2  # jobs handed to one worker at a time
 
 
 class Ticket:
@@ -116,9 +116,12 @@ class Scheduler:
         if runtime.worker_mode == "processes":
             self.processes = workers or WorkerPool.for_runtime(runtime)
             self._load = [0] * self.workers  # jobs sent to each worker process and not answered
-        # A worker process gets its next job while it still runs one (depth 2), so it never
-        # waits for the HTTP process between images; a thread pool needs no such hand-off.
-        self.depth = PROCESS_DEPTH if self.processes is not None else 1
+        # A worker gets its next job while it still runs one (depth 2), so it never waits for
+        # the event loop between images: a worker thread takes it from the pool's queue, a
+        # worker process from its pipe. With one job each, the threads sat idle for the loop
+        # (busy with other requests) to hand them the next: depth 2 served 1-6% more at c=16
+        # and 3% more at c=4 (docs/benchmarks.md).
+        self.depth = WORKER_DEPTH
         self._slots = self.workers * self.depth
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="infer")
         self._aux = ThreadPoolExecutor(runtime.decode_threads or cores, thread_name_prefix="aux")

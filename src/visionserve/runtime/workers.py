@@ -63,7 +63,7 @@ READ_PER_WAKEUP = PIPE_BYTES
 LOAD_TIMEOUT_S = 300.0
 DROP_SLOTS = 1 << 16
 # Shared-memory slots for uploads (runtime/shared_bytes.py): a worker holds at most two jobs
-# (scheduler.PROCESS_DEPTH), so this covers batches of two; more take the pipe.
+# (scheduler.WORKER_DEPTH), so this covers batches of two; more take the pipe.
 UPLOAD_SLOTS_PER_WORKER = 4
 
 Reply = tuple[str, Any]
