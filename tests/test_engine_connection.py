@@ -1,13 +1,17 @@
 """Connection guards of the HTTP protocol (server/connection.py), against a real server over
-raw sockets: the header deadline (slowloris) and requests that ask for an upgrade."""
+raw sockets: the header deadline (slowloris), requests that ask for an upgrade, and the
+lingering close of a connection answered before its request's body arrived."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -236,3 +240,45 @@ def test_curl_http2_upload_gets_its_detections(srv, images):
     body, _, version = done.stdout.rpartition("\n")
     assert done.returncode == 0 and version == "1.1", done
     assert {"dog", "bicycle", "car"} <= {d["label"] for d in json.loads(body)["detections"]}
+
+
+# -- lingering close -----------------------------------------------------------------------
+
+OVER_THE_LIMIT = 30_000_000  # bytes; the server's body limit is 20 MB, and the loopback
+# socket buffers hold a few MB: the client is still sending when the 413 comes
+
+
+def test_a_client_still_sending_its_body_reads_the_early_answer(srv):
+    """urllib sends a 30 MB upload whole before it reads: the 413, answered after the headers,
+    reached it only because the server read on after answering. Closed at once, the
+    connection reset under it (URLError: connection reset, every time)."""
+    body = b"\xff\xd8\xff" + bytes(OVER_THE_LIMIT)
+    request = urllib.request.Request(srv.url + "/predict", data=body, headers={"Content-Type": "image/jpeg"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 413
+    assert json.loads(caught.value.read())["error"]["code"] == "payload_too_large"
+
+
+def test_a_connection_answered_early_is_half_closed_then_closed(srv):
+    """After the 413 the server sends end-of-file and reads on: the client sends its whole
+    body without a reset, and the connection closes once the client closes its side."""
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {OVER_THE_LIMIT}\r\n\r\n"
+    chunk = bytes(1 << 20)
+    with connect(srv.url) as s:
+        s.sendall(head.encode())
+        for _ in range(OVER_THE_LIMIT // len(chunk)):
+            s.sendall(chunk)  # no broken pipe or reset
+        s.shutdown(socket.SHUT_WR)
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 413")
+    assert b"connection: close" in answer.lower() and b"payload_too_large" in answer
+
+
+def test_a_lingering_connection_whose_client_stops_sending_is_closed(srv):
+    """Reading on after the answer is bounded in time (server/connection.py, LINGER_S)."""
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {OVER_THE_LIMIT}\r\n\r\n"
+    with connect(srv.url) as s:
+        s.sendall(head.encode() + bytes(100_000))  # then nothing more
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 413")

@@ -18,13 +18,25 @@ that read; the body's next reads were parsed as a new request (400, connection c
 request's end is taken back, and a new parser reads its body after a stand-in head (the
 request's own Content-Length or Transfer-Encoding) that reaches no one, then reads the
 connection on as HTTP/1.1. Nothing changes for other requests.
+
+``LingeringClose``: an answer given before the request's body has arrived (413 for a body
+over the limit, a 503 to an HTTP/1.0 or ``Connection: close`` upload while the server is
+full) closes the connection. Closed with that body still arriving, the socket answers it
+with a reset, and a client still sending its body gets a broken pipe or a reset instead of
+the answer (Python's urllib, for one, every time, for a 30 MB upload). Now the connection
+is half-closed (the answer, then end-of-file) and what the client still sends is read and
+thrown away until it closes its side, or ``LINGER_S`` at most, as nginx's lingering close
+does.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httptools
+
+LINGER_S = 5.0  # the longest a closing connection reads what its client still sends
 
 
 class HeaderDeadline:
@@ -175,3 +187,84 @@ class _AfterStandInHead:
 
 
 _FRAMING = (b"content-length", b"transfer-encoding")
+
+
+class LingeringClose:
+    """Closes a connection whose request's body is still arriving by half-closing it and
+    throwing away what comes, rather than at once (see the module's docstring). It wraps
+    the transport that uvicorn's protocol and request cycles close."""
+
+    _lingering = False
+    _close_at_once = False  # the connection is gone, or the server is shutting down
+    _linger_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the answer is out: what the client still sends goes nowhere
+        super().data_received(data)  # type: ignore[misc]
+
+    def shutdown(self) -> None:
+        self._close_at_once = True  # the server is stopping: no one waits for lingerers
+        if self._lingering:
+            self.transport.close()  # type: ignore[attr-defined]
+            return
+        super().shutdown()  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._close_at_once = True
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _should_linger(self) -> bool:
+        """Whether the request being answered may still be sending its body."""
+        cycle = self.cycle  # type: ignore[attr-defined]
+        return not self._close_at_once and cycle is not None and bool(getattr(cycle, "more_body", False))
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Half-closes ``transport`` (after what was written) and reads on until the client
+        closes its side (uvicorn's eof_received returns None, so the transport then closes)
+        or LINGER_S have passed."""
+        self._lingering = True
+        loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
+        self._linger_timer = loop.call_later(LINGER_S, transport.close)
+        transport.write_eof()
+        transport.resume_reading()  # it may have been paused for back-pressure
+
+
+class _LingeringTransport:
+    """The connection's transport as uvicorn sees it: ``close`` lingers when the request's
+    body may still be arriving; once closing, it says so and writes nothing more."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: LingeringClose) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def close(self) -> None:
+        real, protocol = self._transport, self._protocol
+        if self._closing and not protocol._close_at_once:
+            return  # lingering already, or closed
+        self._closing = True
+        if real.is_closing() or protocol._lingering or not protocol._should_linger() or not real.can_write_eof():
+            real.close()
+        else:
+            protocol._linger(real)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if not self._closing:
+            self._transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self._protocol._lingering:
+            self._transport.pause_reading()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)

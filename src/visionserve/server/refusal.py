@@ -143,11 +143,13 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
         import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        from visionserve.server.connection import HeaderDeadline, PlainUpgrade
+        from visionserve.server.connection import HeaderDeadline, LingeringClose, PlainUpgrade
     except ImportError:
         return None
 
-    class RefusingHttpToolsProtocol(HeaderDeadline, PlainUpgrade, HttpToolsProtocol):  # type: ignore[misc]
+    class RefusingHttpToolsProtocol(  # type: ignore[misc]
+        LingeringClose, HeaderDeadline, PlainUpgrade, HttpToolsProtocol
+    ):
         _body_timer: asyncio.TimerHandle | None = None
         _reading_held = False  # reads paused until the client takes its refusals
         _pause_timer: asyncio.TimerHandle | None = None  # reads paused for a while after a refusal
