@@ -170,6 +170,23 @@ def test_a_refused_connection_is_read_again_only_after_the_pause(server_factory,
         assert metric(text, "visionserve_rejected_requests_total", reason="queue_full") == 3
 
 
+def test_a_refused_upload_that_closes_its_connection_gets_its_503(server_factory, images):
+    """urllib (HTTP/1.1 with ``Connection: close``) sends a 30 MB upload whole before it reads:
+    the 503, answered after the headers, reaches it because the connection reads on after
+    answering (server/connection.py's lingering close) instead of resetting under it."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    with _full_server(server_factory, images, {"VISIONSERVE_LIMITS__MAX_BODY_BYTES": "40000000"}) as srv:
+        body = b"\xff\xd8\xff" + bytes(30_000_000)
+        request = urllib.request.Request(srv.url + "/predict", data=body, headers={"Content-Type": "image/jpeg"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=60)
+        assert caught.value.code == 503 and caught.value.headers["Retry-After"] == "1"
+        assert json.loads(caught.value.read())["error"]["code"] == "overloaded"
+
+
 def test_a_client_that_does_not_read_its_refusals_is_not_read_either(server_factory, images):
     # Pipelined requests, refused one after another, whose answers the client never reads:
     # the server stops reading when its writes back up, instead of holding every 503.
