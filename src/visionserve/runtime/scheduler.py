@@ -336,7 +336,8 @@ class Scheduler:
         if job.slot is not None and self.processes is not None:
             self.processes.drop(job.slot)
         if job.started:
-            stage, message = "inference", "the request's deadline passed during inference"
+            # Handed to a worker: running, or next in its queue (depth 2).
+            stage, message = "inference", "the request's deadline passed after it was handed to a worker"
         else:
             self._queue.remove(job)
             stage, message = "queue", "the request's deadline passed while it waited; it was dropped before inference"
