@@ -8,7 +8,7 @@ from typing import Any, Callable
 from visionserve.config import ModelConfig, Settings
 from visionserve.errors import InvalidImage
 from visionserve.imaging.decode import decode_image
-from visionserve.imaging.draw import annotate, encode_image
+from visionserve.imaging.draw import render_annotated
 from visionserve.protocols.native import prediction_json
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.registry import manifest_for
@@ -39,5 +39,5 @@ class OfflineDetector:
                           detections.scaled(image.scale_x, image.scale_y, image.width, image.height), timings)
         if annotate_dir is not None:
             annotate_dir.mkdir(parents=True, exist_ok=True)
-            (annotate_dir / f"{path.stem}.jpg").write_bytes(encode_image(annotate(image.pixels, detections), "jpeg"))
+            (annotate_dir / f"{path.stem}.jpg").write_bytes(render_annotated(image, detections, "jpeg"))
         return {"file": str(path), **prediction_json(pred)}

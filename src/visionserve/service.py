@@ -16,15 +16,13 @@ from functools import partial
 import numpy as np
 
 from visionserve.config import Settings
-from visionserve.errors import InvalidImage, InvalidParameter
+from visionserve.errors import InvalidImage
 from visionserve.imaging.decode import decode_image
-from visionserve.imaging.draw import render_annotated
+from visionserve.imaging.draw import output_format, render_annotated
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.registry import ModelRegistry
 from visionserve.runtime.scheduler import Scheduler, Ticket
 from visionserve.types import DecodedImage, PredictParams, Prediction
-
-ANNOTATED_FORMATS = ("jpeg", "png")
 
 
 class DetectionService:
@@ -64,11 +62,8 @@ class DetectionService:
         there). ``prediction.image.pixels`` is a stand-in with worker processes either way."""
         served = self.registry.get(model)
         thresholds = served.thresholds(params)  # bad parameters fail before any decoding
-        render = None
-        if annotated is not None:
-            if annotated not in ANNOTATED_FORMATS:
-                raise InvalidParameter(f"unsupported output format {annotated!r}: use 'jpeg' or 'png'")
-            render = partial(render_annotated, fmt=annotated)
+        # A bad format fails here, before the image is decoded and run.
+        render = None if annotated is None else partial(render_annotated, fmt=output_format(annotated))
         prepare = partial(
             decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=served.decode_min_size()
         )

@@ -103,26 +103,31 @@ def _draw_tag(
     cv2.putText(canvas, text, origin, cv2.FONT_HERSHEY_SIMPLEX, font_scale, ink, thickness, cv2.LINE_AA)
 
 
+def output_format(fmt: str) -> str:
+    """``fmt`` as encode_image takes it: 'jpeg' (also 'jpg') or 'png', any case;
+    InvalidParameter for anything else (callers check before the work that leads to it)."""
+    name = fmt.lower()
+    name = "jpeg" if name == "jpg" else name
+    if name not in ("jpeg", "png"):
+        raise InvalidParameter(f"unsupported output format {fmt!r}: use 'jpeg' or 'png'")
+    return name
+
+
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
     """RGB uint8 HxWx3 pixels -> JPEG (libjpeg-turbo, 4:2:0) or PNG bytes."""
-    name = fmt.lower()
-    if name in ("jpeg", "jpg"):
+    if output_format(fmt) == "jpeg":
         if not 1 <= quality <= 100:
             raise InvalidParameter(f"JPEG quality must be 1-100, got {quality}")
         return simplejpeg.encode_jpeg(
             np.ascontiguousarray(pixels), quality=quality, colorspace="RGB", colorsubsampling="420"
         )
-    if name == "png":
-        import cv2
+    import cv2
 
-        # zlib level 1: large images encode several times faster for a few percent more bytes.
-        ok, encoded = cv2.imencode(
-            ".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]
-        )
-        if not ok:
-            raise ValueError("PNG encoding failed")
-        return encoded.tobytes()
-    raise InvalidParameter(f"unsupported output format {fmt!r}: use 'jpeg' or 'png'")
+    # zlib level 1: large images encode several times faster for a few percent more bytes.
+    ok, encoded = cv2.imencode(".png", cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:
+        raise ValueError("PNG encoding failed")
+    return encoded.tobytes()
 
 
 def render_annotated(image: DecodedImage, detections: Detections, fmt: str) -> bytes:
