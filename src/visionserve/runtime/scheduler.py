@@ -121,8 +121,7 @@ class Scheduler:
         # worker process from its pipe. With one job each, the threads sat idle for the loop
         # (busy with other requests) to hand them the next: depth 2 served 1-6% more at c=16
         # and 3% more at c=4 (docs/benchmarks.md).
-        self.depth = WORKER_DEPTH
-        self._slots = self.workers * self.depth
+        self._slots = self.workers * WORKER_DEPTH
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="infer")
         self._aux = ThreadPoolExecutor(runtime.decode_threads or cores, thread_name_prefix="aux")
         self._queue: deque[Job] = deque()

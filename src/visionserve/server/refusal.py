@@ -187,8 +187,7 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
             super().resume_writing()
             if self._reading_held:
                 self._reading_held = False
-                if self._pause_timer is None:
-                    self.flow.resume_reading()
+                self._resume_reading_unless_paused()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._cancel_body_timer()
@@ -223,7 +222,12 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
 
         def _pause_over(self) -> None:
             self._pause_timer = None
-            if not self._reading_held:
+            self._resume_reading_unless_paused()
+
+        def _resume_reading_unless_paused(self) -> None:
+            """Reads again once neither pause holds: the one after a refusal, and the one
+            while the client is not reading its answers."""
+            if self._pause_timer is None and not self._reading_held:
                 self.flow.resume_reading()
 
         def _body_timed_out(self) -> None:
