@@ -1,6 +1,6 @@
 """Inference in worker processes (runtime.worker_mode): the same answers as in threads,
-workers that start with the server, stop with it, and a lost worker that fails requests
-instead of hanging them."""
+workers that start with the server, stop with it, and a lost worker process that fails its
+requests at once and starts again with its models."""
 
 from __future__ import annotations
 
@@ -117,18 +117,109 @@ def test_sigterm_stops_the_workers_and_exits_0(server_factory, images):
         time.sleep(0.05)
 
 
-def test_a_lost_worker_fails_requests_and_readiness_instead_of_hanging(server_factory, images):
+def test_a_killed_inference_process_starts_again_with_its_models(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes",
+                              "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
+    expected = answer(post_image(srv.url, images / "dog.jpg"))
+    (first,) = children(srv.process.pid)
+    os.kill(first, signal.SIGKILL)
+    seen_unready = False
+    deadline = time.monotonic() + 30
+    while True:  # not ready while it starts again and loads the model, then ready
+        ready = httpx.get(srv.url + "/readyz").status_code == 200
+        seen_unready |= not ready
+        if ready and seen_unready:
+            break
+        assert time.monotonic() < deadline, "not ready again within 30 s of losing its inference process"
+        time.sleep(0.02)
+    (second,) = children(srv.process.pid)
+    assert second != first and not alive(first)
+    assert answer(post_image(srv.url, images / "dog.jpg")) == expected
+    batch = concurrent_posts(srv.url, [images / "dog.jpg"] * 3)  # both workers are back (capacity 3)
+    assert [answer(r) for r in batch] == [expected] * 3
+    assert metric(httpx.get(srv.url + "/metrics").text, "visionserve_inference_process_restarts_total") == 1
+    assert srv.stop(signal.SIGTERM) == 0
+    out = srv.output()
+    assert f"inference process {first} exited (code -9)" in out
+    assert f"inference process {second} started again (restart 1), with yolox-nano" in out
+    assert "Traceback" not in out
+
+
+def test_an_inference_process_that_keeps_exiting_starts_again_after_a_delay(server_factory, images):
+    """A crash loop does not spin: the second exit soon after a start waits RESTART_DELAYS_S[0]
+    (1 s) before the next start, and SIGTERM during that wait still stops the server cleanly."""
     srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes",
                               "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1"})
-    (worker,) = children(srv.process.pid)
-    os.kill(worker, signal.SIGKILL)
+    (first,) = children(srv.process.pid)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not (kids := [p for p in children(srv.process.pid) if p != first]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(kids[0], signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while httpx.get(srv.url + "/readyz").status_code == 200:
-        assert time.monotonic() < deadline, "still ready without its inference worker"
-        time.sleep(0.05)
+    while f"inference process {kids[0]} exited" not in srv.output():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert "starts again in 1 s" in srv.output()
+    # Down, waiting for the delay: detection requests get 503 with Retry-After, not a hang.
     r = post_image(srv.url, images / "dog.jpg")
-    assert r.status_code >= 500 and "worker" in r.json()["error"]["message"]
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    assert "starting again" in r.json()["error"]["message"]
+    assert children(srv.process.pid) == []
     assert srv.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in srv.output()
+
+
+def test_jobs_of_a_lost_inference_process_fail_at_once(model_dir, mirror, images):
+    """The job a process was running when it exited fails with 500 (it may be what killed it),
+    the one waiting behind it with 503 and Retry-After; once started again with its models,
+    the worker answers jobs as before."""
+    import asyncio
+    from functools import partial
+
+    from visionserve.config import RuntimeSettings
+    from visionserve.imaging.decode import decode_image
+    from visionserve.runtime.workers import WorkerPool
+    from visionserve.store.store import ModelStore
+    from visionserve.types import Thresholds
+
+    manifest = ModelStore(model_dir, mirror).ensure("yolox-nano")
+    data = (images / "dog.jpg").read_bytes()
+
+    async def run(pool: WorkerPool) -> tuple:
+        future = asyncio.get_running_loop().create_future()
+        spec = ("yolox-nano", partial(decode_image, data), Thresholds(0.3, 0.45, 100), None, time.perf_counter(), None, pool.slot())
+        pool.submit(0, [spec], False, future.set_result)
+        return future
+
+    async def main() -> None:
+        pool = WorkerPool(1, RuntimeSettings(worker_mode="processes"))
+        pool.start()
+        try:
+            await asyncio.to_thread(pool.load, manifest, 1)
+            status, (results, ran) = await (await run(pool))
+            assert status == "ok" and ran
+            assert results[0][0] is None
+            labels = results[0][2][2].tolist()
+            (pid,) = pool.pids
+            running, waiting = await run(pool), await run(pool)
+            os.kill(pid, signal.SIGKILL)
+            (s1, e1), (s2, e2) = await asyncio.wait_for(asyncio.gather(running, waiting), 10)
+            assert (s1, e1.status) == ("error", 500) and "exited while running this request" in e1.message
+            assert (s2, e2.status, e2.headers["Retry-After"]) == ("error", 503, "1")
+            assert pool.broken and not pool.up(0)
+            deadline = time.monotonic() + 30
+            while not pool.up(0):
+                assert time.monotonic() < deadline, "the worker did not come back"
+                await asyncio.sleep(0.02)
+            assert pool.broken is None and pool.restarts == 1 and pool.pids != [pid]
+            status, (results, ran) = await (await run(pool))
+            assert status == "ok" and results[0][2][2].tolist() == labels
+        finally:
+            pool.close()
+
+    asyncio.run(main())
 
 
 def read_chars(pid: int) -> int:
@@ -199,3 +290,12 @@ def test_inference_process_logs_in_the_servers_format(server_factory):
     records = [json.loads(line) for line in lines]  # every line, from either process, is JSON
     batching = [r for r in records if "dynamic batching up to 4 images" in r["message"]]
     assert len(batching) == 2 and {r["logger"] for r in batching} == {"visionserve.models"}  # one per worker
+
+
+def test_restart_delays_grow_only_for_a_process_that_keeps_exiting():
+    from visionserve.runtime.workers import RESTART_DELAYS_S, restart_delay
+
+    assert restart_delay(1) == 0.0  # one exit: at once
+    assert [restart_delay(n) for n in range(2, 2 + len(RESTART_DELAYS_S))] == list(RESTART_DELAYS_S)
+    assert restart_delay(100) == RESTART_DELAYS_S[-1]
+    assert list(RESTART_DELAYS_S) == sorted(RESTART_DELAYS_S)

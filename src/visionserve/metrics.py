@@ -57,6 +57,10 @@ class Metrics:
             "visionserve_cancelled_requests", "Requests whose client went away before the answer; queued work is dropped",
             registry=r,
         )
+        self.worker_restarts = Counter(
+            "visionserve_inference_process_restarts",
+            "Inference processes started again after they exited (runtime.worker_mode \"processes\")", registry=r,
+        )
         self.queue_depth = Gauge("visionserve_queue_depth", "Requests waiting for a worker", registry=r)
         self.in_flight = Gauge("visionserve_requests_in_flight", "Detection requests admitted and not yet answered", registry=r)
         self.capacity = Gauge("visionserve_capacity", "Detection requests admitted at most at once (beyond: 503)", registry=r)

@@ -7,10 +7,10 @@ Policy (measured in docs/benchmarks.md):
   admitted at once, and the next one gets 503 with Retry-After at once, so accepted
   requests never wait behind an unbounded queue.
 * Each job runs decode, pre-processing, inference and post-processing on one worker, so
-  while one image is in the model the next one decodes on the other core. Workers run in
-  an inference process by default (runtime/workers.py: outside this process's GIL, handed
-  their next job while running one) or in threads of this process
-  (``runtime.worker_mode = "threads"``).
+  while one image is in the model the next one decodes on the other core. Workers are
+  threads of this process by default, or run in inference processes
+  (``runtime.worker_mode = "processes"``; runtime/workers.py: outside this process's GIL,
+  started again when they exit). Either way a worker is handed its next job while it runs one.
 * When a request is the only one admitted, it runs on the *wide* session (all cores):
   one image gets the whole machine. When several are admitted, up to ``workers`` run at
   once on the single-threaded worker sessions: several images use the cores side by side.
@@ -115,6 +115,7 @@ class Scheduler:
         self.processes: WorkerPool | None = None
         if runtime.worker_mode == "processes":
             self.processes = workers or WorkerPool.for_runtime(runtime)
+            self.processes.on_restart = self.metrics.worker_restarts.inc
             self._load = [0] * self.workers  # jobs sent to each worker process and not answered
         # A worker gets its next job while it still runs one (depth 2), so it never waits for
         # the event loop between images: a worker thread takes it from the pool's queue, a
@@ -280,7 +281,16 @@ class Scheduler:
     def _submit(self, jobs: list[Job], wide: bool, slots: int) -> None:
         """Hands jobs to an idle worker process (worker 0, with the wide session, for a wide run)."""
         assert self.processes is not None
-        index = 0 if wide else min(range(self.workers), key=self._load.__getitem__)
+        pool = self.processes
+        if wide and not pool.up(0):
+            wide = False  # worker 0's process is starting again: the job runs on another's single session
+        if wide:
+            index = 0
+        else:
+            # Not to a worker whose process is starting again: a job sent there fails at once,
+            # which would free that worker first and draw every job to it.
+            ready = [i for i in range(self.workers) if pool.up(i)] or range(self.workers)
+            index = min(ready, key=self._load.__getitem__)
         self._load[index] += 1
         for j in jobs:
             j.slot = self.processes.slot()

@@ -18,6 +18,13 @@ shared memory rather than the pipe (runtime/shared_bytes.py), and goes through d
 pre-processing, inference and post-processing in the worker; the small
 result arrays come back, with the annotated image, drawn and encoded in the worker, when
 the caller asks for one. Decoded pixels never come back.
+
+An inference process that exits (killed, out of memory, a crash in a native library) is
+started again and given the models it held, as gunicorn replaces a dead worker: the server
+heals without a restart of its own. Its jobs fail (500 for the one it was running, which
+may be what killed it; 503 with Retry-After for those waiting behind it); while it is down
+its workers take no jobs and ``/readyz`` says not ready. A process that keeps exiting soon
+after it starts is started again after a growing delay (``RESTART_DELAYS_S``).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from functools import partial
 from multiprocessing.connection import Connection
@@ -41,7 +49,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from visionserve.errors import ModelError
+from visionserve.errors import ModelError, Overloaded
 from visionserve.runtime.session import cpu_count
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.runtime.shared_bytes import SharedBytes
@@ -66,7 +74,21 @@ DROP_SLOTS = 1 << 16
 # (scheduler.WORKER_DEPTH), so this covers batches of two; more take the pipe.
 UPLOAD_SLOTS_PER_WORKER = 4
 
+# Delays before starting an inference process again, when it keeps exiting within STABLE_S
+# of its start (a crash loop: a broken install, a model that kills it while loading).
+RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+STABLE_S = 60.0
+RETRY_AFTER_S = "1"
+
 Reply = tuple[str, Any]
+
+
+def restart_delay(quick_exits: int) -> float:
+    """Seconds before starting a process again after ``quick_exits`` exits in a row, each
+    within STABLE_S of its start: none after one (one crash is no loop), then growing."""
+    if quick_exits <= 1:
+        return 0.0
+    return RESTART_DELAYS_S[min(quick_exits - 2, len(RESTART_DELAYS_S) - 1)]
 
 
 def _enlarge(fd: int) -> None:
@@ -108,15 +130,29 @@ def _release_then(uploads: SharedBytes, taken: list[int], callback: Callable[[Re
 
 
 class _Worker:
-    def __init__(self, index: int, process: subprocess.Popen, jobs: Connection, results: Connection) -> None:
+    def __init__(self, index: int, host: "_Host", jobs: Connection, results: Connection, ready: bool = True) -> None:
         self.index = index
-        self.process = process  # the inference process hosting it (shared by several workers)
+        self.host = host  # the inference process hosting it (shared by several workers)
         self.jobs = jobs
         self.results = results
         self.pending: deque[Callable[[Reply], None]] = deque()  # replies come back in order
         self.lock = threading.Lock()  # jobs (event loop) and loads (loader thread) both send
         self.alive = True
+        self.ready = ready  # False while a restarted process loads its models again
         self.inbox = bytearray()  # reply bytes read so far (the loop reads without blocking)
+
+
+class _Host:
+    """One inference process and the workers it hosts, across its restarts."""
+
+    def __init__(self, number: int, workers: list[int]) -> None:
+        self.number = number
+        self.workers = workers  # the indexes of the workers it hosts
+        self.process: subprocess.Popen | None = None
+        self.started = 0.0  # time.monotonic() of the last start
+        self.quick_exits = 0  # exits in a row, each soon after its start: see restart_delay
+        self.down = False
+        self.restart: asyncio.TimerHandle | None = None
 
 
 class WorkerPool:
@@ -131,13 +167,22 @@ class WorkerPool:
         self.count = count
         self.runtime = runtime
         self.process_count = min(count, processes or count)
+        self._hosts = [
+            _Host(p, [i for i in range(count) if i % self.process_count == p]) for p in range(self.process_count)
+        ]
         self._workers: list[_Worker] = []
-        self._processes: list[subprocess.Popen] = []
         self._loop: asyncio.AbstractEventLoop | None = None
-        self.broken: str | None = None
+        self._closing = False
+        self.broken: str | None = None  # why some worker cannot take jobs now (None: all can)
+        self.restarts = 0  # inference processes started again after they exited
+        self.on_restart: Callable[[], None] = lambda: None  # told of each (the server counts them)
+        # The models every worker holds, in the order they were loaded: a restarted process
+        # is given them again.
+        self._loaded: dict[str, tuple[ModelManifest, int]] = {}
         # One byte per job in flight, shared with the workers: set when the job's caller is
         # gone (disconnected, deadline passed), so a worker skips it if it has not begun.
         self.dropped: Any = None
+        self._drops_fd = -1  # kept open for the processes started later (restarts)
         self._next_slot = 0
         self.uploads: SharedBytes | None = None  # large byte strings in jobs go through here
 
@@ -149,55 +194,71 @@ class WorkerPool:
 
     @property
     def pids(self) -> list[int]:
-        return [p.pid for p in self._processes]
+        return [h.process.pid for h in self._hosts if h.process is not None]
+
+    def up(self, index: int) -> bool:
+        """Whether worker ``index`` takes jobs now (its process runs and holds the models)."""
+        w = self._workers[index]
+        return w.alive and w.ready
 
     def spawn(self) -> None:
         """Starts the inference processes (once)."""
-        if self._processes:
+        if self._workers:
             return
-        drops_fd = os.memfd_create("visionserve-drops")
-        os.ftruncate(drops_fd, DROP_SLOTS)
-        self.dropped = mmap.mmap(drops_fd, DROP_SLOTS)
+        self._drops_fd = os.memfd_create("visionserve-drops")
+        os.ftruncate(self._drops_fd, DROP_SLOTS)
+        self.dropped = mmap.mmap(self._drops_fd, DROP_SLOTS)
         self.uploads = SharedBytes(UPLOAD_SLOTS_PER_WORKER * self.count)
-        uploads = (self.uploads.fd, self.uploads.slots, self.uploads.slot_bytes)
-        root = logging.getLogger()
-        log_format = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
-        log_level = logging.getLevelName(logging.getLogger("visionserve").getEffectiveLevel())
-        try:
-            for p in range(self.process_count):
-                hosted = [i for i in range(self.count) if i % self.process_count == p]
-                ends, parent_ends = [], []
-                for i in hosted:
-                    job_r, job_w = os.pipe()
-                    res_r, res_w = os.pipe()
-                    for fd in (job_w, res_w):
-                        _enlarge(fd)
-                    ends.append((i, job_r, res_w))
-                    parent_ends.append((i, job_w, res_r))
-                child_fds = [fd for _, r, w in ends for fd in (r, w)]
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "visionserve.runtime.worker_process"],
-                    stdin=subprocess.PIPE, pass_fds=[drops_fd, self.uploads.fd, *child_fds], close_fds=True, env=_child_env(),
-                )
-                for fd in child_fds:
-                    os.close(fd)
-                assert proc.stdin is not None
-                orders = WorkerOrders(ends, drops_fd, DROP_SLOTS, uploads, self.runtime, log_format, log_level)
-                proc.stdin.write(pickle.dumps(orders, protocol=pickle.HIGHEST_PROTOCOL))
-                proc.stdin.close()
-                self._processes.append(proc)
-                for i, job_w, res_r in parent_ends:
-                    self._workers.append(
-                        _Worker(i, proc, Connection(job_w, readable=False), Connection(res_r, writable=False))
-                    )
-        finally:
-            os.close(drops_fd)
-            self.uploads.close_fd()
+        for host in self._hosts:
+            self._workers.extend(self._start_process(host, ready=True))
         self._workers.sort(key=lambda w: w.index)
         log.debug("started %d inference workers in %d processes: %s", self.count, self.process_count, self.pids)
         # Workers ignore SIGTERM (the HTTP process drains first), so an exit that skips the
         # lifespan shutdown (a second signal) must still stop them.
         atexit.register(self.close, 1.0)
+
+    def _start_process(self, host: _Host, ready: bool) -> list[_Worker]:
+        """Starts ``host``'s process, connected to new pipes; returns its workers."""
+        assert self.uploads is not None
+        uploads = (self.uploads.fd, self.uploads.slots, self.uploads.slot_bytes)
+        root = logging.getLogger()
+        log_format = "json" if any(isinstance(h.formatter, JsonFormatter) for h in root.handlers) else "text"
+        log_level = logging.getLevelName(logging.getLogger("visionserve").getEffectiveLevel())
+        ends, parent_ends = [], []
+        for i in host.workers:
+            job_r, job_w = os.pipe()
+            res_r, res_w = os.pipe()
+            for fd in (job_w, res_w):
+                _enlarge(fd)
+            ends.append((i, job_r, res_w))
+            parent_ends.append((i, job_w, res_r))
+        child_fds = [fd for _, r, w in ends for fd in (r, w)]
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "visionserve.runtime.worker_process"],
+                stdin=subprocess.PIPE, pass_fds=[self._drops_fd, self.uploads.fd, *child_fds], close_fds=True,
+                env=_child_env(),
+            )
+        except BaseException:
+            for _, job_w, res_r in parent_ends:
+                os.close(job_w)
+                os.close(res_r)
+            raise
+        finally:
+            for fd in child_fds:
+                os.close(fd)
+        assert proc.stdin is not None
+        orders = WorkerOrders(ends, self._drops_fd, DROP_SLOTS, uploads, self.runtime, log_format, log_level)
+        try:
+            proc.stdin.write(pickle.dumps(orders, protocol=pickle.HIGHEST_PROTOCOL))
+            proc.stdin.close()
+        except OSError:  # it exited at once: its pipes' end-of-file says so
+            pass
+        host.process, host.started, host.down = proc, time.monotonic(), False
+        return [
+            _Worker(i, host, Connection(job_w, readable=False), Connection(res_r, writable=False), ready)
+            for i, job_w, res_r in parent_ends
+        ]
 
     def start(self) -> None:
         """Spawns the processes if not yet done and reads their replies on the running loop."""
@@ -248,16 +309,109 @@ class WorkerPool:
                 log.exception("handling a reply of inference worker %d failed", worker.index)
 
     def _lost(self, worker: _Worker) -> None:
-        if not worker.alive:
+        """A worker's reply pipe ended: its process exited (or is past saving). Fails the jobs
+        of every worker it hosts and starts it again."""
+        host = worker.host
+        if host.down or self._closing:
             return
-        worker.alive = False
+        host.down = True
+        process = host.process
+        assert process is not None
+        if process.poll() is None:
+            process.kill()  # one pipe of it broke: the rest of it cannot be trusted either
+        try:
+            code: int | None = process.wait(2)
+        except subprocess.TimeoutExpired:
+            code = None
+        failed = [self._workers[i] for i in host.workers]
+        for w in failed:
+            if w.alive and self._loop is not None:
+                self._loop.remove_reader(w.results.fileno())
+            with w.lock:  # not while another thread writes to it
+                w.alive = False
+                w.jobs.close()
+            w.results.close()
+        lived = time.monotonic() - host.started
+        host.quick_exits = host.quick_exits + 1 if lived < STABLE_S else 1
+        delay = restart_delay(host.quick_exits)
+        self.broken = f"inference process {process.pid} exited (code {code})"
+        log.error(
+            "%s after %.1f s; its requests fail and it starts again%s", self.broken, lived,
+            f" in {delay:g} s" if delay else "",
+        )
+        for w in failed:
+            running = True  # replies come in order: the first pending job is the one it was on
+            while w.pending:
+                if running:
+                    error: Exception = ModelError(f"the inference worker exited while running this request ({self.broken})")
+                else:
+                    error = Overloaded(
+                        "the inference worker exited before this request's turn; it is starting again",
+                        headers={"Retry-After": RETRY_AFTER_S},
+                    )
+                running = False
+                try:
+                    w.pending.popleft()(("error", error))
+                except Exception:
+                    log.exception("failing a job of inference worker %d failed", w.index)
         if self._loop is not None:
-            self._loop.remove_reader(worker.results.fileno())
-        code = worker.process.poll()
-        self.broken = f"inference worker {worker.index} exited (code {code})"
-        log.error("%s; its requests fail", self.broken)
-        while worker.pending:
-            worker.pending.popleft()(("error", ModelError(self.broken)))
+            host.restart = self._loop.call_later(delay, self._restart, host)
+
+    def _restart(self, host: _Host) -> None:
+        """Starts ``host``'s process again and loads its models; its workers take jobs once
+        every load has answered."""
+        host.restart = None
+        if self._closing:
+            return
+        try:
+            workers = self._start_process(host, ready=not self._loaded)
+        except OSError as e:
+            host.quick_exits += 1
+            delay = restart_delay(host.quick_exits)
+            log.error("could not start the inference process again (%s); trying again in %g s", e, delay)
+            assert self._loop is not None
+            host.restart = self._loop.call_later(delay, self._restart, host)
+            return
+        self.restarts += 1
+        self.on_restart()
+        assert self._loop is not None
+        for w in workers:
+            self._workers[w.index] = w
+            self._loop.add_reader(w.results.fileno(), self._on_reply, w)
+        loads = list(self._loaded.values())
+        if not loads:
+            self._healed(host)
+            return
+        waiting = len(loads) * len(workers)
+        process = host.process
+
+        def loaded(reply: Reply) -> None:
+            nonlocal waiting
+            if host.process is not process or host.down:
+                return  # that process is gone already
+            status, value = reply
+            if status != "ok":
+                log.error("inference process %d could not load its models again: %s", process.pid, value)
+                process.kill()  # its pipes' end-of-file starts it again, after a delay
+                return
+            waiting -= 1
+            if waiting == 0:
+                for w in workers:
+                    w.ready = True
+                self._healed(host)
+
+        for w in workers:
+            for manifest, max_batch_size in loads:
+                self._send(w, ("load", manifest, max_batch_size), loaded)
+
+    def _healed(self, host: _Host) -> None:
+        assert host.process is not None
+        if not any(h.down for h in self._hosts) and all(w.ready for w in self._workers):
+            self.broken = None
+        log.info(
+            "inference process %d started again (restart %d), with %s", host.process.pid, self.restarts,
+            ", ".join(self._loaded) or "no models",
+        )
 
     def _send(self, worker: _Worker, message: tuple, callback: Callable[[Reply], None]) -> None:
         assert self.uploads is not None, "spawn() first"
@@ -281,7 +435,13 @@ class WorkerPool:
                 except OSError:
                     worker.pending.pop()
         # Answered later on the event loop, as a real reply would be (never re-entering the caller).
-        failure = ("error", ModelError(self.broken or f"inference worker {worker.index} is gone"))
+        if self._closing:
+            error: Exception = ModelError(f"inference worker {worker.index} has stopped")
+        else:  # its process exited and starts again
+            error = Overloaded(
+                f"inference worker {worker.index} is starting again ({self.broken})", headers={"Retry-After": RETRY_AFTER_S}
+            )
+        failure = ("error", error)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(callback, failure)
         else:
@@ -325,13 +485,22 @@ class WorkerPool:
         """Loads and warms a model in every worker; returns what the wide worker reports."""
         if not self._workers:
             raise ModelError("the inference workers are not running")
-        return self._call_all(("load", manifest, max_batch_size))[0]
+        answer = self._call_all(("load", manifest, max_batch_size))[0]
+        self._loaded.pop(manifest.name, None)  # a reload: last in the order of loading
+        self._loaded[manifest.name] = (manifest, max_batch_size)
+        return answer
 
     def unload(self, name: str) -> None:
+        self._loaded.pop(name, None)
         for w in self._workers:
             self._send(w, ("unload", name), lambda reply: None)
 
     def close(self, timeout: float = 5.0) -> None:
+        self._closing = True
+        for host in self._hosts:
+            if host.restart is not None:
+                host.restart.cancel()
+                host.restart = None
         for w in self._workers:
             if w.alive and self._loop is not None and not self._loop.is_closed():
                 try:
@@ -340,14 +509,20 @@ class WorkerPool:
                     pass
             w.alive = False
             w.jobs.close()  # end-of-file: the worker's loop returns
-        for proc in self._processes:
+        for host in self._hosts:
+            if host.process is None:
+                continue
             try:
-                proc.wait(timeout)
+                host.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(1)
+                host.process.kill()
+                host.process.wait(1)
+            host.process = None
         for w in self._workers:
             w.results.close()
         self._workers = []
-        self._processes = []
-
+        if self._drops_fd >= 0:
+            os.close(self._drops_fd)
+            self._drops_fd = -1
+            assert self.uploads is not None
+            self.uploads.close_fd()
