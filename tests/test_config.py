@@ -82,3 +82,19 @@ def test_readme_config_example_is_valid(tmp_path):
     cfg.write_text(example)
     s = load_settings(cfg)
     assert [m.name for m in s.models] == ["yolox-nano", "my-detector"] and s.models[1].family == "yolox"
+
+
+def test_readme_error_table_lists_every_error_code():
+    """The README's table is the error contract clients code against: every code the server
+    can answer with has a row, with its status."""
+    import re
+    from pathlib import Path
+
+    from visionserve import errors
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = set(re.findall(r"^\| (\d{3}) \| `([a-z_]+)` \|", readme, re.M))
+    kinds = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.VisionServeError)]
+    unseen = {errors.ClientDisconnected}  # the client has gone: no answer reaches it
+    expected = {(str(c.status), c.code) for c in kinds if c not in unseen}
+    assert expected <= rows, f"missing from README's error table: {sorted(expected - rows)}"
