@@ -77,10 +77,11 @@ def start_server(
     tmp_path: Path,
     *args: str,
     env: dict[str, str] | None = None,
-    wait_ready: bool = True,
+    wait_ready: bool | None = True,
     timeout: float = 60,
 ) -> ServerProcess:
-    """Starts ``visionserve serve`` on a free loopback port and waits until it is ready."""
+    """Starts ``visionserve serve`` on a free loopback port and waits until it is ready
+    (``wait_ready`` False: until it answers /healthz; None: not at all)."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     full_env = {
@@ -96,6 +97,8 @@ def start_server(
             stdout=out, stderr=subprocess.STDOUT, env=full_env,
         )
     server = ServerProcess(f"http://127.0.0.1:{port}", proc, log)
+    if wait_ready is None:
+        return server
     deadline = time.monotonic() + timeout
     path = "/readyz" if wait_ready else "/healthz"
     while time.monotonic() < deadline:
@@ -130,7 +133,7 @@ def server_factory(model_dir: Path, mirror: Path, tmp_path: Path) -> Iterator:
     """Starts servers with extra CLI args / env for one test; stops them afterwards."""
     started: list[ServerProcess] = []
 
-    def factory(*args: str, env: dict[str, str] | None = None, wait_ready: bool = True) -> ServerProcess:
+    def factory(*args: str, env: dict[str, str] | None = None, wait_ready: bool | None = True) -> ServerProcess:
         srv = start_server(model_dir, mirror, tmp_path, *args, env=env, wait_ready=wait_ready)
         started.append(srv)
         return srv

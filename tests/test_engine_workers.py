@@ -145,6 +145,30 @@ def test_a_killed_inference_process_starts_again_with_its_models(server_factory,
     assert "Traceback" not in out
 
 
+def test_a_model_whose_load_the_lost_process_took_down_loads_again(server_factory, images):
+    """Killed as the server starts: whether the model's load was under way in it, sent to it
+    dead, or sent after it was back, the server becomes ready (the pool-level test below
+    takes each path on purpose)."""
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"}, wait_ready=None)
+    deadline = time.monotonic() + 30
+    while not (kids := children(srv.process.pid)):  # started before the HTTP stack imports
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    os.kill(kids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(srv.url + "/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass  # not listening yet
+        assert time.monotonic() < deadline, f"never ready after its inference process was lost:\n{srv.output()}"
+        time.sleep(0.05)
+    assert "dog" in {label for label, _, _ in answer(post_image(srv.url, images / "dog.jpg"))}
+    assert f"inference process {kids[0]} exited" in srv.output()
+    assert srv.stop(signal.SIGTERM) == 0
+
+
 def test_an_inference_process_that_keeps_exiting_starts_again_after_a_delay(server_factory, images):
     """A crash loop does not spin: the second exit soon after a start waits RESTART_DELAYS_S[0]
     (1 s) before the next start, and SIGTERM during that wait still stops the server cleanly."""
@@ -290,6 +314,48 @@ def test_inference_process_logs_in_the_servers_format(server_factory):
     records = [json.loads(line) for line in lines]  # every line, from either process, is JSON
     batching = [r for r in records if "dynamic batching up to 4 images" in r["message"]]
     assert len(batching) == 2 and {r["logger"] for r in batching} == {"visionserve.models"}  # one per worker
+
+
+def test_a_model_load_cut_short_by_a_lost_process_loads_again_once_it_is_back(model_dir, mirror, caplog):
+    """Both ways a load meets a dead process: sent to it after it died (the pipe is broken
+    before the event loop has seen the exit), and under way in it when it is killed."""
+    import asyncio
+    import logging
+
+    from visionserve.config import RuntimeSettings
+    from visionserve.runtime.workers import WorkerPool
+    from visionserve.store.store import ModelStore
+
+    manifest = ModelStore(model_dir, mirror).ensure("yolox-nano")
+
+    async def main() -> None:
+        pool = WorkerPool(1, RuntimeSettings(worker_mode="processes"))
+        pool.start()
+        loop = asyncio.get_running_loop()
+        try:
+            (pid,) = pool.pids
+            os.kill(pid, signal.SIGKILL)
+            while alive(pid):
+                time.sleep(0.005)
+            # The loop is held (this sleep) while the load is sent: it meets the dead process.
+            sent_dead = loop.run_in_executor(None, pool.load, manifest, 1)
+            time.sleep(0.5)
+            report = await asyncio.wait_for(sent_dead, 60)
+            assert report["max_batch_size"] == 1 and pool.restarts == 1
+            # Under way: the process is killed while it loads (about 0.2 s of work).
+            (pid,) = pool.pids
+            under_way = loop.run_in_executor(None, pool.load, manifest, 1)
+            await asyncio.sleep(0.05)
+            os.kill(pid, signal.SIGKILL)
+            assert (await asyncio.wait_for(under_way, 60))["max_batch_size"] == 1
+            assert pool.restarts == 2 and pool.broken is None and pool.up(0)
+        finally:
+            pool.close()
+
+    with caplog.at_level(logging.INFO, logger="visionserve.workers"):
+        asyncio.run(main())
+    retries = [r for r in caplog.records if "loading it again once it is back" in r.getMessage()]
+    assert len(retries) == 2
 
 
 def test_restart_delays_grow_only_for_a_process_that_keeps_exiting():

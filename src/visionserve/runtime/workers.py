@@ -69,6 +69,7 @@ READ_BYTES = 1 << 16
 # in one go would hold the loop for all of it. A pipe's worth (2 ms at most per wake-up).
 READ_PER_WAKEUP = PIPE_BYTES
 LOAD_TIMEOUT_S = 300.0
+LOAD_ATTEMPTS = 3  # a model load cut short by an inference process's exit is tried again
 DROP_SLOTS = 1 << 16
 # Shared-memory slots for uploads (runtime/shared_bytes.py): a worker holds at most two jobs
 # (scheduler.WORKER_DEPTH), so this covers batches of two; more take the pipe.
@@ -81,6 +82,14 @@ STABLE_S = 60.0
 RETRY_AFTER_S = "1"
 
 Reply = tuple[str, Any]
+
+
+class WorkerExited(ModelError):
+    """The inference process exited while it ran this job (500: the job may be what killed it)."""
+
+
+class WorkerLost(Overloaded):
+    """The job's inference process exited before its turn, or is starting again (503)."""
 
 
 def restart_delay(quick_exits: int) -> float:
@@ -176,6 +185,8 @@ class WorkerPool:
         self.broken: str | None = None  # why some worker cannot take jobs now (None: all can)
         self.restarts = 0  # inference processes started again after they exited
         self.on_restart: Callable[[], None] = lambda: None  # told of each (the server counts them)
+        self._healthy = threading.Event()  # clear from a lost process until it is back with its models
+        self._healthy.set()
         # The models every worker holds, in the order they were loaded: a restarted process
         # is given them again.
         self._loaded: dict[str, tuple[ModelManifest, int]] = {}
@@ -315,6 +326,7 @@ class WorkerPool:
         if host.down or self._closing:
             return
         host.down = True
+        self._healthy.clear()
         process = host.process
         assert process is not None
         if process.poll() is None:
@@ -325,7 +337,7 @@ class WorkerPool:
             code = None
         failed = [self._workers[i] for i in host.workers]
         for w in failed:
-            if w.alive and self._loop is not None:
+            if self._loop is not None and not w.results.closed:
                 self._loop.remove_reader(w.results.fileno())
             with w.lock:  # not while another thread writes to it
                 w.alive = False
@@ -343,9 +355,9 @@ class WorkerPool:
             running = True  # replies come in order: the first pending job is the one it was on
             while w.pending:
                 if running:
-                    error: Exception = ModelError(f"the inference worker exited while running this request ({self.broken})")
+                    error: Exception = WorkerExited(f"the inference worker exited while running this request ({self.broken})")
                 else:
-                    error = Overloaded(
+                    error = WorkerLost(
                         "the inference worker exited before this request's turn; it is starting again",
                         headers={"Retry-After": RETRY_AFTER_S},
                     )
@@ -406,12 +418,13 @@ class WorkerPool:
 
     def _healed(self, host: _Host) -> None:
         assert host.process is not None
-        if not any(h.down for h in self._hosts) and all(w.ready for w in self._workers):
-            self.broken = None
         log.info(
             "inference process %d started again (restart %d), with %s", host.process.pid, self.restarts,
             ", ".join(self._loaded) or "no models",
         )
+        if not any(h.down for h in self._hosts) and all(w.ready for w in self._workers):
+            self.broken = None
+            self._healthy.set()
 
     def _send(self, worker: _Worker, message: tuple, callback: Callable[[Reply], None]) -> None:
         assert self.uploads is not None, "spawn() first"
@@ -432,14 +445,16 @@ class WorkerPool:
                 try:
                     worker.jobs.send_bytes(data)
                     return
-                except OSError:
+                except OSError:  # its process is gone; the loop learns it from the reply pipe's end
                     worker.pending.pop()
+                    self._healthy.clear()
         # Answered later on the event loop, as a real reply would be (never re-entering the caller).
         if self._closing:
             error: Exception = ModelError(f"inference worker {worker.index} has stopped")
         else:  # its process exited and starts again
-            error = Overloaded(
-                f"inference worker {worker.index} is starting again ({self.broken})", headers={"Retry-After": RETRY_AFTER_S}
+            error = WorkerLost(
+                f"inference worker {worker.index} is starting again ({self.broken or 'its process exited'})",
+                headers={"Retry-After": RETRY_AFTER_S},
             )
         failure = ("error", error)
         if self._loop is not None and not self._loop.is_closed():
@@ -485,7 +500,18 @@ class WorkerPool:
         """Loads and warms a model in every worker; returns what the wide worker reports."""
         if not self._workers:
             raise ModelError("the inference workers are not running")
-        answer = self._call_all(("load", manifest, max_batch_size))[0]
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                answer = self._call_all(("load", manifest, max_batch_size))[0]
+                break
+            except (WorkerExited, WorkerLost):
+                # A process exited under the load (perhaps killed: out of memory at start-up):
+                # once it is back, load again, rather than leave the model failed for good.
+                if attempt == LOAD_ATTEMPTS - 1 or self._closing:
+                    raise
+                log.warning("an inference process exited while %s loaded; loading it again once it is back", manifest.name)
+                if not self._healthy.wait(LOAD_TIMEOUT_S):
+                    raise
         self._loaded.pop(manifest.name, None)  # a reload: last in the order of loading
         self._loaded[manifest.name] = (manifest, max_batch_size)
         return answer
