@@ -195,6 +195,34 @@ def test_an_inference_process_that_keeps_exiting_starts_again_after_a_delay(serv
     assert "Traceback" not in srv.output()
 
 
+def test_while_one_inference_process_is_down_the_others_take_every_request(server_factory, images):
+    """One process per worker; worker 0's process exits twice in a row, so it stays down for
+    the 1 s restart delay. Requests meanwhile all go to the other worker, the lone ones too
+    (they would run on worker 0's all-cores session): none fails."""
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes", "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2",
+                              "VISIONSERVE_RUNTIME__INFERENCE_PROCESSES": "0"})
+    expected = answer(post_image(srv.url, images / "dog.jpg"))
+    first, other = sorted(children(srv.process.pid))  # worker 0's process is started first
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while not (new := [p for p in children(srv.process.pid) if p not in (first, other)]):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(new[0], signal.SIGKILL)
+    while f"inference process {new[0]} exited" not in srv.output():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with httpx.Client() as c:
+        for _ in range(5):
+            r = c.post(srv.url + "/predict", files={"image": ("dog.jpg", (images / "dog.jpg").read_bytes(), "image/jpeg")},
+                       timeout=30)
+            assert answer(r) == expected
+    # Several at once (the capacity: 3) run on the workers' single sessions: all on worker 1.
+    assert [answer(r) for r in concurrent_posts(srv.url, [images / "dog.jpg"] * 3)] == [expected] * 3
+    assert children(srv.process.pid) == [other]  # still waiting out the delay
+    assert srv.stop(signal.SIGTERM) == 0
+
+
 def test_jobs_of_a_lost_inference_process_fail_at_once(model_dir, mirror, images):
     """The job a process was running when it exited fails with 500 (it may be what killed it),
     the one waiting behind it with 503 and Retry-After; once started again with its models,
