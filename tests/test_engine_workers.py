@@ -386,6 +386,50 @@ def test_a_model_load_cut_short_by_a_lost_process_loads_again_once_it_is_back(mo
     assert len(retries) == 2
 
 
+def test_a_job_that_outlasts_worker_timeout_s_stops_its_process_but_a_load_does_not(model_dir, mirror, images):
+    """runtime.worker_timeout_s, here 0.05 s: a model load (longer than that: two sessions
+    made and warmed) is left alone, first time and on the restart; a job stuck in the
+    worker gets 500 when its process is stopped, the job behind it 503."""
+    import asyncio
+    from functools import partial
+
+    from visionserve.config import RuntimeSettings
+    from visionserve.imaging.decode import decode_image
+    from visionserve.runtime.workers import WorkerPool
+    from visionserve.store.store import ModelStore
+    from visionserve.types import Thresholds
+
+    manifest = ModelStore(model_dir, mirror).ensure("yolox-nano")
+    data = (images / "dog.jpg").read_bytes()
+
+    async def main() -> None:
+        pool = WorkerPool(1, RuntimeSettings(worker_mode="processes", worker_timeout_s=0.05))
+        pool.start()
+        loop = asyncio.get_running_loop()
+        try:
+            started = time.monotonic()
+            await asyncio.to_thread(pool.load, manifest, 1)
+            assert time.monotonic() - started > 0.05 and pool.restarts == 0
+            replies = []
+            for prepare in (partial(time.sleep, 3600), partial(decode_image, data)):  # stuck, then one behind it
+                replies.append(loop.create_future())
+                spec = ("yolox-nano", prepare, Thresholds(0.3, 0.45, 100), None, time.perf_counter(), None, pool.slot())
+                pool.submit(0, [spec], False, replies[-1].set_result)
+            (s1, stuck), (s2, behind) = await asyncio.wait_for(asyncio.gather(*replies), 10)
+            assert (s1, stuck.status) == ("error", 500) and "longer than 0.05 s" in stuck.message
+            assert (s2, behind.status) == ("error", 503)
+            deadline = time.monotonic() + 30
+            while not pool.up(0):
+                assert time.monotonic() < deadline, "the worker did not come back"
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.2)  # several watchdog rounds after the reload
+            assert pool.restarts == 1 and pool.broken is None
+        finally:
+            pool.close()
+
+    asyncio.run(main())
+
+
 def test_restart_delays_grow_only_for_a_process_that_keeps_exiting():
     from visionserve.runtime.workers import RESTART_DELAYS_S, restart_delay
 

@@ -40,7 +40,7 @@ def test_a_long_reply_is_read_over_several_wakeups_of_the_loop(monkeypatch):
     pool = workers.WorkerPool(1, RuntimeSettings())
     worker = workers._Worker(0, None, None, Connection(r, writable=False))  # type: ignore[arg-type]
     replies: list = []
-    worker.pending.append(replies.append)
+    worker.pending.append((replies.append, True))
 
     deadline = time.monotonic() + 10
     while _buffered(r) < 4 * cap and time.monotonic() < deadline:  # the sender has filled the pipe

@@ -58,6 +58,12 @@ class RuntimeSettings(BaseModel):
         "thread with its own sessions; 1 keeps the interpreter, libraries and ONNX Runtime's state once "
         "(least memory); 0 = one process per worker",
     )
+    worker_timeout_s: float = Field(
+        default=120.0, ge=0,
+        description="worker_mode \"processes\": an inference process whose worker has spent longer than this on "
+        "one job is stopped and started again, and that job gets 500 (as TorchServe reboots an unresponsive "
+        "worker); 0 = never. A thread cannot be stopped: no effect in worker_mode \"threads\"",
+    )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,
         description="how often Python hands the GIL between threads; short keeps workers from "

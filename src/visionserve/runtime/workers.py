@@ -21,7 +21,8 @@ the caller asks for one. Decoded pixels never come back.
 
 An inference process that exits (killed, out of memory, a crash in a native library) is
 started again and given the models it held, as gunicorn replaces a dead worker: the server
-heals without a restart of its own. Its jobs fail (500 for the one it was running, which
+heals without a restart of its own. One whose worker spends longer than
+``runtime.worker_timeout_s`` on one job is stopped, and started again the same way. Its jobs fail (500 for the one it was running, which
 may be what killed it; 503 with Retry-After for those waiting behind it); while it is down
 its workers take no jobs and ``/readyz`` says not ready. A process that keeps exiting soon
 after it starts is started again after a growing delay (``RESTART_DELAYS_S``).
@@ -144,7 +145,9 @@ class _Worker:
         self.host = host  # the inference process hosting it (shared by several workers)
         self.jobs = jobs
         self.results = results
-        self.pending: deque[Callable[[Reply], None]] = deque()  # replies come back in order
+        # Replies come back in order: each one's callback, and whether it is a job (not a load).
+        self.pending: deque[tuple[Callable[[Reply], None], bool]] = deque()
+        self.head_since = 0.0  # time.monotonic() when the worker began on pending[0] (about)
         self.lock = threading.Lock()  # jobs (event loop) and loads (loader thread) both send
         self.alive = True
         self.ready = ready  # False while a restarted process loads its models again
@@ -162,6 +165,7 @@ class _Host:
         self.quick_exits = 0  # exits in a row, each soon after its start: see restart_delay
         self.down = False
         self.restart: asyncio.TimerHandle | None = None
+        self.hung: int | None = None  # the worker whose job outlasted runtime.worker_timeout_s
 
 
 class WorkerPool:
@@ -182,6 +186,7 @@ class WorkerPool:
         self._workers: list[_Worker] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._watchdog: asyncio.TimerHandle | None = None
         self.broken: str | None = None  # why some worker cannot take jobs now (None: all can)
         self.restarts = 0  # inference processes started again after they exited
         self.on_restart: Callable[[], None] = lambda: None  # told of each (the server counts them)
@@ -265,7 +270,7 @@ class WorkerPool:
             proc.stdin.close()
         except OSError:  # it exited at once: its pipes' end-of-file says so
             pass
-        host.process, host.started, host.down = proc, time.monotonic(), False
+        host.process, host.started, host.down, host.hung = proc, time.monotonic(), False, None
         return [
             _Worker(i, host, Connection(job_w, readable=False), Connection(res_r, writable=False), ready)
             for i, job_w, res_r in parent_ends
@@ -277,6 +282,31 @@ class WorkerPool:
         self.spawn()
         for worker in self._workers:
             self._loop.add_reader(worker.results.fileno(), self._on_reply, worker)
+        if self.runtime.worker_timeout_s > 0:
+            self._watchdog = self._loop.call_later(self._watch_period, self._watch)
+
+    @property
+    def _watch_period(self) -> float:
+        return min(1.0, self.runtime.worker_timeout_s / 4)
+
+    def _watch(self) -> None:
+        """Stops an inference process whose worker has spent longer than worker_timeout_s on
+        one job (stuck in a native library, say): its pipes' end starts it again."""
+        timeout = self.runtime.worker_timeout_s
+        now = time.monotonic()
+        for w in self._workers:
+            host = w.host
+            if not w.alive or host.down or host.hung is not None or not w.pending or not w.pending[0][1]:
+                continue
+            if now - w.head_since > timeout and host.process is not None:
+                host.hung = w.index
+                log.error(
+                    "inference worker %d has spent %.0f s on one job (runtime.worker_timeout_s = %g): stopping "
+                    "its process %d, which starts again", w.index, now - w.head_since, timeout, host.process.pid,
+                )
+                host.process.kill()
+        assert self._loop is not None
+        self._watchdog = self._loop.call_later(self._watch_period, self._watch)
 
     # -- replies (event loop thread) ---------------------------------------------------
 
@@ -314,8 +344,10 @@ class WorkerPool:
                 return
             reply: Reply = pickle.loads(memoryview(inbox)[start : start + size])
             del inbox[: start + size]
+            callback, _ = worker.pending.popleft()
+            worker.head_since = time.monotonic()
             try:
-                worker.pending.popleft()(reply)
+                callback(reply)
             except Exception:  # one bad callback must not stall the replies behind it
                 log.exception("handling a reply of inference worker %d failed", worker.index)
 
@@ -354,8 +386,13 @@ class WorkerPool:
         for w in failed:
             running = True  # replies come in order: the first pending job is the one it was on
             while w.pending:
-                if running:
-                    error: Exception = WorkerExited(f"the inference worker exited while running this request ({self.broken})")
+                if running and host.hung == w.index:
+                    error: Exception = WorkerExited(
+                        f"the inference worker spent longer than {self.runtime.worker_timeout_s:g} s on this request "
+                        "(runtime.worker_timeout_s); its process was stopped and starts again"
+                    )
+                elif running:
+                    error = WorkerExited(f"the inference worker exited while running this request ({self.broken})")
                 else:
                     error = WorkerLost(
                         "the inference worker exited before this request's turn; it is starting again",
@@ -363,7 +400,7 @@ class WorkerPool:
                     )
                 running = False
                 try:
-                    w.pending.popleft()(("error", error))
+                    w.pending.popleft()[0](("error", error))
                 except Exception:
                     log.exception("failing a job of inference worker %d failed", w.index)
         if self._loop is not None:
@@ -431,17 +468,20 @@ class WorkerPool:
         data, taken = self.uploads.dumps(message)
         if taken:  # the slots are free again once the worker has answered (or is gone)
             callback = partial(_release_then, self.uploads, taken, callback)
+        job = message[0] == "run"
         if len(data) > PIPE_BYTES // 2 and self._loop is not None and _on_loop(self._loop):
             # Would block the event loop until the worker, maybe busy, reads it: write it
             # from a thread (replies still match: callbacks queue in the order of writing).
-            self._loop.run_in_executor(None, self._write, worker, data, callback)
+            self._loop.run_in_executor(None, self._write, worker, data, callback, job)
             return
-        self._write(worker, data, callback)
+        self._write(worker, data, callback, job)
 
-    def _write(self, worker: _Worker, data: bytes, callback: Callable[[Reply], None]) -> None:
+    def _write(self, worker: _Worker, data: bytes, callback: Callable[[Reply], None], job: bool) -> None:
         with worker.lock:
             if worker.alive:
-                worker.pending.append(callback)
+                if not worker.pending:
+                    worker.head_since = time.monotonic()
+                worker.pending.append((callback, job))
                 try:
                     worker.jobs.send_bytes(data)
                     return
@@ -523,6 +563,9 @@ class WorkerPool:
 
     def close(self, timeout: float = 5.0) -> None:
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for host in self._hosts:
             if host.restart is not None:
                 host.restart.cancel()
