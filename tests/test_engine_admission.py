@@ -282,6 +282,95 @@ def test_a_worker_thread_is_handed_its_next_job_while_it_runs_one():
     assert all(d is not None and len(d) == 0 for d in detections)
 
 
+def test_a_worker_thread_stuck_past_worker_timeout_s_makes_the_server_unhealthy():
+    """A thread cannot be stopped: once one has spent longer than runtime.worker_timeout_s
+    on one job, the scheduler says so (liveness fails), and stops saying so when it returns."""
+    import asyncio
+    import threading
+
+    import numpy as np
+
+    from visionserve.types import DecodedImage, Detections
+
+    release, inferring = threading.Event(), threading.Event()
+
+    class Family:
+        def preprocess(self, pixels):
+            return np.zeros((3, 2, 2), np.float32), None
+
+        def postprocess(self, outputs, placement, size, thresholds):
+            return Detections.empty(["thing"])
+
+    class Model:
+        name, labels, max_batch_size, has_wide_session, family = "stand-in", ["thing"], 1, False, Family()
+
+        def run(self, batch, wide):
+            inferring.set()
+            release.wait(10)
+            return [np.zeros((1, 1), np.float32)]
+
+    def prepare():
+        return DecodedImage(np.zeros((2, 2, 3), np.uint8), 2, 2)
+
+    async def one_stuck_job(scheduler):
+        job = asyncio.create_task(scheduler.run(Model(), prepare, None))
+        while not inferring.is_set():
+            await asyncio.sleep(0.01)
+        early = scheduler.stuck()
+        await asyncio.sleep(0.3)
+        late = scheduler.stuck()
+        release.set()
+        await job
+        return early, late, scheduler.stuck()
+
+    runtime = RuntimeSettings(inference_workers=1, worker_mode="threads", worker_timeout_s=0.2)
+    scheduler = Scheduler(runtime, QueueSettings())
+    try:
+        early, late, after = asyncio.run(one_stuck_job(scheduler))
+    finally:
+        release.set()
+        scheduler.shutdown()
+    assert early is None and after is None
+    assert late is not None and "worker_timeout_s = 0.2" in late and "restart the server" in late
+
+
+def test_liveness_fails_while_a_job_outlasts_worker_timeout_s(server_factory):
+    """End to end in the threads mode, with worker_timeout_s at 0.05 s and a 36 MP PNG (its
+    decoding alone takes several times longer): /healthz and V2's live answer 503 while it
+    runs, 200 after."""
+    import threading
+
+    import cv2
+    import numpy as np
+
+    ramp = np.linspace(0, 255, 6000, dtype=np.uint8)
+    pixels = np.dstack([np.tile(ramp, (6000, 1)), np.tile(ramp[:, None], (1, 6000)), np.full((6000, 6000), 90, np.uint8)])
+    png = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_TIMEOUT_S": "0.05", "VISIONSERVE_LIMITS__MAX_BODY_BYTES": "100000000"})
+    answers: list[httpx.Response] = []
+    upload = threading.Thread(target=lambda: answers.append(
+        httpx.post(srv.url + "/predict", files={"image": ("big.png", png, "image/png")}, timeout=120)))
+    upload.start()
+    unhealthy: dict[str, dict] = {}
+    with httpx.Client(base_url=srv.url, timeout=10) as c:
+        while upload.is_alive():
+            for path in ("/healthz", "/v2/health/live"):
+                r = c.get(path)
+                if r.status_code == 503:
+                    unhealthy[path] = r.json()
+            time.sleep(0.005)
+        upload.join()
+        assert answers[0].status_code == 200, answers[0].text
+        took = float(answers[0].headers["server-timing"].split("total;dur=")[1].split(",")[0])
+        assert took > 150, took  # ms: enough for both probes to land while it is stuck
+        assert c.get("/healthz").json() == {"status": "alive"} and c.get("/v2/health/live").json() == {"live": True}
+        assert c.get("/readyz").status_code == 200
+    assert unhealthy["/v2/health/live"] == {"live": False}
+    error = unhealthy["/healthz"]["error"]
+    assert error["code"] == "unhealthy" and "worker_timeout_s = 0.05" in error["message"]
+    assert "an inference worker has spent" in srv.output()
+
+
 def test_v2_batch_larger_than_the_capacity_is_served(server_factory, images):
     # Each image used to take a place of its own: on an idle server with 3 places a batch
     # of 4 was refused every time, though v2.max_batch_size allows 16.

@@ -64,6 +64,12 @@ class Overloaded(VisionServeError):
     code, status = "overloaded", 503
 
 
+class Unhealthy(VisionServeError):
+    """The server cannot heal itself (a worker thread stuck on one job): liveness fails."""
+
+    code, status = "unhealthy", 503
+
+
 class DeadlineExceeded(VisionServeError):
     code, status = "deadline_exceeded", 504
 

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
-from visionserve.errors import InvalidParameter, MissingImage, ModelNotReady, UnsupportedMediaType
+from visionserve.errors import InvalidParameter, MissingImage, ModelNotReady, Unhealthy, UnsupportedMediaType
 from visionserve.protocols import Protocol, header_timeout_ms, received_at
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
@@ -123,15 +123,22 @@ async def status(request: Request) -> dict[str, Any]:
     }
 
 
-@router.get("/healthz", summary="Liveness: the process answers")
-async def healthz() -> dict[str, str]:
+@router.get("/healthz", summary="Liveness: the process answers, and no worker thread is stuck on one job (503 then)")
+async def healthz(request: Request) -> dict[str, str]:
+    stuck = request.app.state.scheduler.stuck()
+    if stuck:
+        raise Unhealthy(stuck)
     return {"status": "alive"}
 
 
 @router.get("/readyz", summary="Readiness: every configured model is loaded and warmed up (503 until then)")
 async def readyz(request: Request) -> dict[str, str]:
-    if request.app.state.scheduler.draining:
+    scheduler = request.app.state.scheduler
+    if scheduler.draining:
         raise ModelNotReady("the server is shutting down")
+    stuck = scheduler.stuck()
+    if stuck:
+        raise Unhealthy(stuck)
     if not request.app.state.registry.ready:
         raise ModelNotReady("models are still loading")
     return {"status": "ready"}

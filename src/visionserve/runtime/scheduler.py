@@ -24,6 +24,7 @@ Policy (measured in docs/benchmarks.md):
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,6 +42,7 @@ from visionserve.runtime.workers import WorkerPool, unpack_image
 from visionserve.types import DecodedImage, Detections, Thresholds
 
 T = TypeVar("T")
+log = logging.getLogger("visionserve.scheduler")
 
 RETRY_AFTER_S = "1"
 WORKER_DEPTH = 2  # jobs handed to one worker at a time
@@ -128,6 +130,9 @@ class Scheduler:
         self._queue: deque[Job] = deque()
         self._free = self._slots  # worker slots; a wide run takes them all
         self._batch_timer: asyncio.TimerHandle | None = None
+        self._in_threads: dict[int, list[Job]] = {}  # batches handed to the worker threads
+        self.worker_timeout_s = runtime.worker_timeout_s
+        self._stuck_logged = False
         self.admitted = 0
         self.running = 0
         self.draining = False
@@ -186,6 +191,30 @@ class Scheduler:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    def stuck(self) -> str | None:
+        """Why the server cannot heal itself, if it cannot: a worker thread has spent longer
+        than ``runtime.worker_timeout_s`` on one job (stuck in a native library, say). A
+        thread cannot be stopped, so liveness fails and an orchestrator restarts the server.
+        (An inference process in that state is stopped and started again: runtime/workers.py.)"""
+        timeout = self.worker_timeout_s
+        now = time.perf_counter()
+        longest = 0.0
+        for jobs in list(self._in_threads.values()):
+            queued_ms = jobs[0].timings.get("queue")  # set by the worker thread as it begins
+            if queued_ms is not None:
+                longest = max(longest, now - jobs[0].enqueued - queued_ms / 1e3)
+        if timeout <= 0 or longest <= timeout:
+            self._stuck_logged = False
+            return None
+        reason = (
+            f"an inference worker has spent {longest:.1f} s on one job (runtime.worker_timeout_s = {timeout:g}); "
+            "a thread cannot be stopped: restart the server"
+        )
+        if not self._stuck_logged:  # once per episode: probes ask often
+            self._stuck_logged = True
+            log.error("%s", reason)
+        return reason
 
     # -- running detections ------------------------------------------------------------
 
@@ -275,6 +304,7 @@ class Scheduler:
             self._submit(jobs, wide, slots)
             return
         self.metrics.inference_runs.labels(model.name, "wide" if wide else "worker").inc()
+        self._in_threads[id(jobs)] = jobs
         fut = asyncio.get_running_loop().run_in_executor(self._pool, execute_jobs, jobs, wide)
         fut.add_done_callback(partial(self._finished, jobs, slots))
 
@@ -320,6 +350,7 @@ class Scheduler:
         self._complete(jobs, slots, outcomes)
 
     def _finished(self, jobs: list[Job], slots: int, fut: asyncio.Future) -> None:
+        self._in_threads.pop(id(jobs), None)
         try:
             outcomes = fut.result()
         except BaseException as e:  # the executor itself failed (e.g. shut down)

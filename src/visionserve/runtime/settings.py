@@ -60,9 +60,10 @@ class RuntimeSettings(BaseModel):
     )
     worker_timeout_s: float = Field(
         default=120.0, ge=0,
-        description="worker_mode \"processes\": an inference process whose worker has spent longer than this on "
-        "one job is stopped and started again, and that job gets 500 (as TorchServe reboots an unresponsive "
-        "worker); 0 = never. A thread cannot be stopped: no effect in worker_mode \"threads\"",
+        description="a worker that has spent longer than this on one job is stuck: in worker_mode \"processes\" "
+        "its process is stopped and started again and that job gets 500 (as TorchServe reboots an unresponsive "
+        "worker); a thread cannot be stopped, so in \"threads\" /healthz and /readyz answer 503 until it "
+        "returns, for an orchestrator to restart the server; 0 = never",
     )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,
