@@ -356,8 +356,11 @@ def test_liveness_fails_while_a_job_outlasts_worker_timeout_s(server_factory):
         while upload.is_alive():
             for path in ("/healthz", "/v2/health/live"):
                 r = c.get(path)
-                if r.status_code == 503:
+                if r.status_code == 503 and path not in unhealthy:  # the first: well inside the window
                     unhealthy[path] = r.json()
+                    if path == "/healthz":
+                        status = c.get("/status").json()
+                        unhealthy["status"] = {"status": status["status"], "stuck": bool(status["workers"]["stuck"])}
             time.sleep(0.005)
         upload.join()
         assert answers[0].status_code == 200, answers[0].text
@@ -366,6 +369,7 @@ def test_liveness_fails_while_a_job_outlasts_worker_timeout_s(server_factory):
         assert c.get("/healthz").json() == {"status": "alive"} and c.get("/v2/health/live").json() == {"live": True}
         assert c.get("/readyz").status_code == 200
     assert unhealthy["/v2/health/live"] == {"live": False}
+    assert unhealthy["status"] == {"status": "unhealthy", "stuck": True}
     error = unhealthy["/healthz"]["error"]
     assert error["code"] == "unhealthy" and "worker_timeout_s = 0.05" in error["message"]
     assert "an inference worker has spent" in srv.output()

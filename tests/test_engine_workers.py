@@ -122,6 +122,8 @@ def test_a_killed_inference_process_starts_again_with_its_models(server_factory,
                               "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
     expected = answer(post_image(srv.url, images / "dog.jpg"))
     (first,) = children(srv.process.pid)
+    assert httpx.get(srv.url + "/status").json()["workers"] == {
+        "mode": "processes", "count": 2, "processes": [first], "restarts": 0, "down": None}
     os.kill(first, signal.SIGKILL)
     seen_unready = False
     deadline = time.monotonic() + 30
@@ -138,6 +140,9 @@ def test_a_killed_inference_process_starts_again_with_its_models(server_factory,
     batch = concurrent_posts(srv.url, [images / "dog.jpg"] * 3)  # both workers are back (capacity 3)
     assert [answer(r) for r in batch] == [expected] * 3
     assert metric(httpx.get(srv.url + "/metrics").text, "visionserve_inference_process_restarts_total") == 1
+    status = httpx.get(srv.url + "/status").json()
+    assert status["status"] == "ready" and status["workers"]["processes"] == [second]
+    assert status["workers"]["restarts"] == 1 and status["workers"]["down"] is None
     assert srv.stop(signal.SIGTERM) == 0
     out = srv.output()
     assert f"inference process {first} exited (code -9)" in out
@@ -190,6 +195,8 @@ def test_an_inference_process_that_keeps_exiting_starts_again_after_a_delay(serv
     r = post_image(srv.url, images / "dog.jpg")
     assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
     assert "starting again" in r.json()["error"]["message"]
+    status = httpx.get(srv.url + "/status").json()
+    assert status["status"] == "restarting" and f"inference process {kids[0]} exited" in status["workers"]["down"]
     assert children(srv.process.pid) == []
     assert srv.stop(signal.SIGTERM) == 0
     assert "Traceback" not in srv.output()

@@ -50,6 +50,7 @@ def test_status_lists_models_with_readiness(client):
     assert body["status"] == "ready" and body["version"] and body["uptime_s"] >= 0
     (model,) = body["models"]
     assert model["name"] == "yolox-nano" and model["ready"] is True and model["labels"] == 80
+    assert body["workers"] == {"mode": "threads", "count": 2, "stuck": None}
 
 
 def test_health_and_ready(client):

@@ -111,14 +111,22 @@ _PREDICT_OPENAPI: dict[str, Any] = {
 # -- status and health ------------------------------------------------------------------
 
 
-@router.get("/status", summary="Service status, version, uptime and each model's readiness")
+@router.get("/status", summary="Service status, version, uptime, the inference workers and each model's readiness")
 async def status(request: Request) -> dict[str, Any]:
-    registry = request.app.state.registry
+    registry, scheduler = request.app.state.registry, request.app.state.scheduler
+    workers = scheduler.describe()
+    if workers.get("stuck"):
+        state = "unhealthy"
+    elif workers.get("down"):
+        state = "restarting"  # an inference process is starting again
+    else:
+        state = "ready" if registry.ready else "starting"
     return {
-        "status": "ready" if registry.ready else "starting",
+        "status": state,
         "version": __version__,
         "uptime_s": round(time.time() - request.app.state.started, 3),
         "default_model": registry.default_name,
+        "workers": workers,
         "models": registry.status(),
     }
 

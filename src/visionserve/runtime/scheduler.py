@@ -216,6 +216,15 @@ class Scheduler:
             log.error("%s", reason)
         return reason
 
+    def describe(self) -> dict:
+        """For /status: where inference runs, and anything that keeps it from running."""
+        described = {"mode": "processes" if self.processes else "threads", "count": self.workers}
+        if self.processes is not None:
+            described |= self.processes.describe()
+        else:
+            described["stuck"] = self.stuck()
+        return described
+
     # -- running detections ------------------------------------------------------------
 
     async def run(

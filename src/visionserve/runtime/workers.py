@@ -212,6 +212,10 @@ class WorkerPool:
     def pids(self) -> list[int]:
         return [h.process.pid for h in self._hosts if h.process is not None]
 
+    def describe(self) -> dict[str, Any]:
+        """For /status: the processes, how often they were started again, and what is down."""
+        return {"processes": self.pids, "restarts": self.restarts, "down": self.broken}
+
     def up(self, index: int) -> bool:
         """Whether worker ``index`` takes jobs now (its process runs and holds the models)."""
         w = self._workers[index]
