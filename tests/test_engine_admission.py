@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 
 from visionserve.config import QueueSettings, RuntimeSettings
 from visionserve.errors import Overloaded
 from visionserve.runtime.scheduler import Scheduler
+from visionserve.types import DecodedImage, Detections
 
 from engine_helpers import concurrent_posts, connect, metric, multipart_upload, post_image, read_response
 
@@ -231,44 +234,47 @@ def test_a_request_of_several_images_holds_the_free_places_it_needs():
         scheduler.shutdown()
 
 
+class HeldModel:
+    """A stand-in model whose inference holds until ``release`` is set (``inferring`` says it
+    has begun): a job that stays on its worker as long as a test needs."""
+
+    name, labels, max_batch_size, has_wide_session = "stand-in", ["thing"], 1, False
+
+    def __init__(self) -> None:
+        self.release, self.inferring = threading.Event(), threading.Event()
+        self.family = self
+
+    def preprocess(self, pixels):
+        return np.zeros((3, 2, 2), np.float32), None
+
+    def postprocess(self, outputs, placement, size, thresholds):
+        return Detections.empty(self.labels)
+
+    def run(self, batch, wide):
+        self.inferring.set()
+        self.release.wait(10)
+        return [np.zeros((1, 1), np.float32)]
+
+    @staticmethod
+    def prepare():
+        return DecodedImage(np.zeros((2, 2, 3), np.uint8), 2, 2)
+
+
 def test_a_worker_thread_is_handed_its_next_job_while_it_runs_one():
     """The pool's queue holds each worker's next job, so a worker thread never waits for the
     event loop (busy with other requests) between images. A stand-in model holds the first
     job in inference until the second has been handed over."""
     import asyncio
-    import threading
 
-    import numpy as np
-
-    from visionserve.types import DecodedImage, Detections
-
-    release, inferring = threading.Event(), threading.Event()
-
-    class Family:
-        def preprocess(self, pixels):
-            return np.zeros((3, 2, 2), np.float32), None
-
-        def postprocess(self, outputs, placement, size, thresholds):
-            return Detections.empty(["thing"])
-
-    class Model:
-        name, labels, max_batch_size, has_wide_session, family = "stand-in", ["thing"], 1, False, Family()
-
-        def run(self, batch, wide):
-            inferring.set()
-            release.wait(10)
-            return [np.zeros((1, 1), np.float32)]
-
-    def prepare():
-        return DecodedImage(np.zeros((2, 2, 3), np.uint8), 2, 2)
+    model = HeldModel()
 
     async def two_jobs(scheduler):
-        jobs = [asyncio.create_task(scheduler.run(Model(), prepare, None)) for _ in range(2)]
-        while not inferring.is_set():
+        jobs = [asyncio.create_task(scheduler.run(model, model.prepare, None)) for _ in range(2)]
+        while not model.inferring.is_set():
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # the loop has dispatched all it will
         handed = (scheduler.running, scheduler.queue_depth)
-        release.set()
+        model.release.set()
         outcomes = await asyncio.gather(*jobs)
         return handed, [o.detections for o, _ in outcomes]
 
@@ -276,7 +282,7 @@ def test_a_worker_thread_is_handed_its_next_job_while_it_runs_one():
     try:
         handed, detections = asyncio.run(two_jobs(scheduler))
     finally:
-        release.set()
+        model.release.set()
         scheduler.shutdown()
     assert handed == (2, 0)  # both with the one worker: running, and next in its queue
     assert all(d is not None and len(d) == 0 for d in detections)
@@ -286,40 +292,17 @@ def test_a_worker_thread_stuck_past_worker_timeout_s_makes_the_server_unhealthy(
     """A thread cannot be stopped: once one has spent longer than runtime.worker_timeout_s
     on one job, the scheduler says so (liveness fails), and stops saying so when it returns."""
     import asyncio
-    import threading
 
-    import numpy as np
-
-    from visionserve.types import DecodedImage, Detections
-
-    release, inferring = threading.Event(), threading.Event()
-
-    class Family:
-        def preprocess(self, pixels):
-            return np.zeros((3, 2, 2), np.float32), None
-
-        def postprocess(self, outputs, placement, size, thresholds):
-            return Detections.empty(["thing"])
-
-    class Model:
-        name, labels, max_batch_size, has_wide_session, family = "stand-in", ["thing"], 1, False, Family()
-
-        def run(self, batch, wide):
-            inferring.set()
-            release.wait(10)
-            return [np.zeros((1, 1), np.float32)]
-
-    def prepare():
-        return DecodedImage(np.zeros((2, 2, 3), np.uint8), 2, 2)
+    model = HeldModel()
 
     async def one_stuck_job(scheduler):
-        job = asyncio.create_task(scheduler.run(Model(), prepare, None))
-        while not inferring.is_set():
+        job = asyncio.create_task(scheduler.run(model, model.prepare, None))
+        while not model.inferring.is_set():
             await asyncio.sleep(0.01)
         early = scheduler.stuck()
         await asyncio.sleep(0.3)
         late = scheduler.stuck()
-        release.set()
+        model.release.set()
         await job
         return early, late, scheduler.stuck()
 
@@ -328,7 +311,7 @@ def test_a_worker_thread_stuck_past_worker_timeout_s_makes_the_server_unhealthy(
     try:
         early, late, after = asyncio.run(one_stuck_job(scheduler))
     finally:
-        release.set()
+        model.release.set()
         scheduler.shutdown()
     assert early is None and after is None
     assert late is not None and "worker_timeout_s = 0.2" in late and "restart the server" in late
@@ -338,10 +321,7 @@ def test_liveness_fails_while_a_job_outlasts_worker_timeout_s(server_factory):
     """End to end in the threads mode, with worker_timeout_s at 0.05 s and a 36 MP PNG (its
     decoding alone takes several times longer): /healthz and V2's live answer 503 while it
     runs, 200 after."""
-    import threading
-
     import cv2
-    import numpy as np
 
     ramp = np.linspace(0, 255, 6000, dtype=np.uint8)
     pixels = np.dstack([np.tile(ramp, (6000, 1)), np.tile(ramp[:, None], (1, 6000)), np.full((6000, 6000), 90, np.uint8)])
