@@ -22,10 +22,11 @@ the caller asks for one. Decoded pixels never come back.
 An inference process that exits (killed, out of memory, a crash in a native library) is
 started again and given the models it held, as gunicorn replaces a dead worker: the server
 heals without a restart of its own. One whose worker spends longer than
-``runtime.worker_timeout_s`` on one job is stopped, and started again the same way. Its jobs fail (500 for the one it was running, which
-may be what killed it; 503 with Retry-After for those waiting behind it); while it is down
-its workers take no jobs and ``/readyz`` says not ready. A process that keeps exiting soon
-after it starts is started again after a growing delay (``RESTART_DELAYS_S``).
+``runtime.worker_timeout_s`` on one job is stopped, and started again the same way. Its
+jobs fail (500 for the one it was running, which may be what killed it; 503 with
+Retry-After for those waiting behind it); while it is down its workers take no jobs and
+``/readyz`` says not ready. A process that keeps exiting soon after it starts is started
+again after a growing delay (``RESTART_DELAYS_S``).
 """
 
 from __future__ import annotations
@@ -157,8 +158,7 @@ class _Worker:
 class _Host:
     """One inference process and the workers it hosts, across its restarts."""
 
-    def __init__(self, number: int, workers: list[int]) -> None:
-        self.number = number
+    def __init__(self, workers: list[int]) -> None:
         self.workers = workers  # the indexes of the workers it hosts
         self.process: subprocess.Popen | None = None
         self.started = 0.0  # time.monotonic() of the last start
@@ -181,7 +181,7 @@ class WorkerPool:
         self.runtime = runtime
         self.process_count = min(count, processes or count)
         self._hosts = [
-            _Host(p, [i for i in range(count) if i % self.process_count == p]) for p in range(self.process_count)
+            _Host([i for i in range(count) if i % self.process_count == p]) for p in range(self.process_count)
         ]
         self._workers: list[_Worker] = []
         self._loop: asyncio.AbstractEventLoop | None = None
