@@ -326,7 +326,8 @@ def test_liveness_fails_while_a_job_outlasts_worker_timeout_s(server_factory):
     ramp = np.linspace(0, 255, 6000, dtype=np.uint8)
     pixels = np.dstack([np.tile(ramp, (6000, 1)), np.tile(ramp[:, None], (1, 6000)), np.full((6000, 6000), 90, np.uint8)])
     png = cv2.imencode(".png", pixels, [cv2.IMWRITE_PNG_COMPRESSION, 1])[1].tobytes()
-    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_TIMEOUT_S": "0.05", "VISIONSERVE_LIMITS__MAX_BODY_BYTES": "100000000"})
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_TIMEOUT_S": "0.05",
+                              "VISIONSERVE_LIMITS__MAX_BODY_BYTES": "100000000"})
     answers: list[httpx.Response] = []
     upload = threading.Thread(target=lambda: answers.append(
         httpx.post(srv.url + "/predict", files={"image": ("big.png", png, "image/png")}, timeout=120)))

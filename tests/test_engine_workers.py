@@ -248,7 +248,8 @@ def test_jobs_of_a_lost_inference_process_fail_at_once(model_dir, mirror, images
 
     async def run(pool: WorkerPool) -> tuple:
         future = asyncio.get_running_loop().create_future()
-        spec = ("yolox-nano", partial(decode_image, data), Thresholds(0.3, 0.45, 100), None, time.perf_counter(), None, pool.slot())
+        prepare, thresholds = partial(decode_image, data), Thresholds(0.3, 0.45, 100)
+        spec = ("yolox-nano", prepare, thresholds, None, time.perf_counter(), None, pool.slot())
         pool.submit(0, [spec], False, future.set_result)
         return future
 
