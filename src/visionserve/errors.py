@@ -60,8 +60,16 @@ class ModelNotReady(VisionServeError):
     code, status = "model_not_ready", 503
 
 
+RETRY_AFTER_S = "1"
+
+
 class Overloaded(VisionServeError):
+    """No place for the request now; it always says when to try again (Retry-After)."""
+
     code, status = "overloaded", 503
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None, detail: str | None = None) -> None:
+        super().__init__(message, headers={"Retry-After": RETRY_AFTER_S, **(headers or {})}, detail=detail)
 
 
 class Unhealthy(VisionServeError):

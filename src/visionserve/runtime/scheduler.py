@@ -44,7 +44,6 @@ from visionserve.types import DecodedImage, Detections, Thresholds
 T = TypeVar("T")
 log = logging.getLogger("visionserve.scheduler")
 
-RETRY_AFTER_S = "1"
 WORKER_DEPTH = 2  # jobs handed to one worker at a time
 
 
@@ -162,13 +161,10 @@ class Scheduler:
             return self._widen(reserved, images)
         if self.draining:
             self.metrics.rejected.labels("draining").inc()
-            raise Overloaded("the server is shutting down", headers={"Retry-After": RETRY_AFTER_S})
+            raise Overloaded("the server is shutting down")
         if self.admitted >= self.capacity:
             self.metrics.rejected.labels("queue_full").inc()
-            raise Overloaded(
-                f"server at capacity ({self.capacity} requests in progress); retry shortly",
-                headers={"Retry-After": RETRY_AFTER_S},
-            )
+            raise Overloaded(f"server at capacity ({self.capacity} requests in progress); retry shortly")
         self.admitted += 1
         return self._widen(Ticket(self), images)
 

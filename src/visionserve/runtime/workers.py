@@ -81,7 +81,6 @@ UPLOAD_SLOTS_PER_WORKER = 4
 # of its start (a crash loop: a broken install, a model that kills it while loading).
 RESTART_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 STABLE_S = 60.0
-RETRY_AFTER_S = "1"
 
 Reply = tuple[str, Any]
 
@@ -398,10 +397,7 @@ class WorkerPool:
                 elif running:
                     error = WorkerExited(f"the inference worker exited while running this request ({self.broken})")
                 else:
-                    error = WorkerLost(
-                        "the inference worker exited before this request's turn; it is starting again",
-                        headers={"Retry-After": RETRY_AFTER_S},
-                    )
+                    error = WorkerLost("the inference worker exited before this request's turn; it is starting again")
                 running = False
                 try:
                     w.pending.popleft()[0](("error", error))
@@ -496,10 +492,7 @@ class WorkerPool:
         if self._closing:
             error: Exception = ModelError(f"inference worker {worker.index} has stopped")
         else:  # its process exited and starts again
-            error = WorkerLost(
-                f"inference worker {worker.index} is starting again ({self.broken or 'its process exited'})",
-                headers={"Retry-After": RETRY_AFTER_S},
-            )
+            error = WorkerLost(f"inference worker {worker.index} is starting again ({self.broken or 'its process exited'})")
         failure = ("error", error)
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(callback, failure)
