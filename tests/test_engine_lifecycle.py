@@ -32,12 +32,14 @@ def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(ser
         time.sleep(0.005)
     srv.process.send_signal(signal.SIGTERM)
     # While draining: still listening, new detections and readiness refused.
-    late = None
+    late = ready = v2_ready = status = None
     try:
         late = post_image(srv.url, images / "dog.jpg")
         ready = httpx.get(srv.url + "/readyz")
+        v2_ready = httpx.get(srv.url + "/v2/health/ready")
+        status = httpx.get(srv.url + "/status")
     except httpx.TransportError:
-        ready = None  # already drained and gone
+        pass  # already drained and gone
     for t in threads:
         t.join(60)
     assert [r.status_code for r in results] == [200] * 4
@@ -45,6 +47,8 @@ def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(ser
     if late is not None:
         assert late.status_code == 503 and late.json()["error"]["code"] == "overloaded"
         assert ready is None or ready.status_code == 503
+        assert v2_ready is None or (v2_ready.status_code, v2_ready.json()) == (503, {"ready": False})
+        assert status is None or status.json()["status"] == "draining"
     assert srv.process.wait(30) == 0
     assert "draining" in srv.output()
 

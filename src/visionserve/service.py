@@ -16,7 +16,7 @@ from functools import partial
 import numpy as np
 
 from visionserve.config import Settings
-from visionserve.errors import InvalidImage
+from visionserve.errors import InvalidImage, ModelNotReady, Unhealthy, VisionServeError
 from visionserve.imaging.decode import decode_image
 from visionserve.imaging.draw import output_format, render_annotated
 from visionserve.runtime.model import ServedModel
@@ -31,6 +31,37 @@ class DetectionService:
         self.registry = registry
         self.scheduler = scheduler
         self.metrics = scheduler.metrics
+
+    # -- health: what every protocol's liveness, readiness and status answers say ---------
+
+    def not_live(self) -> Unhealthy | None:
+        """Why the server is not alive and needs restarting, or None: a worker thread stuck
+        on one job (the scheduler's ``stuck``)."""
+        stuck = self.scheduler.stuck()
+        return None if stuck is None else Unhealthy(stuck)
+
+    def not_ready(self) -> VisionServeError | None:
+        """Why the server should get no traffic now, or None."""
+        if self.scheduler.draining:
+            return ModelNotReady("the server is shutting down")
+        unhealthy = self.not_live()
+        if unhealthy is not None:
+            return unhealthy
+        if self.scheduler.down:
+            return ModelNotReady(f"an inference process is starting again ({self.scheduler.down})")
+        if not self.registry.ready:
+            return ModelNotReady("models are still loading")
+        return None
+
+    def state(self) -> str:
+        """The service's state in one word, for /status."""
+        if self.scheduler.stuck():
+            return "unhealthy"
+        if self.scheduler.draining:
+            return "draining"
+        if self.scheduler.down:
+            return "restarting"  # an inference process is starting again
+        return "ready" if self.registry.ready else "starting"
 
     def admit(self, images: int = 1) -> Ticket:
         """A place for one detection request (``with service.admit(): ...``) of ``images``

@@ -15,7 +15,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
-from visionserve.errors import InvalidParameter, MissingImage, ModelNotReady, Unhealthy, UnsupportedMediaType
+from visionserve.errors import InvalidParameter, MissingImage, UnsupportedMediaType
 from visionserve.protocols import Protocol, header_timeout_ms, received_at
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
@@ -113,42 +113,30 @@ _PREDICT_OPENAPI: dict[str, Any] = {
 
 @router.get("/status", summary="Service status, version, uptime, the inference workers and each model's readiness")
 async def status(request: Request) -> dict[str, Any]:
-    registry, scheduler = request.app.state.registry, request.app.state.scheduler
-    workers = scheduler.describe()
-    if workers.get("stuck"):
-        state = "unhealthy"
-    elif workers.get("down"):
-        state = "restarting"  # an inference process is starting again
-    else:
-        state = "ready" if registry.ready else "starting"
+    service = request.app.state.service
     return {
-        "status": state,
+        "status": service.state(),
         "version": __version__,
         "uptime_s": round(time.time() - request.app.state.started, 3),
-        "default_model": registry.default_name,
-        "workers": workers,
-        "models": registry.status(),
+        "default_model": service.registry.default_name,
+        "workers": service.scheduler.describe(),
+        "models": service.registry.status(),
     }
 
 
 @router.get("/healthz", summary="Liveness: the process answers, and no worker thread is stuck on one job (503 then)")
 async def healthz(request: Request) -> dict[str, str]:
-    stuck = request.app.state.scheduler.stuck()
-    if stuck:
-        raise Unhealthy(stuck)
+    problem = request.app.state.service.not_live()
+    if problem is not None:
+        raise problem
     return {"status": "alive"}
 
 
 @router.get("/readyz", summary="Readiness: every configured model is loaded and warmed up (503 until then)")
 async def readyz(request: Request) -> dict[str, str]:
-    scheduler = request.app.state.scheduler
-    if scheduler.draining:
-        raise ModelNotReady("the server is shutting down")
-    stuck = scheduler.stuck()
-    if stuck:
-        raise Unhealthy(stuck)
-    if not request.app.state.registry.ready:
-        raise ModelNotReady("models are still loading")
+    problem = request.app.state.service.not_ready()
+    if problem is not None:
+        raise problem
     return {"status": "ready"}
 
 

@@ -117,8 +117,8 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        if self.workers is not None and self.workers.broken:
-            return False
+        """Whether every configured model is loaded and warm (the workers' own state is the
+        scheduler's: DetectionService.not_ready combines both)."""
         return all(
             (m := self._models.get(n)) is not None and m.state is ModelState.READY for n in self._configs
         )

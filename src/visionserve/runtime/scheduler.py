@@ -212,6 +212,11 @@ class Scheduler:
             log.error("%s", reason)
         return reason
 
+    @property
+    def down(self) -> str | None:
+        """Why an inference process cannot take jobs now (it is starting again), or None."""
+        return self.processes.broken if self.processes is not None else None
+
     def describe(self) -> dict:
         """For /status: where inference runs, and anything that keeps it from running."""
         described = {"mode": "processes" if self.processes else "threads", "count": self.workers}

@@ -87,13 +87,13 @@ async def server_metadata() -> dict[str, Any]:
 
 @router.get("/health/live", summary="Server liveness (503 while a worker thread is stuck on one job)")
 async def server_live(request: Request) -> Response:
-    live = request.app.state.scheduler.stuck() is None
+    live = request.app.state.service.not_live() is None
     return JSONResponse({"live": live}, status_code=200 if live else 503)
 
 
 @router.get("/health/ready", summary="Server readiness: every configured model is ready (503 until then)")
 async def server_ready(request: Request) -> Response:
-    ready = request.app.state.registry.ready and request.app.state.scheduler.stuck() is None
+    ready = request.app.state.service.not_ready() is None
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
