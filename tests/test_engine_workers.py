@@ -4,14 +4,24 @@ requests at once and starts again with its models."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import httpx
+import pytest
 
+from visionserve.config import RuntimeSettings
+from visionserve.imaging.decode import decode_image
 from visionserve.runtime.shared_bytes import SLOT_BYTES
+from visionserve.runtime.workers import RESTART_DELAYS_S, WorkerPool, restart_delay
+from visionserve.store.manifest import ModelManifest
+from visionserve.store.store import ModelStore
+from visionserve.types import Thresholds
 
 from engine_helpers import children, concurrent_posts, mapped_libraries, metric, post_image
 
@@ -30,6 +40,28 @@ def alive(pid: int) -> bool:
 def answer(r: httpx.Response) -> list[tuple[str, float, tuple[float, ...]]]:
     assert r.status_code == 200, r.text
     return [(d["label"], d["confidence"], tuple(d["box"].values())) for d in r.json()["detections"]]
+
+
+@pytest.fixture()
+def manifest(model_dir: Path, mirror: Path) -> ModelManifest:
+    return ModelStore(model_dir, mirror).ensure("yolox-nano")
+
+
+async def back_up(pool: WorkerPool) -> None:
+    """Waits until ``pool``'s worker 0 takes jobs again (its process started and loaded)."""
+    deadline = time.monotonic() + 30
+    while not pool.up(0):
+        assert time.monotonic() < deadline, "the worker did not come back"
+        await asyncio.sleep(0.02)
+
+
+def submit_job(pool: WorkerPool, prepare) -> asyncio.Future:  # type: ignore[no-untyped-def]
+    """Hands one job on yolox-nano to ``pool``'s worker 0 (on its event loop, running);
+    the future gets the worker's reply."""
+    future = asyncio.get_running_loop().create_future()
+    spec = ("yolox-nano", prepare, Thresholds(0.3, 0.45, 100), None, time.perf_counter(), None, pool.slot())
+    pool.submit(0, [spec], False, future.set_result)
+    return future
 
 
 def test_processes_and_threads_give_the_same_detections(server_factory, images):
@@ -209,7 +241,7 @@ def test_while_one_inference_process_is_down_the_others_take_every_request(serve
     srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes", "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2",
                               "VISIONSERVE_RUNTIME__INFERENCE_PROCESSES": "0"})
     expected = answer(post_image(srv.url, images / "dog.jpg"))
-    first, other = sorted(children(srv.process.pid))  # worker 0's process is started first
+    first, other = httpx.get(srv.url + "/status").json()["workers"]["processes"]  # in the order of their workers
     os.kill(first, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while not (new := [p for p in children(srv.process.pid) if p not in (first, other)]):
@@ -230,51 +262,31 @@ def test_while_one_inference_process_is_down_the_others_take_every_request(serve
     assert srv.stop(signal.SIGTERM) == 0
 
 
-def test_jobs_of_a_lost_inference_process_fail_at_once(model_dir, mirror, images):
+def test_jobs_of_a_lost_inference_process_fail_at_once(manifest, images):
     """The job a process was running when it exited fails with 500 (it may be what killed it),
     the one waiting behind it with 503 and Retry-After; once started again with its models,
     the worker answers jobs as before."""
-    import asyncio
-    from functools import partial
-
-    from visionserve.config import RuntimeSettings
-    from visionserve.imaging.decode import decode_image
-    from visionserve.runtime.workers import WorkerPool
-    from visionserve.store.store import ModelStore
-    from visionserve.types import Thresholds
-
-    manifest = ModelStore(model_dir, mirror).ensure("yolox-nano")
-    data = (images / "dog.jpg").read_bytes()
-
-    async def run(pool: WorkerPool) -> tuple:
-        future = asyncio.get_running_loop().create_future()
-        prepare, thresholds = partial(decode_image, data), Thresholds(0.3, 0.45, 100)
-        spec = ("yolox-nano", prepare, thresholds, None, time.perf_counter(), None, pool.slot())
-        pool.submit(0, [spec], False, future.set_result)
-        return future
+    dog = partial(decode_image, (images / "dog.jpg").read_bytes())
 
     async def main() -> None:
         pool = WorkerPool(1, RuntimeSettings(worker_mode="processes"))
         pool.start()
         try:
             await asyncio.to_thread(pool.load, manifest, 1)
-            status, (results, ran) = await (await run(pool))
+            status, (results, ran) = await submit_job(pool, dog)
             assert status == "ok" and ran
             assert results[0][0] is None
             labels = results[0][2][2].tolist()
             (pid,) = pool.pids
-            running, waiting = await run(pool), await run(pool)
+            running, waiting = submit_job(pool, dog), submit_job(pool, dog)
             os.kill(pid, signal.SIGKILL)
             (s1, e1), (s2, e2) = await asyncio.wait_for(asyncio.gather(running, waiting), 10)
             assert (s1, e1.status) == ("error", 500) and "exited while running this request" in e1.message
             assert (s2, e2.status, e2.headers["Retry-After"]) == ("error", 503, "1")
             assert pool.broken and not pool.up(0)
-            deadline = time.monotonic() + 30
-            while not pool.up(0):
-                assert time.monotonic() < deadline, "the worker did not come back"
-                await asyncio.sleep(0.02)
+            await back_up(pool)
             assert pool.broken is None and pool.restarts == 1 and pool.pids != [pid]
-            status, (results, ran) = await (await run(pool))
+            status, (results, ran) = await submit_job(pool, dog)
             assert status == "ok" and results[0][2][2].tolist() == labels
         finally:
             pool.close()
@@ -352,17 +364,9 @@ def test_inference_process_logs_in_the_servers_format(server_factory):
     assert len(batching) == 2 and {r["logger"] for r in batching} == {"visionserve.models"}  # one per worker
 
 
-def test_a_model_load_cut_short_by_a_lost_process_loads_again_once_it_is_back(model_dir, mirror, caplog):
+def test_a_model_load_cut_short_by_a_lost_process_loads_again_once_it_is_back(manifest, caplog):
     """Both ways a load meets a dead process: sent to it after it died (the pipe is broken
     before the event loop has seen the exit), and under way in it when it is killed."""
-    import asyncio
-    import logging
-
-    from visionserve.config import RuntimeSettings
-    from visionserve.runtime.workers import WorkerPool
-    from visionserve.store.store import ModelStore
-
-    manifest = ModelStore(model_dir, mirror).ensure("yolox-nano")
 
     async def main() -> None:
         pool = WorkerPool(1, RuntimeSettings(worker_mode="processes"))
@@ -394,42 +398,24 @@ def test_a_model_load_cut_short_by_a_lost_process_loads_again_once_it_is_back(mo
     assert len(retries) == 2
 
 
-def test_a_job_that_outlasts_worker_timeout_s_stops_its_process_but_a_load_does_not(model_dir, mirror, images):
+def test_a_job_that_outlasts_worker_timeout_s_stops_its_process_but_a_load_does_not(manifest, images):
     """runtime.worker_timeout_s, here 0.05 s: a model load (longer than that: two sessions
     made and warmed) is left alone, first time and on the restart; a job stuck in the
     worker gets 500 when its process is stopped, the job behind it 503."""
-    import asyncio
-    from functools import partial
-
-    from visionserve.config import RuntimeSettings
-    from visionserve.imaging.decode import decode_image
-    from visionserve.runtime.workers import WorkerPool
-    from visionserve.store.store import ModelStore
-    from visionserve.types import Thresholds
-
-    manifest = ModelStore(model_dir, mirror).ensure("yolox-nano")
-    data = (images / "dog.jpg").read_bytes()
+    dog = partial(decode_image, (images / "dog.jpg").read_bytes())
 
     async def main() -> None:
         pool = WorkerPool(1, RuntimeSettings(worker_mode="processes", worker_timeout_s=0.05))
         pool.start()
-        loop = asyncio.get_running_loop()
         try:
             started = time.monotonic()
             await asyncio.to_thread(pool.load, manifest, 1)
             assert time.monotonic() - started > 0.05 and pool.restarts == 0
-            replies = []
-            for prepare in (partial(time.sleep, 3600), partial(decode_image, data)):  # stuck, then one behind it
-                replies.append(loop.create_future())
-                spec = ("yolox-nano", prepare, Thresholds(0.3, 0.45, 100), None, time.perf_counter(), None, pool.slot())
-                pool.submit(0, [spec], False, replies[-1].set_result)
+            replies = [submit_job(pool, partial(time.sleep, 3600)), submit_job(pool, dog)]  # stuck, one behind it
             (s1, stuck), (s2, behind) = await asyncio.wait_for(asyncio.gather(*replies), 10)
             assert (s1, stuck.status) == ("error", 500) and "longer than 0.05 s" in stuck.message
             assert (s2, behind.status) == ("error", 503)
-            deadline = time.monotonic() + 30
-            while not pool.up(0):
-                assert time.monotonic() < deadline, "the worker did not come back"
-                await asyncio.sleep(0.02)
+            await back_up(pool)
             await asyncio.sleep(0.2)  # several watchdog rounds after the reload
             assert pool.restarts == 1 and pool.broken is None
         finally:
@@ -439,8 +425,6 @@ def test_a_job_that_outlasts_worker_timeout_s_stops_its_process_but_a_load_does_
 
 
 def test_restart_delays_grow_only_for_a_process_that_keeps_exiting():
-    from visionserve.runtime.workers import RESTART_DELAYS_S, restart_delay
-
     assert restart_delay(1) == 0.0  # one exit: at once
     assert [restart_delay(n) for n in range(2, 2 + len(RESTART_DELAYS_S))] == list(RESTART_DELAYS_S)
     assert restart_delay(100) == RESTART_DELAYS_S[-1]
