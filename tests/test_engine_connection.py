@@ -1,6 +1,7 @@
 """Connection guards of the HTTP protocol (server/connection.py), against a real server over
-raw sockets: the header deadline (slowloris), requests that ask for an upgrade, and the
-lingering close of a connection answered before its request's body arrived."""
+raw sockets: the header deadline (slowloris), the size of a request's head, requests that ask
+for an upgrade, and the lingering close of a connection answered before its request's body
+arrived."""
 
 from __future__ import annotations
 
@@ -164,6 +165,104 @@ def test_many_stalled_connections_are_all_let_go(srv):
     while len(os.listdir(f"/proc/{pid}/fd")) > before + 5 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(os.listdir(f"/proc/{pid}/fd")) <= before + 5
+
+
+# -- the size of a request's head ----------------------------------------------------------
+
+MAX_HEADER_BYTES = 65536  # limits.max_header_bytes, the default
+# About 61 KB of headers: under the limit, and more than it together with a body's bytes.
+LONG_HEADERS = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"d" * 1000) for i in range(60))
+assert 55_000 < len(LONG_HEADERS) < MAX_HEADER_BYTES
+
+
+def _rss_mb(pid: int) -> float:
+    line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
+@pytest.mark.parametrize(("path", "head"), [
+    ("/predict", b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: big-1\r\nX-Pad: " + b"a" * 200_000 + b"\r\n\r\n"),
+    ("/v1/vision/detection", b"POST /v1/vision/detection?q=" + b"q" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
+])
+def test_a_head_over_the_limit_gets_a_431_in_the_paths_shape_and_the_connection_closes(srv, path, head):
+    with connect(srv.url) as s:
+        s.sendall(head)
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None, "still open"
+    head_out, body = _split(answer)
+    assert head_out.startswith(b"http/1.1 431 ") and b"connection: close" in head_out, answer[:300]
+    assert b"content-type: application/json" in head_out
+    message = f"the request's headers exceed the limit of {MAX_HEADER_BYTES} bytes"
+    if path.startswith("/v1/vision"):
+        assert json.loads(body) == {"success": False, "code": 431, "error": message}
+    else:
+        assert json.loads(body)["error"] == {"code": "header_too_large", "message": message}
+        assert b"x-request-id: big-1" in head_out
+    assert httpx.get(srv.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize(("size", "status"), [(MAX_HEADER_BYTES, b"200"), (MAX_HEADER_BYTES + 1, b"431")])
+def test_the_limit_counts_the_head_to_the_byte(srv, size, status):
+    """Request line and headers, through the blank line that ends them; one read or several."""
+    start, end = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ", b"\r\n\r\n"
+    head = start + b"p" * (size - len(start) - len(end)) + end
+    assert len(head) == size
+    for pieces in ([head], [head[:40_000], head[40_000:]]):
+        with connect(srv.url) as s:
+            for piece in pieces:
+                s.sendall(piece)
+                time.sleep(0.1)
+            answer = read_response(s)
+        assert answer.startswith(b"HTTP/1.1 " + status), (len(pieces), answer[:200])
+
+
+def test_headers_over_the_limit_sent_across_many_reads_get_a_431(srv):
+    line = b"X-Pad: " + b"b" * 990 + b"\r\n"
+    with connect(srv.url) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(20):  # 100 KB, 5 KB at a time
+                s.sendall(line * 5)
+                time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 431 "), answer
+
+
+def test_a_header_sent_without_end_is_cut_off_and_not_held(srv):
+    """httptools gathers a header's value until its line ends: unguarded, the server held
+    all of it (30 MB here), and the header deadline bounds only the time it may take."""
+    pid = srv.process.pid
+    before = _rss_mb(pid)
+    chunk = b"c" * (1 << 20)
+    with connect(srv.url) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        try:
+            for _ in range(30):
+                s.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        grew = _rss_mb(pid) - before
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 431 "), answer
+    assert grew < 10, f"the server grew by {grew:.0f} MB"
+
+
+def test_heads_under_the_limit_are_served_also_when_they_follow_a_body_in_one_read(srv, images):
+    """The count takes only reads that are all head: a read that ends an upload's body and
+    begins the next request's long head is not counted, or the body's bytes would be taken
+    for head and the request refused."""
+    head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+    upload = head.replace(b"Host: x\r\n", b"Host: x\r\n" + LONG_HEADERS) + payload
+    second = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + LONG_HEADERS + b"\r\n"
+    with connect(srv.url) as s:
+        s.sendall(upload + second[: len(second) * 2 // 3])
+        time.sleep(0.2)
+        s.sendall(second[len(second) * 2 // 3 :])
+        first, then = read_responses(s, 2)
+    assert {"dog", "bicycle", "car"} <= _labels(first)
+    assert then.startswith(b"HTTP/1.1 200"), then[:300]
 
 
 # -- requests that ask for an upgrade -----------------------------------------------------

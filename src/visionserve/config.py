@@ -72,6 +72,13 @@ class Limits(BaseModel):
         "after the previous answer on a kept-alive connection, close the connection (with 408 when part of "
         "a request had arrived)",
     )
+    # Real clients send well under 8 KB of headers (nginx reads up to 32 KB, Node.js 16 KB);
+    # the bound is what one connection may make the server hold before its body.
+    max_header_bytes: int = Field(
+        default=65536, ge=1024,
+        description="a request whose request line and headers exceed this many bytes gets 431 and the "
+        "connection closes",
+    )
     body_timeout_s: float = Field(
         default=10.0, gt=0,
         description="a request body not fully received this many seconds after the request began to read it "

@@ -40,6 +40,10 @@ class RequestTimeout(VisionServeError):
     code, status = "request_timeout", 408
 
 
+class HeaderTooLarge(VisionServeError):
+    code, status = "header_too_large", 431
+
+
 class ImageTooLarge(VisionServeError):
     code, status = "image_too_large", 413
 

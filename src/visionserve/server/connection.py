@@ -27,6 +27,13 @@ the answer (Python's urllib, for one, every time, for a 30 MB upload). Now the c
 is half-closed (the answer, then end-of-file) and what the client still sends is read and
 thrown away until it closes its side, or ``LINGER_S`` at most, as nginx's lingering close
 does.
+
+``HeaderLimit``: httptools sets no limit on a request's head. It gathers a header's value
+until its line ends, so one header sent without end grew the process by all that arrived
+(30 MB in a few seconds over loopback, per connection); the header deadline bounds the time
+a head may take, not its size. Now a head (request line and headers) over
+``limits.max_header_bytes`` is answered 431 and the connection closed, as nginx, Node.js and
+h11 (uvicorn's other parser) refuse oversized heads.
 """
 
 from __future__ import annotations
@@ -104,6 +111,72 @@ class HeaderDeadline:
 
     def _header_timeout_response(self) -> bytes:
         """The complete 408 response (with ``Connection: close``) for a partial request."""
+        raise NotImplementedError
+
+
+class HeaderLimit:
+    """Answers a request whose head grows past ``max_header_bytes`` with 431 (the complete
+    answer from ``_header_too_large_response``) and closes the connection.
+
+    The parser tells when a head begins and ends, not where in a read, so a read that would
+    take a head past the limit is fed in two: up to the limit, then (if the head ended
+    within it) the rest. A read begins a head at its first byte when no request was under
+    way; one that begins in a body (pipelining) and starts a head after it is not counted,
+    which never takes a body's bytes for a head. Mixed in ahead of the protocol's other
+    classes, so that it sees every request begin and end, refused ones included."""
+
+    max_header_bytes: int = 65536
+    _in_message = False  # from a request's first byte to the end of its body
+    _in_head = False  # from a request's first byte to the end of its headers
+    _head_bytes = 0  # of the head under way, counted read by read
+    _heads_begun = 0
+
+    def on_message_begin(self) -> None:
+        self._in_message = self._in_head = True
+        self._head_bytes = 0
+        self._heads_begun += 1
+        super().on_message_begin()  # type: ignore[misc]
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()  # type: ignore[misc]
+
+    def on_body(self, body: bytes) -> None:
+        # Also ends the head of PlainUpgrade's stand-in, whose completion reaches no one.
+        self._in_head = False
+        super().on_body(body)  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        self._in_message = self._in_head = False
+        super().on_message_complete()  # type: ignore[misc]
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_message and not self._in_head:
+            super().data_received(data)  # type: ignore[misc]  # a body, perhaps a head after it
+            return
+        begun, in_head = self._heads_begun, self._in_head
+        room = self.max_header_bytes - (self._head_bytes if in_head else 0)
+        fed = data if len(data) <= room else data[:room]
+        if fed:
+            super().data_received(fed)  # type: ignore[misc]
+        transport: asyncio.Transport = self.transport  # type: ignore[attr-defined]
+        if transport.is_closing():
+            return
+        # Still in the head that was under way, or that began at this read's first byte.
+        if self._in_head and self._heads_begun == begun + (0 if in_head else 1):
+            self._head_bytes = (self._head_bytes if in_head else 0) + len(fed)
+            if len(fed) < len(data):
+                self._in_head = False
+                transport.write(self._header_too_large_response())
+                # The client is likely still sending its head: read on and drop it, so
+                # that the answer is not lost to a reset (LingeringClose), where there is one.
+                getattr(self, "close_lingering", transport.close)()
+                return
+        if len(fed) < len(data):
+            self.data_received(data[len(fed):])
+
+    def _header_too_large_response(self) -> bytes:
+        """The complete 431 response (with ``Connection: close``)."""
         raise NotImplementedError
 
 
@@ -205,6 +278,17 @@ class LingeringClose:
         if self._lingering:
             return  # the answer is out: what the client still sends goes nowhere
         super().data_received(data)  # type: ignore[misc]
+
+    def close_lingering(self) -> None:
+        """Closes after the answer written, reading on and dropping what the client still
+        sends, whatever the request's state: for an answer given while its head arrives."""
+        lingering: _LingeringTransport = self.transport  # type: ignore[attr-defined]
+        lingering._closing = True
+        real = lingering._transport
+        if real.is_closing() or self._lingering or self._close_at_once or not real.can_write_eof():
+            real.close()
+        else:
+            self._linger(real)
 
     def shutdown(self) -> None:
         self._close_at_once = True  # the server is stopping: no one waits for lingerers

@@ -62,7 +62,7 @@ def serve(app, host: str, port: int, drain_timeout_s: float) -> bool:  # type: i
     sys.setswitchinterval(app.state.settings.runtime.gil_switch_interval_ms / 1e3)
     settings = app.state.settings
     refusing = (
-        refusing_protocol(app.state.refusals, settings.limits.header_timeout_s)
+        refusing_protocol(app.state.refusals, settings.limits.header_timeout_s, settings.limits.max_header_bytes)
         if hasattr(app.state, "refusals") else None
     )
     config = uvicorn.Config(

@@ -23,7 +23,8 @@ the ordinary path, where the gate middleware refuses it.
 
 The same protocol answers a request the parser cannot read with a JSON 400 in the error
 shape of its path's protocol, not uvicorn's plain text, bounds the time a request's headers
-may take, and serves requests with ``Upgrade`` as plain HTTP/1.1 (server/connection.py).
+may take and their size, and serves requests with ``Upgrade`` as plain HTTP/1.1
+(server/connection.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from visionserve.errors import BadRequest, Overloaded, RequestTimeout, VisionServeError
+from visionserve.errors import BadRequest, HeaderTooLarge, Overloaded, RequestTimeout, VisionServeError
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 from visionserve.runtime.scheduler import Scheduler, Ticket
@@ -136,18 +137,20 @@ class _Refused:
         self.discarded = 0  # body bytes thrown away so far
 
 
-def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> type | None:
+def refusing_protocol(
+    refusals: Refusals, header_timeout_s: float = 10.0, max_header_bytes: int = 65536
+) -> type | None:
     """uvicorn's httptools protocol with the early refusal and the connection guards of
     server/connection.py; None without httptools."""
     try:
         import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-        from visionserve.server.connection import HeaderDeadline, LingeringClose, PlainUpgrade
+        from visionserve.server.connection import HeaderDeadline, HeaderLimit, LingeringClose, PlainUpgrade
     except ImportError:
         return None
 
-    class RefusingHttpToolsProtocol(  # type: ignore[misc]
+    class EarlyRefusal(  # type: ignore[misc]
         LingeringClose, HeaderDeadline, PlainUpgrade, HttpToolsProtocol
     ):
         _body_timer: asyncio.TimerHandle | None = None
@@ -283,5 +286,16 @@ def refusing_protocol(refusals: Refusals, header_timeout_s: float = 10.0) -> typ
             self.transport.write(refusals.closing_answer(getattr(self, "url", b""), error, extra))
             self.transport.close()
 
+    class RefusingHttpToolsProtocol(HeaderLimit, EarlyRefusal):  # type: ignore[misc]
+        # HeaderLimit comes first: it must see every request begin and end, and a refused
+        # request's body and end stop in EarlyRefusal.
+
+        def _header_too_large_response(self) -> bytes:
+            error = HeaderTooLarge(f"the request's headers exceed the limit of {self.max_header_bytes} bytes")
+            extra = _header_lines(self.server_state.default_headers) + _request_id_line(self.headers)
+            log.debug("request headers over %d bytes: connection closed with 431", self.max_header_bytes)
+            return refusals.closing_answer(self.url, error, extra)
+
     RefusingHttpToolsProtocol.header_timeout_s = header_timeout_s
+    RefusingHttpToolsProtocol.max_header_bytes = max_header_bytes
     return RefusingHttpToolsProtocol
