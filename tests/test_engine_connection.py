@@ -41,6 +41,19 @@ def _split(answer: bytes) -> tuple[bytes, bytes]:
     return head.lower(), body
 
 
+def _closing_answer(url: str, sent: bytes, status: int) -> tuple[bytes, bytes]:
+    """Sends ``sent`` on a new connection: the lower-cased head and the body of the JSON
+    answer with ``status`` that the server gives before it closes the connection."""
+    with connect(url) as s:
+        s.sendall(sent)
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None, "still open"
+    head, body = _split(answer)
+    assert head.startswith(b"http/1.1 %d " % status) and b"connection: close" in head, answer[:300]
+    assert b"content-type: application/json" in head and b"x-request-id: " in head
+    return head, body
+
+
 def _labels(answer: bytes) -> set[str]:
     head, body = _split(answer)
     assert head.startswith(b"http/1.1 200"), answer[:300]
@@ -61,13 +74,7 @@ def test_a_connection_that_sends_nothing_is_closed_without_an_answer(srv):
     ("/v1/vision/detection", b"POST /v1/vision/detection HTTP/1.1\r\nHost: x\r\n"),  # DeepStack's error shape
 ])
 def test_headers_that_stall_get_a_408_in_the_paths_shape_and_the_connection_closes(srv, path, sent):
-    with connect(srv.url) as s:
-        s.sendall(sent)
-        answer = read_until_closed(s, CLOSED_WITHIN_S)
-    assert answer is not None, "still open"
-    head, body = _split(answer)
-    assert head.startswith(b"http/1.1 408 ") and b"connection: close" in head, answer
-    assert b"content-type: application/json" in head and b"x-request-id: " in head
+    head, body = _closing_answer(srv.url, sent, 408)
     if path.startswith("/v1/vision"):
         assert json.loads(body) == {"success": False, "code": 408,
                                     "error": f"the request headers did not arrive within {HEADER_TIMEOUT_S} s"}
@@ -185,13 +192,7 @@ def _rss_mb(pid: int) -> float:
     ("/v1/vision/detection", b"POST /v1/vision/detection?q=" + b"q" * 100_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"),
 ])
 def test_a_head_over_the_limit_gets_a_431_in_the_paths_shape_and_the_connection_closes(srv, path, head):
-    with connect(srv.url) as s:
-        s.sendall(head)
-        answer = read_until_closed(s, CLOSED_WITHIN_S)
-    assert answer is not None, "still open"
-    head_out, body = _split(answer)
-    assert head_out.startswith(b"http/1.1 431 ") and b"connection: close" in head_out, answer[:300]
-    assert b"content-type: application/json" in head_out
+    head_out, body = _closing_answer(srv.url, head, 431)
     message = f"the request's headers exceed the limit of {MAX_HEADER_BYTES} bytes"
     if path.startswith("/v1/vision"):
         assert json.loads(body) == {"success": False, "code": 431, "error": message}
