@@ -48,6 +48,9 @@ def test_detect_one_file_jsonl(model_dir, mirror, images):
     record = json.loads(line)
     assert record["file"].endswith("dog.jpg") and record["image"] == {"width": 768, "height": 576}
     assert {"dog", "bicycle", "car"} <= {d["label"] for d in record["detections"]}
+    # The server's stages, but for the queue it does not have.
+    assert list(record["timings_ms"]) == ["decode", "preprocess", "inference", "postprocess"]
+    assert all(v > 0 for v in record["timings_ms"].values())
 
 
 def test_detect_folder_csv_and_annotate(model_dir, mirror, images, tmp_path):
