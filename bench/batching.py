@@ -24,7 +24,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from visionserve.config import RuntimeSettings  # noqa: E402
 from visionserve.runtime.batching import dynamic_batch_variant  # noqa: E402
-from visionserve.runtime.session import cpu_count, create_session  # noqa: E402
+from visionserve.runtime.cpus import cpu_count  # noqa: E402
+from visionserve.runtime.session import create_session  # noqa: E402
 from visionserve.store.store import ModelStore  # noqa: E402
 
 

@@ -27,7 +27,7 @@ if str(REPO / "src") not in sys.path:  # run from a checkout without installing
 from visionserve.config import Settings  # noqa: E402
 from visionserve.imaging.decode import decode_image  # noqa: E402
 from visionserve.runtime.model import ServedModel  # noqa: E402
-from visionserve.runtime.session import cpu_count  # noqa: E402
+from visionserve.runtime.cpus import cpu_count  # noqa: E402
 from visionserve.store.manifest import ModelManifest  # noqa: E402
 from visionserve.store.store import ModelStore  # noqa: E402
 from visionserve.types import PredictParams  # noqa: E402

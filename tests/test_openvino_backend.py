@@ -18,7 +18,7 @@ from visionserve.optimize import optimize_model
 from visionserve.optimize.recipes import RECIPES, Recipe, default_recipes
 from visionserve.runtime import openvino as ov_backend
 from visionserve.runtime.model import ServedModel
-from visionserve.runtime.session import cpu_count
+from visionserve.runtime.cpus import cpu_count
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.store.store import ModelStore

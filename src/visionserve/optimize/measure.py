@@ -12,7 +12,8 @@ from typing import Sequence
 import numpy as np
 
 from visionserve.runtime.model import ServedModel
-from visionserve.runtime.session import Session, cpu_count, create_session
+from visionserve.runtime.cpus import cpu_count
+from visionserve.runtime.session import Session, create_session
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, Thresholds

@@ -17,7 +17,7 @@ from visionserve.optimize.calibration import TensorReader, calibration_tensors, 
 from visionserve.optimize.graph import prepare_float_graph
 from visionserve.optimize.measure import Agreement, Speed, Variant, agreement, measure_speeds, served_detections
 from visionserve.optimize.recipes import RECIPES, Quantization, Recipe, default_recipes
-from visionserve.runtime.session import cpu_count
+from visionserve.runtime.cpus import cpu_count
 from visionserve.store.store import ModelStore, check_version_name, version_ref
 from visionserve.types import Thresholds
 

@@ -16,7 +16,8 @@ from visionserve.errors import InvalidParameter, ModelError, VisionServeError, u
 from visionserve.families import get_family
 from visionserve.families.base import ModelFamily
 from visionserve.runtime.batching import dynamic_batch_variant, graph_batch_size, same_outputs
-from visionserve.runtime.session import Session, cpu_count, create_session
+from visionserve.runtime.cpus import cpu_count
+from visionserve.runtime.session import Session, create_session
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, PredictParams, Thresholds

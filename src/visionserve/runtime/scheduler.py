@@ -37,7 +37,7 @@ from visionserve.errors import DeadlineExceeded, Overloaded
 from visionserve.metrics import Metrics
 from visionserve.runtime.execute import Job, Outcome, execute_jobs
 from visionserve.runtime.model import ServedModel
-from visionserve.runtime.session import cpu_count
+from visionserve.runtime.cpus import cpu_count
 from visionserve.runtime.workers import WorkerPool, unpack_image
 from visionserve.types import DecodedImage, Detections, Thresholds
 

@@ -4,12 +4,12 @@ model version names (``ModelManifest.backend``)."""
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Protocol, Sequence
 
 from visionserve.errors import ModelError
+from visionserve.runtime.cpus import cpu_count
 from visionserve.runtime.onnx_file import NOT_ONNX
 from visionserve.runtime.settings import RuntimeSettings
 
@@ -55,14 +55,6 @@ class Session(Protocol):
 # options, name=...)`` returning a ``Session``. Imported only when a model needs one.
 OPTIONAL_BACKENDS = {"openvino": "visionserve.runtime.openvino"}
 BACKENDS = ("onnxruntime", *OPTIONAL_BACKENDS)
-
-
-def cpu_count() -> int:
-    """Cores this process may use (respects affinity masks and container CPU sets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def create_session(

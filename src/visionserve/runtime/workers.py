@@ -52,7 +52,7 @@ from typing import Any, Callable
 import numpy as np
 
 from visionserve.errors import ModelError, Overloaded
-from visionserve.runtime.session import cpu_count
+from visionserve.runtime.cpus import cpu_count
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.runtime.shared_bytes import SharedBytes
 from visionserve.runtime.worker_process import WorkerOrders

@@ -1,0 +1,101 @@
+"""How many cores this process may use: the cores it may run on, and no more than its
+cgroup's CPU bandwidth limit allows.
+
+``docker run --cpus=2``, Kubernetes' ``resources.limits.cpu`` and systemd's ``CPUQuota``
+limit a process by CPU time (the CFS quota), not by cores: it still sees, and may run on,
+every core of the host. Sized by those alone, the server on a 64-core host limited to two
+CPUs started 64 worker threads, each with its own inference session, and a 64-thread
+session for lone requests, and the kernel throttled them all to two CPUs' worth of time.
+The limit is read as the runtimes that respect it read it (Go, the JVM, .NET): quota over
+period, rounded up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import cache
+from pathlib import Path
+from typing import Callable
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+@cache
+def cpu_count() -> int:
+    """Cores this process may use: its affinity mask (container CPU sets included), capped
+    by its cgroup's CPU limit. Read once per process."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+    limit = cgroup_cpu_limit(CGROUP_ROOT, _read(Path("/proc/self/cgroup")) or "")
+    if limit is not None:
+        cores = min(cores, math.ceil(limit))
+    return max(1, cores)
+
+
+def cgroup_cpu_limit(root: Path, self_cgroup: str) -> float | None:
+    """The CPUs (quota / period) that the tightest CPU limit on the way from the process's
+    cgroup up to the root allows; None when there is none.
+
+    ``self_cgroup`` is ``/proc/self/cgroup``. cgroup v2 puts the limit in ``cpu.max``
+    ("max 100000" for none); v1 in the cpu controller's ``cpu.cfs_quota_us`` (-1 for none)
+    and ``cpu.cfs_period_us``. Inside a container the hierarchy is mounted from the
+    container's own cgroup, which /proc/self/cgroup may still name by its host path: the
+    mount's root then holds the container's limit, and is always read."""
+    limits: list[float] = []
+    for line in self_cgroup.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            limits += _limits(root, path, _v2_limit)
+        elif "cpu" in controllers.split(","):
+            mount = next((root / name for name in (controllers, "cpu", "cpu,cpuacct") if (root / name).is_dir()), None)
+            if mount is not None:
+                limits += _limits(mount, path, _v1_limit)
+    return min(limits, default=None)
+
+
+def _limits(mount: Path, path: str, read_limit: Callable[[Path], float | None]) -> list[float]:
+    """The limits set on the process's cgroup and its parents, within ``mount``."""
+    found = []
+    folder = mount / path.strip("/") if path.strip("/") else mount
+    folders = [folder, *folder.parents] if folder.is_dir() and folder.is_relative_to(mount) else [mount]
+    for f in folders:
+        if not f.is_relative_to(mount):
+            break
+        limit = read_limit(f)
+        if limit is not None:
+            found.append(limit)
+    return found
+
+
+def _v2_limit(folder: Path) -> float | None:
+    text = _read(folder / "cpu.max")
+    if text is None:
+        return None
+    quota, _, period = text.strip().partition(" ")
+    return _ratio(quota, period)
+
+
+def _v1_limit(folder: Path) -> float | None:
+    quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+    if quota is None or period is None:
+        return None
+    return _ratio(quota.strip(), period.strip())
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:  # "max": no limit
+        return None
+    return q / p if q > 0 and p > 0 else None  # a negative quota (v1's -1) is no limit
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
