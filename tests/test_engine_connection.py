@@ -1,7 +1,7 @@
 """Connection guards of the HTTP protocol (server/connection.py), against a real server over
-raw sockets: the header deadline (slowloris), the size of a request's head, requests that ask
-for an upgrade, and the lingering close of a connection answered before its request's body
-arrived."""
+raw sockets: the header deadline (slowloris) and the keep-alive wait, the size of a request's
+head, requests that ask for an upgrade, and the lingering close of a connection answered
+before its request's body arrived."""
 
 from __future__ import annotations
 
@@ -101,7 +101,7 @@ def test_headers_trickled_in_without_end_are_cut_off_at_the_deadline(srv):
     assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
 
 
-def test_the_deadline_counts_from_the_previous_answer_on_a_kept_alive_connection(srv):
+def test_a_request_begun_on_a_kept_alive_connection_is_under_the_deadline_too(srv):
     with connect(srv.url) as s:
         s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         assert read_response(s).startswith(b"HTTP/1.1 200")
@@ -172,6 +172,54 @@ def test_many_stalled_connections_are_all_let_go(srv):
     while len(os.listdir(f"/proc/{pid}/fd")) > before + 5 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert len(os.listdir(f"/proc/{pid}/fd")) <= before + 5
+
+
+# -- a keep-alive longer than the header deadline (behind a load balancer) -----------------
+
+KEEP_ALIVE_S = 4
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def srv_kept(model_dir: Path, mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    server = start_server(model_dir, mirror, tmp_path_factory.mktemp("kept"),
+                          env={"VISIONSERVE_LIMITS__HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+                               "VISIONSERVE_LIMITS__KEEP_ALIVE_S": str(KEEP_ALIVE_S)})
+    yield server
+    server.stop()
+
+
+def test_a_connection_idle_past_the_header_timeout_but_within_keep_alive_serves_its_next_request(srv_kept):
+    """What a load balancer does with the connections it keeps: the next request may come
+    any time within its own idle timeout, which the server's keep-alive is set to outlast."""
+    with connect(srv_kept.url) as s:
+        s.sendall(HEALTHZ)
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        time.sleep(HEADER_TIMEOUT_S * 2)
+        s.sendall(HEALTHZ)
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+
+
+def test_an_idle_connection_is_closed_silently_once_keep_alive_s_have_passed(srv_kept):
+    with connect(srv_kept.url) as s:
+        s.sendall(HEALTHZ)
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        answered = time.monotonic()
+        assert read_until_closed(s, CLOSED_WITHIN_S) == b""
+    assert time.monotonic() - answered > KEEP_ALIVE_S - 0.5
+
+
+def test_after_an_idle_wait_the_headers_are_due_header_timeout_s_after_the_first_byte(srv_kept):
+    with connect(srv_kept.url) as s:
+        s.sendall(HEALTHZ)
+        assert read_response(s).startswith(b"HTTP/1.1 200")
+        time.sleep(HEADER_TIMEOUT_S * 2)
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHo")
+        begun = time.monotonic()
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    # Not the keep-alive wait and the header timeout from the answer: that is 3 s from here.
+    assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
+    assert time.monotonic() - begun < HEADER_TIMEOUT_S + 1.2
 
 
 # -- the size of a request's head ----------------------------------------------------------

@@ -69,8 +69,15 @@ class Limits(BaseModel):
     header_timeout_s: float = Field(
         default=10.0, gt=0,
         description="a request's headers not complete this many seconds after the connection opened, or "
-        "after the previous answer on a kept-alive connection, close the connection (with 408 when part of "
-        "a request had arrived)",
+        "after the request's first byte on a kept-alive connection, close the connection (with 408 when part "
+        "of a request had arrived)",
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0,
+        description="a kept-alive connection with no request for this many seconds is closed (uvicorn's "
+        "default). Behind a load balancer or proxy that reuses connections, set it above the balancer's idle "
+        "timeout (AWS ALB: 60 s), or the balancer sends requests down connections the server is closing and "
+        "answers them 502",
     )
     # Real clients send well under 8 KB of headers (nginx reads up to 32 KB, Node.js 16 KB);
     # the bound is what one connection may make the server hold before its body.

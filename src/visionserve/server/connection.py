@@ -5,9 +5,12 @@
 and that timer is cancelled by the first byte that arrives. A connection that sends nothing,
 or part of a request line or headers and then stalls or trickles (slowloris), stayed open for
 good, each holding a socket and a file descriptor. Now a request's headers must be complete
-``limits.header_timeout_s`` after the connection opened or after the previous answer; past
-that the connection is closed. Cheap per request: an answer moves the deadline (a clock read),
-and one timer per connection, re-armed only when it fires early, checks it.
+``limits.header_timeout_s`` after the connection opened, or on a kept-alive connection after
+the request's first byte; past that the connection is closed. Between requests a connection
+idles up to ``limits.keep_alive_s`` (uvicorn's keep-alive timer), which may be longer: behind
+a load balancer it must outlast the balancer's own idle timeout, or the balancer sends
+requests down connections the server is closing (502s). Cheap per request: one timer per
+connection, moved when a request begins after an idle wait.
 
 ``PlainUpgrade``: a request with ``Upgrade`` (``curl --http2`` on plain HTTP sends
 ``Connection: Upgrade, HTTP2-Settings`` and ``Upgrade: h2c``) lost its body. httptools tells
@@ -57,7 +60,9 @@ class HeaderDeadline:
 
     The deadline holds while the connection waits for a request: from ``connection_made``,
     and from each answer after which uvicorn waits for the next request (it arms its
-    keep-alive timer then). It is met once a request's headers are complete: uvicorn then
+    keep-alive timer then). After an answer it first allows for the keep-alive wait (uvicorn
+    closes a connection idle that long), and moves to ``header_timeout_s`` after the next
+    request's first byte. It is met once a request's headers are complete: uvicorn then
     makes a new request cycle."""
 
     header_timeout_s: float = 10.0
@@ -65,6 +70,18 @@ class HeaderDeadline:
     _header_deadline = 0.0  # loop time
     _awaited_after: object = None  # the request cycle when the wait began
     _scope_then: object = None  # the answered request's scope; a new one means a request began
+    _idle_wait = False  # the deadline allows for the keep-alive wait: no request has begun
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()  # type: ignore[misc]
+        if self._idle_wait:
+            # The request waited for has begun: its headers are due header_timeout_s from now.
+            self._idle_wait = False
+            loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
+            self._header_deadline = loop.time() + self.header_timeout_s
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = loop.call_at(self._header_deadline, self._check_header_deadline)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
@@ -83,15 +100,21 @@ class HeaderDeadline:
             self._arm_header_deadline()
 
     def _arm_header_deadline(self) -> None:
-        """The connection now waits for a request: its headers are due in header_timeout_s."""
+        """The connection now waits for a request: its headers are due in header_timeout_s,
+        after the keep-alive wait when an answer came before and nothing of the next request
+        has yet."""
         loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
-        self._header_deadline = loop.time() + self.header_timeout_s
         cycle = self.cycle  # type: ignore[attr-defined]
         self._awaited_after = cycle
         # The answered request's scope: the next request may have begun already (sent with
         # it, or while it ran), and its partial headers must still count as a request.
         # A refused request has no cycle of its own; nothing of the next has come after it yet.
         self._scope_then = getattr(cycle, "scope", None) or self.scope  # type: ignore[attr-defined]
+        wait = self.header_timeout_s
+        self._idle_wait = cycle is not None and self.scope is self._scope_then  # type: ignore[attr-defined]
+        if self._idle_wait:
+            wait += self.timeout_keep_alive  # type: ignore[attr-defined]
+        self._header_deadline = loop.time() + wait
         if self._header_timer is None:
             self._header_timer = loop.call_at(self._header_deadline, self._check_header_deadline)
 

@@ -75,6 +75,7 @@ def serve(app, host: str, port: int, drain_timeout_s: float) -> bool:  # type: i
         port=port,
         log_config=None,
         access_log=False,
+        timeout_keep_alive=settings.limits.keep_alive_s,  # type: ignore[arg-type]  # a float works
         timeout_graceful_shutdown=max(1, int(drain_timeout_s)),
         server_header=False,
     )
