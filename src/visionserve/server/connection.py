@@ -37,21 +37,30 @@ until its line ends, so one header sent without end grew the process by all that
 a head may take, not its size. Now a head (request line and headers) over
 ``limits.max_header_bytes`` is answered 431 and the connection closed, as nginx, Node.js and
 h11 (uvicorn's other parser) refuse oversized heads.
+
+The protocol that mixes in ``HeaderDeadline`` or ``HeaderLimit`` provides
+``_closing_answer(error) -> bytes``: the complete answer to the request under way, in its
+path's error shape, with ``Connection: close`` (server/refusal.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import httptools
 
+from visionserve.errors import HeaderTooLarge, RequestTimeout
+
 LINGER_S = 5.0  # the longest a closing connection reads what its client still sends
+
+log = logging.getLogger("visionserve")
 
 
 class HeaderDeadline:
     """Closes a connection whose next request's headers are not complete in time. When part
-    of a request had arrived, the client first gets a 408 (``_header_timeout_response``) with
+    of a request had arrived, the client first gets a 408 with
     ``Connection: close``, as Apache, HAProxy and Node.js answer a partial request: a slow
     client, or whoever debugs one, learns why. A connection on which nothing of a request
     arrived is closed silently, as those servers do (and nginx and Go in both cases): a 408
@@ -129,17 +138,17 @@ class HeaderDeadline:
             self._header_timer = loop.call_at(deadline, self._check_header_deadline)
             return
         if self.scope is not self._scope_then:  # type: ignore[attr-defined]
-            transport.write(self._header_timeout_response())
+            # on_message_begin has run for this request: its url and headers, as far as they
+            # arrived, name its path and request id.
+            log.debug("request headers not complete in %gs: connection closed with 408", self.header_timeout_s)
+            error = RequestTimeout(f"the request headers did not arrive within {self.header_timeout_s:g} s")
+            transport.write(self._closing_answer(error))  # type: ignore[attr-defined]
         transport.close()
-
-    def _header_timeout_response(self) -> bytes:
-        """The complete 408 response (with ``Connection: close``) for a partial request."""
-        raise NotImplementedError
 
 
 class HeaderLimit:
-    """Answers a request whose head grows past ``max_header_bytes`` with 431 (the complete
-    answer from ``_header_too_large_response``) and closes the connection.
+    """Answers a request whose head grows past ``max_header_bytes`` with 431 and closes the
+    connection.
 
     The parser tells when a head begins and ends, not where in a read, so a read that would
     take a head past the limit is fed in two: up to the limit, then (if the head ended
@@ -190,17 +199,15 @@ class HeaderLimit:
             self._head_bytes = (self._head_bytes if in_head else 0) + len(fed)
             if len(fed) < len(data):
                 self._in_head = False
-                transport.write(self._header_too_large_response())
+                log.debug("request headers over %d bytes: connection closed with 431", self.max_header_bytes)
+                error = HeaderTooLarge(f"the request's headers exceed the limit of {self.max_header_bytes} bytes")
+                transport.write(self._closing_answer(error))  # type: ignore[attr-defined]
                 # The client is likely still sending its head: read on and drop it, so
                 # that the answer is not lost to a reset (LingeringClose), where there is one.
                 getattr(self, "close_lingering", transport.close)()
                 return
         if len(fed) < len(data):
             self.data_received(data[len(fed):])
-
-    def _header_too_large_response(self) -> bytes:
-        """The complete 431 response (with ``Connection: close``)."""
-        raise NotImplementedError
 
 
 class PlainUpgrade:
@@ -305,13 +312,7 @@ class LingeringClose:
     def close_lingering(self) -> None:
         """Closes after the answer written, reading on and dropping what the client still
         sends, whatever the request's state: for an answer given while its head arrives."""
-        lingering: _LingeringTransport = self.transport  # type: ignore[attr-defined]
-        lingering._closing = True
-        real = lingering._transport
-        if real.is_closing() or self._lingering or self._close_at_once or not real.can_write_eof():
-            real.close()
-        else:
-            self._linger(real)
+        self.transport.close(linger=True)  # type: ignore[attr-defined]
 
     def shutdown(self) -> None:
         self._close_at_once = True  # the server is stopping: no one waits for lingerers
@@ -352,12 +353,16 @@ class _LingeringTransport:
         self._protocol = protocol
         self._closing = False
 
-    def close(self) -> None:
+    def close(self, linger: bool | None = None) -> None:
+        """``linger``: read on after the answer whatever the request's state; None (uvicorn's
+        calls): when its body may still be arriving."""
         real, protocol = self._transport, self._protocol
         if self._closing and not protocol._close_at_once:
             return  # lingering already, or closed
         self._closing = True
-        if real.is_closing() or protocol._lingering or not protocol._should_linger() or not real.can_write_eof():
+        if linger is None:
+            linger = protocol._should_linger()
+        if not linger or protocol._close_at_once or protocol._lingering or real.is_closing() or not real.can_write_eof():
             real.close()
         else:
             protocol._linger(real)

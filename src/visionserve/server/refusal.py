@@ -33,7 +33,7 @@ import asyncio
 import logging
 from typing import Callable
 
-from visionserve.errors import BadRequest, HeaderTooLarge, Overloaded, RequestTimeout, VisionServeError
+from visionserve.errors import BadRequest, Overloaded, VisionServeError
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 from visionserve.runtime.scheduler import Scheduler, Ticket
@@ -270,12 +270,9 @@ def refusing_protocol(
             # as plain HTTP, and uvicorn's advice to install a WebSocket library would mislead.
             log.debug("upgrade request answered as plain HTTP")
 
-        def _header_timeout_response(self) -> bytes:
-            error = RequestTimeout(f"the request headers did not arrive within {self.header_timeout_s:g} s")
-            # on_message_begin has run for this request: url and headers are its own, as far
-            # as they arrived.
+        def _closing_answer(self, error: VisionServeError) -> bytes:
+            """The answer the connection guards give the request under way before closing."""
             extra = _header_lines(self.server_state.default_headers) + _request_id_line(self.headers)
-            log.debug("request headers not complete in %gs: connection closed with 408", self.header_timeout_s)
             return refusals.closing_answer(self.url, error, extra)
 
         def send_400_response(self, msg: str) -> None:
@@ -287,14 +284,8 @@ def refusing_protocol(
             self.transport.close()
 
     class RefusingHttpToolsProtocol(HeaderLimit, EarlyRefusal):  # type: ignore[misc]
-        # HeaderLimit comes first: it must see every request begin and end, and a refused
-        # request's body and end stop in EarlyRefusal.
-
-        def _header_too_large_response(self) -> bytes:
-            error = HeaderTooLarge(f"the request's headers exceed the limit of {self.max_header_bytes} bytes")
-            extra = _header_lines(self.server_state.default_headers) + _request_id_line(self.headers)
-            log.debug("request headers over %d bytes: connection closed with 431", self.max_header_bytes)
-            return refusals.closing_answer(self.url, error, extra)
+        """HeaderLimit comes first: it must see every request begin and end, and a refused
+        request's body and end stop in EarlyRefusal."""
 
     RefusingHttpToolsProtocol.header_timeout_s = header_timeout_s
     RefusingHttpToolsProtocol.max_header_bytes = max_header_bytes
