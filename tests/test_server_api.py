@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from visionserve.runtime.cpus import cpu_count
+
 from engine_helpers import connect, metric, read_response
 
 
@@ -50,7 +52,7 @@ def test_status_lists_models_with_readiness(client):
     assert body["status"] == "ready" and body["version"] and body["uptime_s"] >= 0
     (model,) = body["models"]
     assert model["name"] == "yolox-nano" and model["ready"] is True and model["labels"] == 80
-    assert body["workers"] == {"mode": "threads", "count": 2, "stuck": None}
+    assert body["workers"] == {"mode": "threads", "count": cpu_count(), "stuck": None}
 
 
 def test_health_and_ready(client):

@@ -58,17 +58,18 @@ def cgroup_cpu_limit(root: Path, self_cgroup: str) -> float | None:
 
 
 def _limits(mount: Path, path: str, read_limit: Callable[[Path], float | None]) -> list[float]:
-    """The limits set on the process's cgroup and its parents, within ``mount``."""
+    """The limits set on the process's cgroup and its parents, up to ``mount``."""
+    folder = mount / path.strip("/")
+    if not folder.is_dir():
+        folder = mount  # a container's own cgroup, named by its host path
     found = []
-    folder = mount / path.strip("/") if path.strip("/") else mount
-    folders = [folder, *folder.parents] if folder.is_dir() and folder.is_relative_to(mount) else [mount]
-    for f in folders:
-        if not f.is_relative_to(mount):
-            break
-        limit = read_limit(f)
+    while True:
+        limit = read_limit(folder)
         if limit is not None:
             found.append(limit)
-    return found
+        if folder == mount:
+            return found
+        folder = folder.parent
 
 
 def _v2_limit(folder: Path) -> float | None:

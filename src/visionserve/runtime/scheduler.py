@@ -194,13 +194,15 @@ class Scheduler:
         thread cannot be stopped, so liveness fails and an orchestrator restarts the server.
         (An inference process in that state is stopped and started again: runtime/workers.py.)"""
         timeout = self.worker_timeout_s
+        if timeout <= 0:
+            return None
         now = time.perf_counter()
         longest = 0.0
         for jobs in list(self._in_threads.values()):
             queued_ms = jobs[0].timings.get("queue")  # set by the worker thread as it begins
             if queued_ms is not None:
                 longest = max(longest, now - jobs[0].enqueued - queued_ms / 1e3)
-        if timeout <= 0 or longest <= timeout:
+        if longest <= timeout:
             self._stuck_logged = False
             return None
         reason = (

@@ -30,7 +30,9 @@ class RuntimeSettings(BaseModel):
     )
     inter_op_threads: int = Field(default=1, ge=1)
     inference_workers: int = Field(
-        default=0, ge=0, description="inferences run at once when requests queue up; 0 = one per core the process may use, within its cgroup's CPU quota (docker --cpus, Kubernetes CPU limits)"
+        default=0, ge=0,
+        description="inferences run at once when requests queue up; 0 = one per core the process may use, "
+        "within its cgroup's CPU quota (docker --cpus, Kubernetes CPU limits)",
     )
     decode_threads: int = Field(default=0, ge=0, description="threads for the HTTP process's CPU work beside inference (decoding large V2 JSON bodies); 0 = number of cores")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
