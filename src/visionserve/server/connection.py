@@ -9,8 +9,9 @@ good, each holding a socket and a file descriptor. Now a request's headers must 
 the request's first byte; past that the connection is closed. Between requests a connection
 idles up to ``limits.keep_alive_s`` (uvicorn's keep-alive timer), which may be longer: behind
 a load balancer it must outlast the balancer's own idle timeout, or the balancer sends
-requests down connections the server is closing (502s). Cheap per request: one timer per
-connection, moved when a request begins after an idle wait.
+requests down connections the server is closing (502s). Cheap per request: an answer or a
+request's first byte moves the deadline (a clock read), and one timer per connection, set no
+later than the deadline and re-armed when it fires early, checks it.
 
 ``PlainUpgrade``: a request with ``Upgrade`` (``curl --http2`` on plain HTTP sends
 ``Connection: Upgrade, HTTP2-Settings`` and ``Upgrade: h2c``) lost its body. httptools tells
@@ -76,6 +77,7 @@ class HeaderDeadline:
 
     header_timeout_s: float = 10.0
     _header_timer: asyncio.TimerHandle | None = None
+    _timer_at = 0.0  # loop time the timer fires at
     _header_deadline = 0.0  # loop time
     _awaited_after: object = None  # the request cycle when the wait began
     _scope_then: object = None  # the answered request's scope; a new one means a request began
@@ -88,9 +90,9 @@ class HeaderDeadline:
             self._idle_wait = False
             loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
             self._header_deadline = loop.time() + self.header_timeout_s
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-            self._header_timer = loop.call_at(self._header_deadline, self._check_header_deadline)
+            if self._header_timer is None or self._timer_at > self._header_deadline:
+                # Only after an idle wait longer than header_timeout_s (a keep-alive above it).
+                self._set_timer(self._header_deadline)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)  # type: ignore[misc]
@@ -119,13 +121,22 @@ class HeaderDeadline:
         # it, or while it ran), and its partial headers must still count as a request.
         # A refused request has no cycle of its own; nothing of the next has come after it yet.
         self._scope_then = getattr(cycle, "scope", None) or self.scope  # type: ignore[attr-defined]
-        wait = self.header_timeout_s
+        now = loop.time()
         self._idle_wait = cycle is not None and self.scope is self._scope_then  # type: ignore[attr-defined]
-        if self._idle_wait:
-            wait += self.timeout_keep_alive  # type: ignore[attr-defined]
-        self._header_deadline = loop.time() + wait
-        if self._header_timer is None:
-            self._header_timer = loop.call_at(self._header_deadline, self._check_header_deadline)
+        idle = self.timeout_keep_alive if self._idle_wait else 0.0  # type: ignore[attr-defined]
+        self._header_deadline = now + idle + self.header_timeout_s
+        # Set header_timeout_s ahead, not at the deadline: a request that begins during the
+        # idle wait has its deadline no earlier, so moving it needs no new timer.
+        first_check = now + self.header_timeout_s
+        if self._header_timer is None or self._timer_at > first_check:
+            self._set_timer(first_check)
+
+    def _set_timer(self, at: float) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
+        self._timer_at = at
+        self._header_timer = loop.call_at(at, self._check_header_deadline)
 
     def _check_header_deadline(self) -> None:
         self._header_timer = None
@@ -134,8 +145,8 @@ class HeaderDeadline:
         if self.cycle is not self._awaited_after or transport.is_closing():  # type: ignore[attr-defined]
             return  # met (a request came): armed again when the next wait begins
         loop: asyncio.AbstractEventLoop = self.loop  # type: ignore[attr-defined]
-        if loop.time() < deadline:  # the wait began again since this timer was set
-            self._header_timer = loop.call_at(deadline, self._check_header_deadline)
+        if loop.time() < deadline:  # the wait began again, or was longer, since this timer was set
+            self._set_timer(deadline)
             return
         if self.scope is not self._scope_then:  # type: ignore[attr-defined]
             # on_message_begin has run for this request: its url and headers, as far as they
