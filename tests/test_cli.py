@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,21 @@ def test_bad_config_fails_at_start_naming_the_key(model_dir, mirror, tmp_path):
     cfg.write_text("[limits]\nmax_body_bites = 3\n")
     r = run("serve", "--config", str(cfg), model_dir=model_dir, mirror=mirror)
     assert r.returncode == 2 and "limits.max_body_bites" in r.stderr
+
+
+def test_port_in_use_fails_at_once_before_any_model_work(tmp_path):
+    """A busy port is reported in one line, before a model is pulled: this store is empty and
+    this mirror has nothing, so any model work first would fail on the pull instead."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run("serve", "--port", str(port), model_dir=tmp_path / "empty", mirror=tmp_path / "nothing", timeout=60)
+    assert r.returncode == 3
+    assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "yolox-nano" not in r.stderr and not (tmp_path / "empty").exists()
+    r = run("serve", "--host", "nohost.invalid", model_dir=tmp_path / "empty", mirror=tmp_path / "nothing", timeout=60)
+    assert r.returncode == 3 and "error: cannot listen on nohost.invalid:9130" in r.stderr
 
 
 def test_config_file_from_env(model_dir, mirror, tmp_path, monkeypatch):

@@ -85,6 +85,13 @@ def serve(
         log_format=log_format, log_level=log_level,
     )
     configure_logging(settings.log_format, settings.log_level)
+    from visionserve.server.listener import bind
+
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as e:
+        _error(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}")
+        raise typer.Exit(3) from None
     workers = None
     if settings.runtime.worker_mode == "processes":
         # The inference process imports ONNX Runtime and OpenCV while this one imports the
@@ -101,7 +108,7 @@ def serve(
     for m in settings.models:  # pull missing catalog models before listening
         if m.path is None and not _installed(store, m.name):
             _pull(store, m.name)
-    if not serve_app(create_app(settings, workers), settings.host, settings.port, settings.queue.drain_timeout_s):
+    if not serve_app(create_app(settings, workers), sock, settings.queue.drain_timeout_s):
         raise typer.Exit(3)
 
 

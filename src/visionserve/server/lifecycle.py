@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -44,6 +45,12 @@ class DrainingServer(uvicorn.Server):
             signal.Signals(sig).name, self.scheduler.admitted, self.drain_timeout_s,
         )
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and sockets:  # uvicorn says where it listens only on sockets it bound
+            host, port = sockets[0].getsockname()[:2]
+            log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+
     async def on_tick(self, counter: int) -> bool:
         if self._drain_started is not None and not self.should_exit:
             waited = time.monotonic() - self._drain_started
@@ -54,8 +61,9 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app, host: str, port: int, drain_timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
-    """Runs until drained; returns False when the server could not start (e.g. port in use)."""
+def serve(app, sock: socket.socket, drain_timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
+    """Serves on ``sock`` (from ``listener.bind``) until drained; returns False when the
+    server could not start."""
     # A worker thread coming back from ONNX Runtime or OpenCV waits for the GIL; with
     # Python's default 5 ms switch interval it waits up to that long behind a busy event
     # loop, many times per image. 1 ms measured far lower tail latency under load.
@@ -71,8 +79,9 @@ def serve(app, host: str, port: int, drain_timeout_s: float) -> bool:  # type: i
         # No route takes a WebSocket: an upgrade request is an ordinary HTTP request here and
         # gets the usual JSON answer, not the WebSocket handshake's bare 403.
         ws="none",
-        host=host,
-        port=port,
+        # Only for uvicorn's own messages: it serves on the socket given to run().
+        host=sock.getsockname()[0],
+        port=sock.getsockname()[1],
         log_config=None,
         access_log=False,
         timeout_keep_alive=settings.limits.keep_alive_s,  # type: ignore[arg-type]  # a float works
@@ -80,5 +89,5 @@ def serve(app, host: str, port: int, drain_timeout_s: float) -> bool:  # type: i
         server_header=False,
     )
     server = DrainingServer(config, app.state.scheduler, drain_timeout_s)
-    server.run()
+    server.run(sockets=[sock])
     return server.started
