@@ -184,7 +184,9 @@ HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
 def srv_kept(model_dir: Path, mirror: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     server = start_server(model_dir, mirror, tmp_path_factory.mktemp("kept"),
                           env={"VISIONSERVE_LIMITS__HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-                               "VISIONSERVE_LIMITS__KEEP_ALIVE_S": str(KEEP_ALIVE_S)})
+                               "VISIONSERVE_LIMITS__KEEP_ALIVE_S": str(KEEP_ALIVE_S),
+                               # and room for a URL longer than httptools can split (414, below)
+                               "VISIONSERVE_LIMITS__MAX_HEADER_BYTES": "200000"})
     yield server
     server.stop()
 
@@ -248,6 +250,26 @@ def test_a_head_over_the_limit_gets_a_431_in_the_paths_shape_and_the_connection_
         assert json.loads(body)["error"] == {"code": "header_too_large", "message": message}
         assert b"x-request-id: big-1" in head_out
     assert httpx.get(srv.url + "/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/predict", "/v1/vision/detection"])
+def test_with_a_raised_header_limit_a_url_too_long_to_route_gets_a_414(srv_kept, path):
+    """httptools cannot split a URL over 65,535 bytes; under the default header limit the
+    whole head is refused first (431), but an operator may raise that limit."""
+    query = b"?q=" + b"q" * (65_535 - len(path) - 3)
+    fits = path.encode() + query
+    assert len(fits) == 65_535
+    with connect(srv_kept.url) as s:  # the longest URL still reaches its route: no image, it says
+        s.sendall(b"POST " + fits + b" HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        answer = read_response(s)
+        assert answer.startswith(b"HTTP/1.1 400 ") and b"image" in _split(answer)[1], answer[:300]
+    _, body = _closing_answer(srv_kept.url, b"POST " + fits + b"q HTTP/1.1\r\nHost: x\r\n\r\n", 414)
+    message = "the request's URL exceeds 65535 bytes"
+    if path.startswith("/v1/vision"):
+        assert json.loads(body) == {"success": False, "code": 414, "error": message}
+    else:
+        assert json.loads(body)["error"] == {"code": "uri_too_long", "message": message}
+    assert httpx.get(srv_kept.url + "/healthz").status_code == 200
 
 
 @pytest.mark.parametrize(("size", "status"), [(MAX_HEADER_BYTES, b"200"), (MAX_HEADER_BYTES + 1, b"431")])

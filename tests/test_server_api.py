@@ -296,6 +296,7 @@ def test_unparsable_http_is_a_json_400_in_the_protocols_shape(server, request_by
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer
     assert b"content-type: application/json" in head.lower()
+    assert b"\r\nx-request-id: " in head.lower()  # as on every other answer, for the logs
     assert json.loads(body) == (shape or {"error": {"code": "bad_request", "message": "malformed HTTP request"}})
 
 

@@ -44,6 +44,10 @@ class HeaderTooLarge(VisionServeError):
     code, status = "header_too_large", 431
 
 
+class URITooLong(VisionServeError):
+    code, status = "uri_too_long", 414
+
+
 class ImageTooLarge(VisionServeError):
     code, status = "image_too_large", 413
 

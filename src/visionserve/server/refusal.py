@@ -33,12 +33,16 @@ import asyncio
 import logging
 from typing import Callable
 
-from visionserve.errors import BadRequest, Overloaded, VisionServeError
+from visionserve.errors import BadRequest, Overloaded, URITooLong, VisionServeError
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 from visionserve.runtime.scheduler import Scheduler, Ticket
 from visionserve.server.admission import RESERVED, AdmittedRoutes
 from visionserve.server.middleware import safe_request_id
+
+# httptools splits a URL with 16-bit offsets (http_parser's parse_url): a longer one, which
+# only a raised limits.max_header_bytes lets through, cannot be routed.
+MAX_URL_BYTES = 65535
 
 log = logging.getLogger("visionserve")
 
@@ -272,15 +276,19 @@ def refusing_protocol(
 
         def _closing_answer(self, error: VisionServeError) -> bytes:
             """The answer the connection guards give the request under way before closing."""
-            extra = _header_lines(self.server_state.default_headers) + _request_id_line(self.headers)
-            return refusals.closing_answer(self.url, error, extra)
+            # A request unreadable from its first line has no url or headers yet.
+            headers, url = getattr(self, "headers", []), getattr(self, "url", b"")
+            extra = _header_lines(self.server_state.default_headers) + _request_id_line(headers)
+            return refusals.closing_answer(url, error, extra)
 
         def send_400_response(self, msg: str) -> None:
             # uvicorn answers an unreadable request (bad request line, Content-Length or
             # chunking) in plain text; every error of this server is JSON.
-            error = BadRequest("malformed HTTP request")
-            extra = _header_lines(self.server_state.default_headers)
-            self.transport.write(refusals.closing_answer(getattr(self, "url", b""), error, extra))
+            if len(getattr(self, "url", b"")) > MAX_URL_BYTES:  # readable, but too long to split
+                error: VisionServeError = URITooLong(f"the request's URL exceeds {MAX_URL_BYTES} bytes")
+            else:
+                error = BadRequest("malformed HTTP request")
+            self.transport.write(self._closing_answer(error))
             self.transport.close()
 
     class RefusingHttpToolsProtocol(HeaderLimit, EarlyRefusal):  # type: ignore[misc]
