@@ -72,6 +72,13 @@ def test_pull_yolo_fastest_imports_and_detects(tmp_path, mirror, images):
     assert len(detect(manifest, images / "scream.jpg")) == 0
     # A second pull finds it installed.
     assert store.pull("yolo-fastest-xl-voc") == manifest
+    # The conversion leaves the manifest to the store, which writes it once, complete: a pull
+    # stopped in between must not leave the importer's defaults installed as if from the catalog.
+    fresh = tmp_path / "fresh"
+    shutil.copytree(tmp_path / "models" / "yolo-fastest-xl-voc", fresh)
+    (fresh / "manifest.json").unlink()
+    INSTALLERS["darknet"](CATALOG["yolo-fastest-xl-voc"], fresh)
+    assert (fresh / "yolo-fastest-xl-voc.onnx").is_file() and not (fresh / "manifest.json").exists()
 
     # The runtime serves it like any other model, batches included.
     served = ServedModel(manifest, RuntimeSettings(intra_op_threads=1))

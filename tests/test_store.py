@@ -53,6 +53,37 @@ def test_pull_from_mirror_folder_and_verify(tmp_path, mirror):
     assert [c.ok for c in store.verify("yolox-nano")] == [True]
 
 
+@pytest.mark.parametrize("damage", ["changed", "truncated"])
+def test_a_plain_pull_repairs_an_installed_model_whose_file_changed(tmp_path, mirror, damage):
+    """`models pull` says "verified": an install altered since is re-hashed and fetched again."""
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    path = store.pull("yolox-nano").path
+    if damage == "changed":
+        with path.open("r+b") as f:
+            f.seek(1000)
+            f.write(b"\x00\x01\x02")
+    else:
+        path.write_bytes(path.read_bytes()[:1_000_000])
+    assert [c.ok for c in store.verify("yolox-nano")] == [False]
+    assert store.pull("yolox-nano").path == path
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == get_entry("yolox-nano").files[0].sha256
+    # Intact, it is left as it is: the same file, not fetched again.
+    inode = path.stat().st_ino
+    store.pull("yolox-nano")
+    assert path.stat().st_ino == inode
+
+
+def test_a_file_longer_than_the_catalog_says_is_cut_off_not_stored(tmp_path, mirror):
+    root = fake_mirror(tmp_path, mirror, corrupt=False)
+    with (root / "yolox_nano" / "yolox_nano.onnx").open("ab") as f:
+        f.truncate(200 * 1024 * 1024)  # sparse: a mirror file that would fill the disk
+    store = ModelStore(tmp_path / "store", mirror=str(root))
+    with pytest.raises(ModelError, match="could not get yolox_nano.onnx") as e:
+        store.pull("yolox-nano")
+    assert f"more than the {get_entry('yolox-nano').files[0].size} bytes the catalog gives" in e.value.detail
+    assert not list((tmp_path / "store").rglob("*.part"))
+
+
 def fake_mirror(tmp_path: Path, mirror: Path, corrupt: bool) -> Path:
     root = tmp_path / "mirror"
     shutil.copytree(mirror / "yolox_nano", root / "yolox_nano")

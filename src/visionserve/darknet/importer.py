@@ -36,6 +36,16 @@ def import_darknet(
     Raises ``DarknetError`` (a ``ModelError``) for an unsupported layer or option, a cfg or
     weights file that do not match, or labels that do not match the cfg's classes.
     """
+    manifest = convert_darknet(cfg, weights, labels, out_folder, name)
+    manifest.save(Path(out_folder))
+    return ModelManifest.load(Path(out_folder))
+
+
+def convert_darknet(
+    cfg: Path, weights: Path, labels: Path | list[str], out_folder: Path, name: str
+) -> ModelManifest:
+    """Writes ``<name>.onnx`` into ``out_folder`` and returns its manifest, not yet saved: the
+    catalog's installer completes it first, so that a store never holds a half-made one."""
     if not _NAME.match(name):
         raise DarknetError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
     label_list = read_labels(labels)
@@ -63,8 +73,7 @@ def import_darknet(
             f"{network.param_count:,} parameters)"
         ),
     )
-    manifest.save(out_folder)
-    return ModelManifest.load(out_folder)
+    return manifest
 
 
 def manifest_options(network: Network) -> dict[str, Any]:
@@ -103,7 +112,7 @@ def install_darknet(entry: CatalogEntry, folder: Path) -> ModelManifest:
     if cfg is None or weights is None:
         raise ModelError(f"catalog entry {entry.name!r} needs a .cfg and a .weights file")
     labels: Path | list[str] = names if names is not None else list(entry.labels)
-    manifest = import_darknet(cfg, weights, labels, folder, entry.name)
+    manifest = convert_darknet(cfg, weights, labels, folder, entry.name)
     if entry.labels and list(entry.labels) != manifest.labels:
         raise ModelError(f"catalog entry {entry.name!r}: {names} does not hold the catalog's labels")
     if entry.family != manifest.family or (entry.input_width, entry.input_height) != (

@@ -63,9 +63,11 @@ def _copy_verified(src: str, file: CatalogFile, target: Path, progress: Progress
     try:
         with os.fdopen(fd, "wb") as out:
             for chunk in _read(src, progress):
+                size += len(chunk)
+                if file.size is not None and size > file.size:  # not this file: stop before the disk fills
+                    raise FetchError(f"more than the {file.size} bytes the catalog gives")
                 digest.update(chunk)
                 out.write(chunk)
-                size += len(chunk)
             out.flush()
             os.fsync(out.fileno())
         got = digest.hexdigest()

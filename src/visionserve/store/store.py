@@ -140,9 +140,12 @@ class ModelStore:
         return [m for m in found if m is not None]
 
     def pull(self, name: str, *, force: bool = False, progress: Callable[[str], Progress] | None = None) -> ModelManifest:
-        """Downloads (or copies from the mirror) and verifies a catalog model, then installs it."""
+        """Downloads (or copies from the mirror) and verifies a catalog model, then installs it;
+        an installed one is re-hashed and repaired if it has changed."""
         entry = get_entry(name)
-        if not force and (existing := self.manifest(name)) is not None:
+        # Installed and intact: nothing to do. Installed but altered (a file truncated or
+        # changed since): the files that fail their sha256 are fetched again below.
+        if not force and (existing := self.manifest(name)) is not None and all(c.ok for c in self.verify(name)):
             return existing
         folder = self.folder(name)
         for f in entry.files:
