@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from visionserve.store.labels import COCO_80
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -221,3 +223,96 @@ def test_detect_decodes_like_the_server(model_dir, mirror, images, tmp_path, ser
     served = httpx.post(srv.url + "/predict", files={"image": (big.name, big.read_bytes(), "image/jpeg")}, timeout=60).json()
     assert offline["image"] == served["image"] == {"width": 2704, "height": 1800}
     assert offline["detections"] and offline["detections"] == served["detections"]
+
+
+def test_detect_model_named_in_the_config_keeps_its_settings_there(model_dir, mirror, images, tmp_path):
+    """--model picks among the configured models; it does not swap the config's entry for
+    the catalog's defaults (nor fail on a model the catalog does not have)."""
+    onnx = model_dir / "yolox-nano" / "yolox_nano.onnx"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'default_model = "mine"\n'
+        '[[models]]\nname = "yolox-nano"\nmin_confidence = 0.84\n'
+        f'[[models]]\nname = "mine"\npath = "{onnx}"\nfamily = "yolox"\nlabels = "{tmp_path / "coco.names"}"\n'
+    )
+    (tmp_path / "coco.names").write_text("\n".join(COCO_80) + "\n")
+    dog = str(images / "dog.jpg")
+    r = run("detect", dog, "--config", str(cfg), "--model", "yolox-nano", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    assert [d["label"] for d in json.loads(r.stdout)["detections"]] == ["dog"]  # 0.855; bicycle 0.80 is under 0.84
+    r = run("detect", dog, "--config", str(cfg), "--model", "mine", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model"]["name"] == "mine"
+    # A model the config does not list comes from the store, on its own defaults, even though
+    # the config names another default.
+    cfg.write_text('default_model = "mine"\n[[models]]\nname = "mine"\n'
+                   f'path = "{onnx}"\nfamily = "yolox"\nlabels = "{tmp_path / "coco.names"}"\n')
+    r = run("detect", dog, "--config", str(cfg), "--model", "yolox-nano", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    assert {"dog", "bicycle", "car"} <= {d["label"] for d in json.loads(r.stdout)["detections"]}
+
+
+def test_annotate_keeps_the_folders_and_never_replaces_an_input(model_dir, mirror, images, tmp_path):
+    folder = tmp_path / "in"
+    for sub, name in (("s1", "dog.jpg"), ("s2", "person.jpg")):
+        (folder / sub).mkdir(parents=True)
+        shutil.copy(images / name, folder / sub / "x.jpg")
+    out = tmp_path / "out"
+    r = run("detect", str(folder), "--annotate", str(out), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    records = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [rec["annotated"] for rec in records] == [str(out / "s1" / "x.jpg"), str(out / "s2" / "x.jpg")]
+    assert Image.open(out / "s1" / "x.jpg").size == (768, 576) and Image.open(out / "s2" / "x.jpg").size != (768, 576)
+
+    before = (folder / "s1" / "x.jpg").read_bytes()
+    r = run("detect", str(folder), "--annotate", str(folder), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 2 and "would replace the input" in r.stderr and not r.stdout
+    assert (folder / "s1" / "x.jpg").read_bytes() == before
+    shutil.copy(images / "dog.jpg", folder / "s1" / "x.png")
+    r = run("detect", str(folder), "--annotate", str(tmp_path / "out2"), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 2 and "would both be drawn to" in " ".join(r.stderr.split())
+    assert not (tmp_path / "out2").exists()
+
+
+def test_classes_that_name_no_label_of_the_model_are_refused_once_up_front(model_dir, mirror, images):
+    dog = str(images / "dog.jpg")
+    r = run("detect", dog, dog, "--classes", "dog,unicorn", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 2 and not r.stdout
+    assert r.stderr.count("unicorn") == 1 and "not among this model's labels" in r.stderr
+    r = run("detect", dog, "--classes", " , ", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 2 and "--classes names no label" in r.stderr
+
+
+def test_csv_names_each_image_that_failed_on_stderr(model_dir, mirror, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not really a jpeg")
+    r = run("detect", str(images / "dog.jpg"), str(bad), "--format", "csv", model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 1
+    assert f"error: {bad}: " in " ".join(r.stderr.split()) and "1 of 2 images could not be processed" in r.stderr
+
+
+def test_broken_manifests_are_reported_not_raised(mirror, tmp_path, model_dir):
+    store = tmp_path / "store"
+    shutil.copytree(model_dir / "yolox-nano", store / "yolox-nano")
+    (store / "junk").mkdir()
+    (store / "junk" / "manifest.json").write_text("[]")
+    r = run("models", "list", model_dir=store, mirror=mirror)
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert "junk: the manifest.json of 'junk' is broken: not a JSON object" in r.stderr and "yolox-nano" in r.stdout
+    r = run("models", "verify", model_dir=store, mirror=mirror)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "FAIL junk/manifest.json" in r.stdout and "ok yolox-nano/yolox_nano.onnx" in r.stdout
+    r = run("models", "verify", "[/x]", model_dir=store, mirror=mirror)  # printed as written, not as markup
+    assert r.returncode == 1 and "FAIL [/x]/[/x]: not installed" in r.stdout
+
+
+def test_the_machines_errors_are_one_line_not_a_traceback(model_dir, mirror, images, tmp_path):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "visionserve", "detect", str(images / "dog.jpg")], stdout=full,
+                           stderr=subprocess.PIPE, text=True, timeout=120,
+                           env={**os.environ, "VISIONSERVE_MODEL_DIR": str(model_dir), "PYTHONPATH": str(REPO / "src")})
+    assert r.returncode == 1 and r.stderr.strip() == "error: No space left on device"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = run("models", "pull", "yolox-nano", model_dir=blocker / "store", mirror=mirror)
+    assert r.returncode == 1 and r.stderr.strip() == f"error: Not a directory: {blocker / 'store' / 'yolox-nano'}"

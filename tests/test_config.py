@@ -95,6 +95,15 @@ def test_readme_error_table_lists_every_error_code():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = set(re.findall(r"^\| (\d{3}) \| `([a-z_]+)` \|", readme, re.M))
     kinds = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.VisionServeError)]
-    unseen = {errors.ClientDisconnected}  # the client has gone: no answer reaches it
+    # The client has gone: no answer reaches it; `visionserve detect`'s own, never served.
+    unseen = {errors.ClientDisconnected, errors.OutputError}
     expected = {(str(c.status), c.code) for c in kinds if c not in unseen}
     assert expected <= rows, f"missing from README's error table: {sorted(expected - rows)}"
+
+
+def test_log_level_and_format_in_any_case(monkeypatch):
+    monkeypatch.setenv("VISIONSERVE_LOG_LEVEL", "DEBUG")
+    assert load_settings(log_format="JSON").log_level == "debug"
+    assert load_settings(log_format="JSON").log_format == "json"
+    with pytest.raises(ConfigError, match="log_level"):
+        load_settings(log_level="LOUD")

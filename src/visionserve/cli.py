@@ -17,7 +17,7 @@ from rich.table import Table
 
 from visionserve import __version__
 from visionserve.config import ConfigError, Settings, load_settings
-from visionserve.errors import VisionServeError
+from visionserve.errors import InvalidParameter, ModelError, VisionServeError
 
 app = typer.Typer(help="visionserve: an inference server for image object detection.", no_args_is_help=True)
 models_app = typer.Typer(help="The model catalog and the local model store.", no_args_is_help=True)
@@ -132,20 +132,33 @@ def detect(
     if output_format not in ("jsonl", "csv"):
         _error("--format must be jsonl or csv")
         raise typer.Exit(2)
-    files = list(_image_files(paths))
-    if not files:
+    if sys.stdout is None:  # started with stdout closed: the results would go nowhere
+        _error("stdout is closed: nowhere to write the results")
+        raise typer.Exit(2)
+    found = list(_image_files(paths))
+    if not found:
         _error("no images found")
         raise typer.Exit(2)
-    overrides: dict[str, object] = {"model_dir": model_dir, "model_mirror": mirror}
-    if model:
-        overrides["models"] = [model]
-    settings = _settings(config, **overrides)
+    files = [path for path, _ in found]
+    drawn = _annotation_paths(found, annotate_dir) if annotate_dir is not None else {}
+    params = _params(min_confidence, iou, max_detections, classes)
+    if params.classes is not None and not params.classes:
+        _error("--classes names no label")
+        raise typer.Exit(2)
+    settings = _settings(config, model_dir=model_dir, model_mirror=mirror)
+    if model and model not in {m.name for m in settings.models}:
+        # Not in the config: a catalog or store model, on its own defaults. One the config
+        # lists keeps its settings there.
+        settings = _settings(config, model_dir=model_dir, model_mirror=mirror, models=[model], default_model=model)
     try:
         detector = OfflineDetector(settings, model, progress=lambda name: _progress_bar(name))
+        detector.model.thresholds(params)  # an unknown label is a mistake in the arguments, not in each image
+    except InvalidParameter as e:
+        _error(f"--classes: {e.message.removeprefix('classes: ')}")
+        raise typer.Exit(2) from None
     except VisionServeError as e:
         _error(_described(e))
         raise typer.Exit(1) from None
-    params = _params(min_confidence, iou, max_detections, classes)
     writer = csv.writer(sys.stdout) if output_format == "csv" else None
     if writer:
         writer.writerow(["file", "label", "class_id", "confidence", "x1", "y1", "x2", "y2"])
@@ -155,10 +168,12 @@ def detect(
         task = bar.add_task("detecting", total=len(files))
         for path in files:
             try:
-                record = detector.detect_file(path, params, annotate_dir)
+                record = detector.detect_file(path, params, drawn.get(path))
             except VisionServeError as e:
                 failures += 1
                 record = {"file": str(path), "error": {"code": e.code, "message": e.message}}
+                if writer is not None:  # a CSV has no place for it
+                    _error(f"{path}: {e.message}")
             if writer is None:
                 print(json.dumps(record), flush=True)
             else:
@@ -177,12 +192,34 @@ def _params(min_confidence, iou, max_detections, classes):  # type: ignore[no-un
     return PredictParams(min_confidence, iou, max_detections, PredictParams.parse_classes(classes or None))
 
 
-def _image_files(paths: list[Path]) -> Iterator[Path]:
+def _image_files(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
+    """Each image with its path relative to the folder it was found in (its name, for a file)."""
     for p in paths:
         if p.is_dir():
-            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+            for f in sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES):
+                yield f, f.relative_to(p)
         else:
-            yield p
+            yield p, Path(p.name)
+
+
+def _annotation_paths(found: list[tuple[Path, Path]], folder: Path) -> dict[Path, Path]:
+    """Where each image's drawing goes: the folder, then the image's path under the folder it
+    was found in, as JPEG. Checked before any work: a drawing may not replace an input, nor
+    another drawing."""
+    inputs = {path.resolve(): path for path, _ in found}
+    drawn: dict[Path, Path] = {}
+    by_output: dict[Path, Path] = {}
+    for path, relative in found:
+        out = folder / relative.with_suffix(".jpg")
+        if out.resolve() in inputs:
+            _error(f"--annotate {folder}: the drawing of {path} would replace the input {inputs[out.resolve()]}")
+            raise typer.Exit(2)
+        if (other := by_output.get(out.resolve())) is not None:
+            _error(f"--annotate {folder}: {other} and {path} would both be drawn to {out}")
+            raise typer.Exit(2)
+        by_output[out.resolve()] = path
+        drawn[path] = out
+    return drawn
 
 
 # -- models -------------------------------------------------------------------------------
@@ -201,7 +238,8 @@ def models_list(
     settings = _settings(config, model_dir=model_dir)
     store = ModelStore(settings.model_dir, settings.model_mirror)
     # By folder: a version made by `models optimize` is listed as NAME@VERSION beside its model.
-    installed = {m.folder.name if m.folder else m.name: m for m in store.installed()}
+    broken: dict[str, ModelError] = {}
+    installed = {m.folder.name if m.folder else m.name: m for m in store.installed(broken=broken.__setitem__)}
     rows = [
         {"name": name, "family": e.family, "input": f"{e.input_width}x{e.input_height}", "classes": len(e.labels),
          "installed": name in installed, "backend": installed[name].backend if name in installed else "onnxruntime",
@@ -212,6 +250,8 @@ def models_list(
          "installed": True, "backend": m.backend, "description": m.description or f"({m.source})"}
         for ref, m in sorted(installed.items()) if ref not in CATALOG
     ]
+    for folder, e in broken.items():  # listed, so that a broken folder is seen and fixed
+        _error(f"{folder}: {e.message}")
     if as_json:
         print(json.dumps({"store": str(store.root), "models": rows}, indent=2))
         return
@@ -222,7 +262,8 @@ def models_list(
         cells = (r["name"], r["family"], r["input"], str(r["classes"]), "yes" if r["installed"] else "no", r["backend"],
                  r["description"])
         table.add_row(*(escape(c) for c in cells))
-    Console().print(table)
+    # Piped (to grep, say), Rich would fit the table to 80 columns and cut the names short.
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 @models_app.command("pull")
@@ -285,19 +326,26 @@ def models_verify(
     model_dir: ModelDirOpt = None,
 ) -> None:
     """Re-hash installed models' files against the catalog; exit 1 on any mismatch."""
-    from visionserve.store.store import ModelStore
+    from visionserve.store.manifest import MANIFEST_NAME
+    from visionserve.store.store import FileCheck, ModelStore
 
     settings = _settings(config, model_dir=model_dir)
     store = ModelStore(settings.model_dir, settings.model_mirror)
-    targets = names or [m.name for m in store.installed()]
-    if not targets:
+    broken: dict[str, ModelError] = {}
+    targets = names or [m.folder.name if m.folder else m.name for m in store.installed(broken=broken.__setitem__)]
+    if not targets and not broken:
         err.print("no models installed")
         raise typer.Exit(1)
+    out = Console()
     bad = 0
-    for name in targets:
-        for check in store.verify(name):
+    for name in sorted(targets + list(broken)):
+        try:
+            checks = [FileCheck(MANIFEST_NAME, False, broken[name].message)] if name in broken else store.verify(name)
+        except ModelError as e:
+            checks = [FileCheck(MANIFEST_NAME, False, e.message)]
+        for check in checks:
             mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
-            Console().print(f"{mark} {name}/{check.name}: {check.detail}", highlight=False)
+            out.print(f"{mark} {escape(f'{name}/{check.name}: {check.detail}')}", highlight=False)
             bad += not check.ok
     if bad:
         raise typer.Exit(1)
@@ -361,8 +409,8 @@ def models_optimize(
 
     settings = _settings(config, model_dir=model_dir, model_mirror=mirror)
     store = ModelStore(settings.model_dir, settings.model_mirror)
-    calibration_images = list(_image_files([calibration]))
-    eval_images = list(_image_files([evaluate])) if evaluate else None
+    calibration_images = [path for path, _ in _image_files([calibration])]
+    eval_images = [path for path, _ in _image_files([evaluate])] if evaluate else None
     if not calibration_images:
         _error(f"no images in {calibration}")
         raise typer.Exit(2)
@@ -386,4 +434,15 @@ def models_optimize(
 
 
 def main() -> None:
-    app()
+    try:
+        app()
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining
+        # again when it flushes stdout at exit.
+        sys.stdout = None  # type: ignore[assignment]
+        sys.exit(1)
+    except OSError as e:
+        # The machine's part (a full disk, a folder that cannot be written, a path through a
+        # file): one line naming the file, not a traceback.
+        _error(f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e)))
+        sys.exit(1)

@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
 
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value  # LOG_LEVEL=INFO, as in Python's logging
+
     @field_validator("models", mode="before")
     @classmethod
     def _models_shorthand(cls, value: Any) -> Any:

@@ -96,6 +96,12 @@ class ModelError(VisionServeError):
     code, status = "model_error", 500
 
 
+class OutputError(VisionServeError):
+    """``visionserve detect`` could not write an output file (an annotated image)."""
+
+    code, status = "output_error", 500
+
+
 class ModelLoadFailed(VisionServeError):
     """A model could not be loaded (broken files, a graph that does not fit its family).
     400, as Triton answers a load request whose model fails to load (INVALID_ARG)."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionserve.config import ModelConfig, Settings
-from visionserve.errors import InvalidImage
+from visionserve.errors import InvalidImage, OutputError
 from visionserve.imaging.decode import decode_image
 from visionserve.imaging.draw import render_annotated
 from visionserve.protocols.native import prediction_json
@@ -28,7 +28,9 @@ class OfflineDetector:
         self.model = ServedModel(manifest_for(config, store), settings.runtime)
         self.model.load()
 
-    def detect_file(self, path: Path, params: PredictParams, annotate_dir: Path | None = None) -> dict[str, Any]:
+    def detect_file(self, path: Path, params: PredictParams, annotate_to: Path | None = None) -> dict[str, Any]:
+        """The image's prediction as the server's JSON answer, with ``file`` (and ``annotated``:
+        where its drawing was written, when ``annotate_to`` names a file)."""
         try:
             data = path.read_bytes()
         except OSError as e:
@@ -40,7 +42,12 @@ class OfflineDetector:
         detections = self.model.predict(image.pixels, self.model.thresholds(params), timings)
         pred = Prediction(self.model.name, self.model.version, image,
                           detections.scaled(image.scale_x, image.scale_y, image.width, image.height), timings)
-        if annotate_dir is not None:
-            annotate_dir.mkdir(parents=True, exist_ok=True)
-            (annotate_dir / f"{path.stem}.jpg").write_bytes(render_annotated(image, detections, "jpeg"))
-        return {"file": str(path), **prediction_json(pred)}
+        record = {"file": str(path), **prediction_json(pred)}
+        if annotate_to is not None:
+            try:
+                annotate_to.parent.mkdir(parents=True, exist_ok=True)
+                annotate_to.write_bytes(render_annotated(image, detections, "jpeg"))
+            except OSError as e:
+                raise OutputError(f"cannot write {annotate_to}: {e.strerror or e}") from None
+            record["annotated"] = str(annotate_to)
+        return record

@@ -216,7 +216,7 @@ class ModelStore:
         manifest = self.manifest(name)
         if manifest is None:
             return [FileCheck(name, False, f"not installed in {folder}")]
-        if manifest.sha256 and manifest.path.parent == folder:
+        if manifest.path.parent == folder:
             expected.setdefault(manifest.path.name, manifest.sha256)
         for fname, sha in sorted(expected.items()):
             path = folder / fname
