@@ -316,3 +316,18 @@ def test_the_machines_errors_are_one_line_not_a_traceback(model_dir, mirror, ima
     blocker.write_text("")
     r = run("models", "pull", "yolox-nano", model_dir=blocker / "store", mirror=mirror)
     assert r.returncode == 1 and r.stderr.strip() == f"error: Not a directory: {blocker / 'store' / 'yolox-nano'}"
+
+
+def test_an_import_may_not_take_a_catalog_models_name(model_dir, mirror, tmp_path):
+    cfg, weights, names = (tmp_path / n for n in ("net.cfg", "net.weights", "net.names"))
+    for f in (cfg, weights, names):
+        f.write_text("x")
+    r = run("models", "import-darknet", str(cfg), str(weights), "--labels", str(names), "--name", "yolox-nano",
+            model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 2 and "'yolox-nano' is a catalog model's name" in r.stderr
+    assert (model_dir / "yolox-nano" / "manifest.json").is_file()
+
+
+def test_a_config_path_that_is_a_folder_is_named_as_such(model_dir, mirror, tmp_path):
+    r = run("models", "list", "--config", str(tmp_path), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 2 and f"config file {tmp_path} is not a file" in " ".join(r.stderr.split())

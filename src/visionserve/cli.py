@@ -135,6 +135,9 @@ def detect(
     if sys.stdout is None:  # started with stdout closed: the results would go nowhere
         _error("stdout is closed: nowhere to write the results")
         raise typer.Exit(2)
+    # A file name that is not valid in the locale's encoding is written as the bytes it has
+    # (JSON escapes it anyway), so that it names the file.
+    sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
     found = list(_image_files(paths))
     if not found:
         _error("no images found")
@@ -363,8 +366,13 @@ def models_import_darknet(
     """Convert a darknet model (cfg + weights) to ONNX in the model store; serve it with --model NAME."""
     from visionserve.darknet import import_darknet
 
+    from visionserve.store.catalog import CATALOG
+
     settings = _settings(config, model_dir=model_dir)
     name = name or cfg.stem
+    if name in CATALOG:  # its folder is the catalog's: pull and verify would take the import for it
+        _error(f"{name!r} is a catalog model's name: give the import another with --name")
+        raise typer.Exit(2)
     try:
         manifest = import_darknet(cfg, weights, labels, settings.model_dir / name, name)
     except VisionServeError as e:

@@ -221,7 +221,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     if config_file is not None:
         config_file = Path(config_file)
         if not config_file.is_file():
-            raise ConfigError(f"config file {config_file} does not exist")
+            raise ConfigError(f"config file {config_file} {'is not a file' if config_file.exists() else 'does not exist'}")
 
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=config_file)
