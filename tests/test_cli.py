@@ -80,11 +80,13 @@ def test_detect_folder_csv_and_annotate(model_dir, mirror, images, tmp_path):
 def test_detect_reports_bad_files_and_exits_1(model_dir, mirror, images, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not really a jpeg")
-    r = run("detect", str(images / "dog.jpg"), str(bad), "--classes", "dog", model_dir=model_dir, mirror=mirror)
+    (empty := tmp_path / "empty.jpg").write_bytes(b"")
+    r = run("detect", str(images / "dog.jpg"), str(bad), str(empty), "--classes", "dog", model_dir=model_dir, mirror=mirror)
     assert r.returncode == 1
-    good, broken = (json.loads(line) for line in r.stdout.splitlines())
+    good, broken, nothing = (json.loads(line) for line in r.stdout.splitlines())
     assert [d["label"] for d in good["detections"]] == ["dog"]
     assert broken["error"]["code"] == "invalid_image"
+    assert nothing["error"] == {"code": "missing_image", "message": "the file is empty"}
 
 
 def test_models_list_pull_verify(mirror, tmp_path):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionserve.config import ModelConfig, Settings
-from visionserve.errors import InvalidImage, OutputError
+from visionserve.errors import InvalidImage, MissingImage, OutputError
 from visionserve.imaging.decode import decode_image
 from visionserve.imaging.draw import render_annotated
 from visionserve.protocols.native import prediction_json
@@ -35,6 +35,8 @@ class OfflineDetector:
             data = path.read_bytes()
         except OSError as e:
             raise InvalidImage(f"cannot read {path}: {e.strerror}") from None
+        if not data:  # decode_image would speak of an upload
+            raise MissingImage("the file is empty")
         t0 = time.perf_counter()
         image = decode_image(data, max_pixels=self.settings.limits.max_image_pixels, min_size=self.model.decode_min_size())
         # The stages the server reports, but for its queue: decode, preprocess, inference, postprocess.
