@@ -53,6 +53,15 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _settings_for_model(config: Path | None, model: str | None, **overrides: object) -> Settings:
+    """Settings in which ``model`` is the default. A model the config lists keeps its
+    settings there; any other is a catalog or store model on its own defaults."""
+    settings = _settings(config, **overrides)
+    if model is None or model in {m.name for m in settings.models}:
+        return settings
+    return _settings(config, **overrides, models=[model], default_model=model)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"visionserve {__version__}")
@@ -148,11 +157,7 @@ def detect(
     if params.classes is not None and not params.classes:
         _error("--classes names no label")
         raise typer.Exit(2)
-    settings = _settings(config, model_dir=model_dir, model_mirror=mirror)
-    if model and model not in {m.name for m in settings.models}:
-        # Not in the config: a catalog or store model, on its own defaults. One the config
-        # lists keeps its settings there.
-        settings = _settings(config, model_dir=model_dir, model_mirror=mirror, models=[model], default_model=model)
+    settings = _settings_for_model(config, model, model_dir=model_dir, model_mirror=mirror)
     try:
         detector = OfflineDetector(settings, model, progress=lambda name: _progress_bar(name))
         detector.model.thresholds(params)  # an unknown label is a mistake in the arguments, not in each image
