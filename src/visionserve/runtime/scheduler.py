@@ -375,9 +375,11 @@ class Scheduler:
         for job, outcome in zip(jobs, outcomes):
             if job.timer is not None:
                 job.timer.cancel()
-            if isinstance(outcome.error, DeadlineExceeded):
-                self.metrics.deadline_exceeded.labels("worker").inc()
             if job.future is not None and not job.future.done():
+                # Counted once per answer: a job dropped for its deadline (_expire) or its
+                # client (_drop) was counted there, and the worker's skip is no new one.
+                if isinstance(outcome.error, DeadlineExceeded) and not job.cancelled:
+                    self.metrics.deadline_exceeded.labels("worker").inc()
                 job.future.set_result(outcome)
         self._dispatch()
 
