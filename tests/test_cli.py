@@ -265,6 +265,10 @@ def test_annotate_keeps_the_folders_and_never_replaces_an_input(model_dir, mirro
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert [rec["annotated"] for rec in records] == [str(out / "s1" / "x.jpg"), str(out / "s2" / "x.jpg")]
     assert Image.open(out / "s1" / "x.jpg").size == (768, 576) and Image.open(out / "s2" / "x.jpg").size != (768, 576)
+    # A big JPEG, which the model gets at reduced scale, is drawn at its own size.
+    Image.open(images / "dog.jpg").resize((3072, 2304)).save(tmp_path / "big.jpg", quality=90)
+    r = run("detect", str(tmp_path / "big.jpg"), "--annotate", str(tmp_path / "drawn"), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0 and Image.open(tmp_path / "drawn" / "big.jpg").size == (3072, 2304)
 
     before = (folder / "s1" / "x.jpg").read_bytes()
     r = run("detect", str(folder), "--annotate", str(folder), model_dir=model_dir, mirror=mirror)

@@ -155,6 +155,17 @@ def test_annotated_image_by_format_and_accept(client, images):
     assert r.headers["content-type"] == "application/json"
 
 
+def test_an_annotated_big_jpeg_comes_back_at_its_own_size(client, images):
+    """Big JPEGs decode at reduced scale for the model; one drawn on is decoded whole."""
+    buf = io.BytesIO()
+    Image.open(images / "dog.jpg").resize((3072, 2304)).save(buf, "JPEG", quality=90)
+    r = client.post("/predict?format=jpeg", files={"image": ("big.jpg", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    assert Image.open(io.BytesIO(r.content)).size == (3072, 2304)
+    r = client.post("/predict", files={"image": ("big.jpg", buf.getvalue())})
+    assert r.json()["image"] == {"width": 3072, "height": 2304} and "dog" in labels(r)
+
+
 # -- errors -----------------------------------------------------------------------------
 
 def test_unknown_routes_are_json_404(client):

@@ -38,7 +38,9 @@ class OfflineDetector:
         if not data:  # decode_image would speak of an upload
             raise MissingImage("the file is empty")
         t0 = time.perf_counter()
-        image = decode_image(data, max_pixels=self.settings.limits.max_image_pixels, min_size=self.model.decode_min_size())
+        # A drawing keeps the image's own size: it decodes whole, not at reduced scale.
+        min_size = self.model.decode_min_size() if annotate_to is None else None
+        image = decode_image(data, max_pixels=self.settings.limits.max_image_pixels, min_size=min_size)
         # The stages the server reports, but for its queue: decode, preprocess, inference, postprocess.
         timings: dict[str, float] = {"decode": (time.perf_counter() - t0) * 1e3}
         detections = self.model.predict(image.pixels, self.model.thresholds(params), timings)
