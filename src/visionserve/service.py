@@ -50,6 +50,9 @@ class DetectionService:
         if self.scheduler.down:
             return ModelNotReady(f"an inference process is starting again ({self.scheduler.down})")
         if not self.registry.ready:
+            failed = self.registry.failed()
+            if failed:  # not a wait: loading has ended for these, and only a fix will do
+                return ModelNotReady("; ".join(f"model {n!r} failed to load: {why}" for n, why in failed.items()))
             return ModelNotReady("models are still loading")
         return None
 
@@ -61,7 +64,9 @@ class DetectionService:
             return "draining"
         if self.scheduler.down:
             return "restarting"  # an inference process is starting again
-        return "ready" if self.registry.ready else "starting"
+        if self.registry.ready:
+            return "ready"
+        return "degraded" if self.registry.failed() else "starting"  # degraded: a model failed to load
 
     def admit(self, images: int = 1) -> Ticket:
         """A place for one detection request (``with service.admit(): ...``) of ``images``

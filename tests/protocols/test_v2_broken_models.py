@@ -122,9 +122,9 @@ def test_no_answer_about_a_broken_model_shows_a_server_path(broken_server, broke
                 c.post(f"/predict/{name}", files=dog),
                 c.post(f"/v1/vision/custom/{name}", files=dog),
             ]
-            # Not served: a broken manifest was never more than a folder in the store.
-            expected = 404 if name == BROKEN_MANIFEST else 503
-            assert [r.status_code for r in answers[:1] + answers[2:4]] == [expected] * 3, [r.text for r in answers]
+            # A broken manifest fails before there is a model to serve: its failed load is
+            # still what its readiness and inference report.
+            assert [r.status_code for r in answers[:1] + answers[2:4]] == [503] * 3, [r.text for r in answers]
             for r in answers:
                 _no_server_internals(r, broken_store)
         r = c.post(f"/v2/models/{TRUNCATED}/infer", json=infer)
@@ -145,10 +145,13 @@ def test_a_configured_model_with_a_broken_manifest_leaves_the_server_serving_the
     srv = _serve(broken_store, mirror, tmp_path, (GOOD, BROKEN_MANIFEST))
     try:
         with srv.client() as c:
-            assert c.get("/readyz").status_code == 503
             reason = "the manifest.json of 'broken-manifest' is broken: not valid JSON"
+            # Not "still loading": loading has ended, and the answer says which model failed.
+            readyz = c.get("/readyz")
+            assert readyz.status_code == 503 and f"model 'broken-manifest' failed to load: {reason}" in readyz.text
             status = c.get("/status")
             _no_server_internals(status, broken_store)
+            assert status.json()["status"] == "degraded"
             models = {m["name"]: m for m in status.json()["models"]}
             assert models[GOOD]["ready"] and models[BROKEN_MANIFEST]["error"].startswith(reason)
             for r in (c.get(f"/v2/models/{BROKEN_MANIFEST}/ready"), c.get(f"/v2/models/{BROKEN_MANIFEST}"),

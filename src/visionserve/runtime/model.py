@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from visionserve.errors import InvalidParameter, ModelError, VisionServeError, unexpected_error
+from visionserve.errors import InvalidParameter, ModelError, ModelNotReady, VisionServeError, unexpected_error
 from visionserve.families import get_family
 from visionserve.families.base import ModelFamily
 from visionserve.runtime.batching import dynamic_batch_variant, graph_batch_size, same_outputs
@@ -197,8 +197,8 @@ class ServedModel:
     def run(self, batch: np.ndarray, *, wide: bool = True) -> Sequence[np.ndarray]:
         """Raw inference on an [N, C, H, W] batch, on all cores (``wide``) or one worker's share."""
         session = self.session if wide else self._worker_session()
-        if session is None:
-            raise ModelError(f"model {self.name!r} is not loaded")
+        if session is None:  # unloaded since the request was admitted
+            raise ModelNotReady(f"model {self.name!r} is not loaded")
         return session.run(None, {self.input_name: batch})
 
     def _worker_session(self) -> Session:

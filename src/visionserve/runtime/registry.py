@@ -91,9 +91,12 @@ class ModelRegistry:
         self._models: dict[str, ServedModel] = {}
         self._failures: dict[str, str] = {}  # models whose manifest could not be resolved
         self._lock = threading.Lock()
+        # One load or unload at a time: a load and an unload of one model that overlap would
+        # otherwise leave it reported ready where it is gone, or loaded after an unload said 200.
+        self._changing = threading.Lock()
 
     def names(self) -> list[str]:
-        return list(dict.fromkeys([*self._configs, *self._models]))
+        return list(dict.fromkeys([*self._configs, *self._models, *self._failures]))
 
     def get(self, name: str | None = None) -> ServedModel:
         """The ready model by name (default model for None)."""
@@ -123,11 +126,24 @@ class ModelRegistry:
             (m := self._models.get(n)) is not None and m.state is ModelState.READY for n in self._configs
         )
 
+    def failed(self) -> dict[str, str]:
+        """Configured models that failed to load, with why; each stays so until loaded again."""
+        out = {n: self._failures[n] for n in self._configs if n in self._failures}
+        for n in self._configs:
+            if (m := self._models.get(n)) is not None and m.state is ModelState.FAILED:
+                out[n] = m.error or "unknown error"
+        return out
+
     def load(self, name: str) -> ServedModel:
         """Loads (or reloads) a configured, installed or catalog model; blocking.
 
         A model that fails to load raises ModelLoadFailed, whose message (kept as the
-        model's error for its status) names no server file; the full account is logged."""
+        model's error for its status) names no server file; the full account is logged. A
+        failed reload leaves the version already served serving."""
+        with self._changing:
+            return self._load(name)
+
+    def _load(self, name: str) -> ServedModel:
         config = self._configs.get(name)
         if config is None:
             if not MODEL_NAME.fullmatch(name):  # also keeps names like ".." out of the store's paths
@@ -139,13 +155,17 @@ class ModelRegistry:
             model = ServedModel(manifest, self.settings.runtime, max_batch_size=self.settings.queue.max_batch_size)
             with self._lock:
                 previous = self._models.get(name)
-                if previous is None or previous.state is not ModelState.READY:
+                serving = previous is not None and previous.state is ModelState.READY
+                if not serving:
                     self._models[name] = model  # shows "loading" while it loads
             if self.workers is not None:
                 try:
                     model.attach_workers(self.workers.load(manifest, self.settings.queue.max_batch_size))
                 except Exception:
-                    self.workers.unload(name)  # from the workers where it did load
+                    # A worker whose load failed kept what it had: the version served goes
+                    # on. With none served, unload it where it did load.
+                    if not serving:
+                        self.workers.unload(name)
                     raise
             else:
                 model.load()
@@ -178,7 +198,7 @@ class ModelRegistry:
             current = self._models.get(name)
             if current is not None and current.state is not ModelState.READY:
                 current.state, current.error = ModelState.FAILED, reason
-            elif current is None and name in self._configs:
+            elif current is None:  # failed before it was a model (its manifest, its download)
                 self._failures[name] = reason
         return ModelLoadFailed(f"model {name!r} failed to load: {reason}")
 
@@ -191,13 +211,17 @@ class ModelRegistry:
                 pass  # logged by load
 
     def unload(self, name: str) -> None:
-        with self._lock:
-            model = self._models.get(name)
-            if model is None:
-                raise ModelNotFound(f"no model named {name!r}")
-            model.unload()
-        if self.workers is not None:
-            self.workers.unload(name)
+        with self._changing:
+            with self._lock:
+                model = self._models.get(name)
+                if model is None:
+                    if name in self._failures and name not in self._configs:
+                        del self._failures[name]  # a failed load, forgotten as Triton does
+                        return
+                    raise ModelNotFound(f"no model named {name!r}")
+                model.unload()
+            if self.workers is not None:
+                self.workers.unload(name)
 
     def status(self) -> list[dict]:
         out = []

@@ -497,7 +497,9 @@ async def repository_load(request: Request, name: str) -> dict[str, Any]:
 @router.post("/repository/models/{name}/unload", summary="Unload a model")
 async def repository_unload(request: Request, name: str) -> dict[str, Any]:
     _check_repository_parameters(await _json_object(request, "unload"), {"unload_dependents"})
-    request.app.state.registry.unload(name)
+    # In a thread, as a load is: it waits for a load of the same model under way, whose
+    # workers answer on the event loop.
+    await asyncio.to_thread(request.app.state.registry.unload, name)
     return {"name": name, "unload": True}
 
 
