@@ -148,6 +148,7 @@ class ModelStore:
         if not force and (existing := self.manifest(name)) is not None and all(c.ok for c in self.verify(name)):
             return existing
         folder = self.folder(name)
+        existed = folder.exists()
         for f in entry.files:
             target = folder / f.name
             if not force and target.is_file() and f.sha256 and sha256_file(target) == f.sha256:
@@ -155,6 +156,8 @@ class ModelStore:
             try:
                 fetch(f, entry.folder, target, self.mirror, progress(f.name) if progress else None)
             except FetchError as e:  # names the mirror's paths: for the log, not for clients
+                if not existed and folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()  # made for this pull, and nothing came: leave no trace
                 raise ModelError(f"could not get {f.name} for {name!r}", detail=str(e)) from None
         installer = INSTALLERS.get(entry.format)
         if installer is None:
