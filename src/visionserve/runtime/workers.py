@@ -213,7 +213,9 @@ class WorkerPool:
 
     def describe(self) -> dict[str, Any]:
         """For /status: the processes, how often they were started again, and what is down."""
-        return {"processes": self.pids, "restarts": self.restarts, "down": self.broken}
+        # Running ones only: an exited process keeps its place until it starts again.
+        running = [h.process.pid for h in self._hosts if h.process is not None and not h.down]
+        return {"processes": running, "restarts": self.restarts, "down": self.broken}
 
     def up(self, index: int) -> bool:
         """Whether worker ``index`` takes jobs now (its process runs and holds the models)."""
