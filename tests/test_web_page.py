@@ -66,3 +66,119 @@ def test_server_error_is_shown(browser, server, tmp_path):
     page.click("#go")
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert "image" in page.locator("#error").inner_text().lower()
+
+
+def _open(browser, url: str):
+    """A page at ``url`` whose console errors and page errors are collected."""
+    page = browser.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.goto(url + "/")
+    page.wait_for_selector("#model option:not([disabled])", state="attached")
+    return page, problems
+
+
+def _upload(page, path) -> dict:
+    """Uploads ``path`` with the Detect button; the server's JSON answer."""
+    page.set_input_files("#file", str(path))
+    with page.expect_response(lambda r: "/predict/" in r.url and "format=" not in r.url) as answer:
+        page.click("#go")
+    page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')")
+    return answer.value.json()
+
+
+def test_the_time_shown_is_the_servers_total_and_the_page_logs_no_error(browser, server, images):
+    page, problems = _open(browser, server.url)
+    result = _upload(page, images / "dog.jpg")
+    assert f"{result['timings_ms']['total']:.1f} ms" in page.locator("#status").inner_text()
+    assert problems == []  # a favicon request that 404s was one
+
+
+def test_a_failed_upload_clears_the_previous_result(browser, server, images, tmp_path):
+    page, _ = _open(browser, server.url)
+    _upload(page, images / "dog.jpg")
+    bad = tmp_path / "text.jpg"
+    bad.write_text("not an image")
+    page.set_input_files("#file", str(bad))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert page.locator("#results tbody tr").count() == 0
+    assert page.evaluate("document.getElementById('canvas').width") == 0
+
+
+def test_a_format_the_browser_cannot_show_is_drawn_by_the_server(browser, server, images, tmp_path):
+    from PIL import Image
+
+    tiff = tmp_path / "dog.tiff"
+    Image.open(images / "dog.jpg").save(tiff)
+    page, problems = _open(browser, server.url)
+    _upload(page, tiff)
+    assert {"dog", "bicycle", "car"} <= set(page.locator("#results tbody tr td:first-child").all_inner_texts())
+    assert "drawn by the server" in page.locator("#status").inner_text()
+    assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [768, 576]
+    assert page.locator("#error").inner_text() == "" and problems == []
+
+
+def test_the_newest_upload_wins_over_one_still_running(browser, server, images, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.png"  # slow to upload and decode
+    Image.open(images / "dog.jpg").resize((4000, 3000)).save(big, compress_level=1)
+    page, _ = _open(browser, server.url)
+    page.set_input_files("#file", str(big))
+    page.evaluate("document.getElementById('form').requestSubmit()")  # as a drop does
+    page.set_input_files("#file", str(images / "person.jpg"))
+    page.evaluate("document.getElementById('form').requestSubmit()")
+    page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')")
+    page.wait_for_timeout(1500)  # time for the first answer, had it not been dropped
+    width, height = Image.open(images / "person.jpg").size
+    assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [width, height]
+    assert f"{width}×{height}" in page.locator("#status").inner_text()
+
+
+def test_the_slider_starts_from_each_models_own_threshold(browser, server_factory, model_dir, tmp_path):
+    from visionserve.store.labels import COCO_80
+
+    (tmp_path / "coco.names").write_text("\n".join(COCO_80) + "\n")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[models]]\nname = "yolox-nano"\nmin_confidence = 0.55\n'
+        f'[[models]]\nname = "second"\npath = "{model_dir / "yolox-nano" / "yolox_nano.onnx"}"\nfamily = "yolox"\n'
+        f'labels = "{tmp_path / "coco.names"}"\nmin_confidence = 0.2\n'
+    )
+    srv = server_factory("--config", str(config))
+    page, _ = _open(browser, srv.url)
+    assert page.input_value("#conf") == "0.55"
+    page.select_option("#model", "second")
+    assert page.input_value("#conf") == "0.2" and page.locator("#confv").inner_text() == "0.20"
+
+
+def test_a_model_still_loading_becomes_selectable_once_ready(browser, server):
+    """The page asks /status again while a model loads (here the first answer says so)."""
+    page = browser.new_page()
+    first = {"done": False}
+
+    def status(route):
+        if first["done"]:
+            return route.continue_()
+        first["done"] = True
+        body = route.fetch().json()
+        for m in body["models"]:
+            m.update(ready=False, state="loading")
+        route.fulfill(json=body)
+
+    page.route("**/status", status)
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model option[value='yolox-nano'][disabled]", state="attached")
+    page.wait_for_selector("#model option[value='yolox-nano']:not([disabled])", state="attached", timeout=10_000)
+
+
+def test_an_unreachable_server_is_said_in_words(browser, server_factory, images):
+    srv = server_factory()
+    page, _ = _open(browser, srv.url)
+    srv.stop()
+    page.set_input_files("#file", str(images / "dog.jpg"))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert page.locator("#error").inner_text() == "cannot reach the server"

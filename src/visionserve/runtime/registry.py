@@ -241,6 +241,10 @@ class ModelRegistry:
                 "backend": m.manifest.backend,
                 "labels": len(m.labels),
                 "input": {"width": m.family.input.width, "height": m.family.input.height},
+                # The defaults a request's parameters override (the web page starts from them).
+                "min_confidence": m.manifest.min_confidence,
+                "iou": m.manifest.iou,
+                "max_detections": m.manifest.max_detections,
                 "default": name == self.default_name,
             }
             if m.error:
