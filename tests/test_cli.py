@@ -337,3 +337,22 @@ def test_an_import_may_not_take_a_catalog_models_name(model_dir, mirror, tmp_pat
 def test_a_config_path_that_is_a_folder_is_named_as_such(model_dir, mirror, tmp_path):
     r = run("models", "list", "--config", str(tmp_path), model_dir=model_dir, mirror=mirror)
     assert r.returncode == 2 and f"config file {tmp_path} is not a file" in " ".join(r.stderr.split())
+
+
+def test_optimize_refuses_bad_inputs_before_any_work(model_dir, mirror, images, tmp_path):
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    shutil.copy(images / "dog.jpg", calib / "dog.jpg")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("no images here")
+    store = tmp_path / "store"
+    shutil.copytree(model_dir / "yolox-nano", store / "yolox-nano")
+    base = ["models", "optimize", "yolox-nano", "--calibration", str(calib), "--seconds", "0.2"]
+    r = run(*base, "--eval", str(tmp_path / "notes"), model_dir=store, mirror=mirror)
+    assert r.returncode == 2 and f"no images in {tmp_path / 'notes'}" in " ".join(r.stderr.split())
+    r = run(*base, "--output-version", "1", model_dir=store, mirror=mirror)
+    assert r.returncode == 1 and "version '1' is yolox-nano's own" in r.stderr
+    (calib / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    r = run(*base, model_dir=store, mirror=mirror)
+    assert r.returncode == 1 and f"calibration image {calib / 'broken.jpg'}: " in " ".join(r.stderr.split())
+    assert sorted(p.name for p in store.iterdir()) == ["yolox-nano"]  # nothing installed

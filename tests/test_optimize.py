@@ -61,7 +61,7 @@ def test_quantized_version_is_installed_beside_the_float_model(store: ModelStore
     assert (manifest.name, manifest.version, manifest.family) == ("yolox-nano", "int8", "yolox")
     assert manifest.source == "derived:yolox-nano@1"
     # Named by the version it is (int8), not by the recipe that built it (int8-mixed).
-    assert manifest.path == store.folder("yolox-nano@int8") / "yolox_nano.int8.onnx"
+    assert manifest.path == store.folder("yolox-nano@int8") / f"yolox_nano.int8.{manifest.sha256[:12]}.onnx"
     assert manifest.path.stat().st_size < store.manifest("yolox-nano").path.stat().st_size  # 8-bit weights
     assert all(check.ok for check in store.verify("yolox-nano@int8"))
     # The float model is untouched and both are listed.

@@ -177,16 +177,43 @@ def test_add_version_names_the_file_by_version_and_replaces_the_previous_one(tmp
     first = tmp_path / "x.openvino-int8.onnx"  # a scratch name from the recipe that built it first
     first.write_bytes(b"int8 graph")
     installed = store.add_version(base, "int8", first)
-    assert installed.path == store.folder("x@int8") / "x.int8.onnx" and installed.path.read_bytes() == b"int8 graph"
+    digest = hashlib.sha256(b"int8 graph").hexdigest()
+    assert installed.path == store.folder("x@int8") / f"x.int8.{digest[:12]}.onnx"
+    assert installed.path.read_bytes() == b"int8 graph" and installed.sha256 == digest
     again = tmp_path / "other.onnx"
     again.write_bytes(b"int8 graph, calibrated again")
     installed = store.add_version(base, "int8", again, backend="openvino")
-    assert sorted(p.name for p in store.folder("x@int8").iterdir()) == ["manifest.json", "x.int8.onnx"]
+    digest = hashlib.sha256(b"int8 graph, calibrated again").hexdigest()
+    assert sorted(p.name for p in store.folder("x@int8").iterdir()) == ["manifest.json", f"x.int8.{digest[:12]}.onnx"]
     assert installed.path.read_bytes() == b"int8 graph, calibrated again" and installed.backend == "openvino"
     assert all(check.ok for check in store.verify("x@int8"))
     for bad in ("../up", "a/b", "", "-x", "x" * 65):
         with pytest.raises(ModelError, match="invalid version name"):
             store.add_version(base, bad, again)
+    with pytest.raises(ModelError, match="version '1' is x's own"):
+        store.add_version(base, "1", again)
+
+
+def test_a_version_whose_manifest_cannot_be_written_leaves_the_installed_one_whole(tmp_path, monkeypatch):
+    store = ModelStore(tmp_path / "store")
+    base = ModelManifest(name="x", family="yolox", file="x.onnx", labels=["a"], input_width=32, input_height=32)
+    store.folder("x").mkdir(parents=True)
+    (store.folder("x") / "x.onnx").write_bytes(b"float graph")
+    base.save(store.folder("x"))
+    (tmp_path / "g1.onnx").write_bytes(b"first build")
+    first = store.add_version(store.manifest("x"), "int8", tmp_path / "g1.onnx")
+    (tmp_path / "g2.onnx").write_bytes(b"second build")
+
+    def full_disk(self, folder):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ModelManifest, "save", full_disk)
+    with pytest.raises(OSError):
+        store.add_version(store.manifest("x"), "int8", tmp_path / "g2.onnx")
+    monkeypatch.undo()
+    assert store.manifest("x@int8") == first and first.path.read_bytes() == b"first build"
+    assert all(check.ok for check in store.verify("x@int8"))
+    assert sorted(p.name for p in store.folder("x@int8").iterdir()) == ["manifest.json", first.path.name]
 
 
 @pytest.mark.parametrize("text, problem", [

@@ -424,9 +424,10 @@ def models_optimize(
     store = ModelStore(settings.model_dir, settings.model_mirror)
     calibration_images = [path for path, _ in _image_files([calibration])]
     eval_images = [path for path, _ in _image_files([evaluate])] if evaluate else None
-    if not calibration_images:
-        _error(f"no images in {calibration}")
-        raise typer.Exit(2)
+    for folder, found in ((calibration, calibration_images), (evaluate, eval_images)):
+        if folder is not None and not found:
+            _error(f"no images in {folder}")
+            raise typer.Exit(2)
     try:
         # Mistakes in the arguments are reported before anything is downloaded or built.
         recipes = chosen_recipes(recipe)

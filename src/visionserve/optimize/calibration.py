@@ -9,13 +9,20 @@ import cv2
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from visionserve.errors import InvalidImage, VisionServeError
 from visionserve.families.base import ModelFamily
 from visionserve.imaging.decode import decode_image
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """An image file as RGB uint8 HxWx3, decoded the way the server decodes uploads."""
-    return decode_image(Path(path).read_bytes()).pixels
+def load_rgb(path: Path, role: str = "image") -> np.ndarray:
+    """An image file as RGB uint8 HxWx3, decoded the way the server decodes uploads; a file
+    that does not decode is an InvalidImage naming it and its ``role`` ("calibration image")."""
+    try:
+        return decode_image(Path(path).read_bytes()).pixels
+    except VisionServeError as e:
+        raise InvalidImage(f"{role} {path}: {e.message}") from None
+    except OSError as e:
+        raise InvalidImage(f"{role} {path}: cannot be read ({e.strerror or e})") from None
 
 
 def variants(rgb: np.ndarray) -> list[np.ndarray]:
@@ -31,7 +38,7 @@ def calibration_tensors(family: ModelFamily, images: Iterable[Path], *, augment:
     """[N, C, H, W] float32 network inputs for calibration."""
     tensors = []
     for path in images:
-        rgb = load_rgb(path)
+        rgb = load_rgb(path, "calibration image")
         for pixels in variants(rgb) if augment else [rgb]:
             tensors.append(family.preprocess(pixels)[0])
     if not tensors:

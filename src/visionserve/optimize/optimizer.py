@@ -126,9 +126,11 @@ def optimize_model(
     candidates = chosen_recipes(recipes)
     if output_version is not None:
         check_version_name(output_version)
+        if output_version == manifest.version:  # two graphs would answer as one name and version
+            raise ModelError(f"version {output_version!r} is {name}'s own: give the new one another name")
     family = get_family(manifest.family)(manifest)
-    eval_paths = list(eval_images) if eval_images else list(calibration_images)
-    eval_pixels = [load_rgb(p) for p in eval_paths]
+    role = "evaluation image" if eval_images else "calibration image"
+    eval_pixels = [load_rgb(p, role) for p in (eval_images or calibration_images)]
     thresholds = Thresholds(manifest.min_confidence, manifest.iou, manifest.max_detections)
     workers = workers or cpu_count()
 
@@ -170,7 +172,7 @@ def optimize_model(
             workers=workers,
             calibration_images=len(calibration_images),
             calibration_tensors=int(tensors.shape[0]),
-            eval_images=len(eval_paths),
+            eval_images=len(eval_pixels),
             min_agreement=min_agreement,
             min_speedup=min_speedup,
             float_throughput=base.throughput,

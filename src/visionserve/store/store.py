@@ -6,6 +6,7 @@ re-hashes what is there, and ``manifest`` is what the server loads.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -188,24 +189,38 @@ class ModelStore:
     ) -> ModelManifest:
         """Installs a derived ONNX graph of ``base`` as ``<name>@<version>`` (its own folder and
         manifest), to run on ``backend`` with ``backend_options``."""
-        folder = self.folder(version_ref(base.name, check_version_name(version)))
-        previous = self.manifest(version_ref(base.name, version))
-        # Named by the version, not by the file handed in: optimize's scratch names say which
-        # recipe built a graph first, and a graph can serve several (int8, openvino-int8).
-        target = folder / f"{Path(base.file).stem}.{version}{Path(model_file).suffix}"
-        write_atomic(target, Path(model_file).read_bytes())
+        if check_version_name(version) == base.version:
+            raise ModelError(f"version {version!r} is {base.name}'s own: give the new one another name")
+        folder = self.folder(version_ref(base.name, version))
+        try:
+            previous = self.manifest(version_ref(base.name, version))
+        except ModelError:
+            previous = None  # a broken install of this version: replaced whole below
+        data = Path(model_file).read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        # Named by the version, not by the file handed in (optimize's scratch names say which
+        # recipe built a graph first, and a graph can serve several), and by its content: a
+        # new build never overwrites the file the installed manifest names, so until the new
+        # manifest is in place the version installed before stays whole.
+        target = folder / f"{Path(base.file).stem}.{version}.{digest[:12]}{Path(model_file).suffix}"
+        write_atomic(target, data)
         manifest = base.model_copy(
             update={
                 "version": version,
                 "file": target.name,
-                "sha256": sha256_file(target),
+                "sha256": digest,
                 "source": f"derived:{version_ref(base.name, base.version)}",
                 "description": description or base.description,
                 "backend": backend,
                 "backend_options": dict(backend_options or {}),
             }
         )
-        manifest.save(folder)
+        try:
+            manifest.save(folder)
+        except BaseException:
+            if previous is None or previous.path != target:
+                target.unlink(missing_ok=True)  # not installed after all
+            raise
         if previous is not None and previous.path.parent == folder and previous.path != target:
             previous.path.unlink(missing_ok=True)  # the file of the version this one replaces
         return ModelManifest.load(folder)
