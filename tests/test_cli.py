@@ -7,11 +7,14 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from visionserve.store.labels import COCO_80
@@ -356,3 +359,22 @@ def test_optimize_refuses_bad_inputs_before_any_work(model_dir, mirror, images, 
     r = run(*base, model_dir=store, mirror=mirror)
     assert r.returncode == 1 and f"calibration image {calib / 'broken.jpg'}: " in " ".join(r.stderr.split())
     assert sorted(p.name for p in store.iterdir()) == ["yolox-nano"]  # nothing installed
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_while_serve_starts_ends_it_at_once_and_quietly(model_dir, mirror, sig, code):
+    """As PID 1 in a container, a signal with no handler is dropped: `docker stop` during the
+    imports (or a model pull) waited its whole grace period. The handler is there from the
+    command's first instant."""
+    env = {**os.environ, "VISIONSERVE_MODEL_DIR": str(model_dir), "VISIONSERVE_MODEL_MIRROR": str(mirror),
+           "PYTHONPATH": str(REPO / "src")}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "visionserve", "serve", "--port", str(port)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.15)  # still importing
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
