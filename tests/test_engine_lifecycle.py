@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 import threading
 import time
 
@@ -68,3 +70,25 @@ def test_not_ready_until_warm(server_factory):
         time.sleep(0.02)
     status = httpx.get(srv.url + "/status").json()
     assert all(m["ready"] for m in status["models"])
+
+
+def test_a_second_sigterm_stops_at_once_and_the_request_cut_short_gets_a_json_answer(server_factory):
+    srv = server_factory()
+    host, port = srv.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as s:
+        # A request whose body never comes: it holds the drain until the second signal.
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+                  + b"\xff" * 100)
+        time.sleep(0.3)
+        srv.process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+        srv.process.send_signal(signal.SIGTERM)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"content-type: application/json" in head.lower(), answer[:300]
+    assert json.loads(body)["error"] == {"code": "overloaded", "message": "the server stopped before answering"}
+    assert srv.process.wait(15) == 0
+    out = srv.output()
+    assert "second SIGTERM: stopping without waiting" in out and "Traceback" not in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -27,9 +28,24 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
+def _not_a_cancelled_task(record: logging.LogRecord) -> bool:
+    """A forced stop (a second SIGTERM) cancels the tasks still running. uvicorn logs a
+    cancelled request as an 'Exception in ASGI application' with its traceback, and the
+    cancelled lifespan task's traceback as the text of an error; the request got its answer,
+    and the stop is logged already."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, asyncio.CancelledError):
+        return False
+    if record.name != "uvicorn.error" or record.levelno < logging.ERROR:
+        return True
+    text = record.getMessage()
+    return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
+
+
 def configure_logging(fmt: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(_not_a_cancelled_task)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

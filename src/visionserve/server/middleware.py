@@ -66,6 +66,15 @@ class RequestContextMiddleware:
 
         try:
             await self.app(scope, receive, send_wrapper)
+        except asyncio.CancelledError:
+            # Only a forced stop (a second SIGTERM while draining) cancels a request: it
+            # still gets its protocol's JSON answer, not uvicorn's plain-text 500.
+            if status == 0:
+                response = self.renderer_for(scope["path"])(
+                    503, "overloaded", "the server stopped before answering", {"Retry-After": "1", "Connection": "close"}
+                )
+                await response(scope, receive, send_wrapper)
+            raise
         except Exception:
             error_log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
             if status == 0:  # nothing sent yet: answer with the protocol's 500
