@@ -60,6 +60,12 @@ RUN set -eu; \
            "$site"/onnxruntime/transformers "$site"/onnxruntime/quantization "$site"/onnxruntime/tools \
            "$site"/numpy/f2py "$site"/numpy/distutils "$site"/numpy/_core/include; \
     find "$site" -name '*.pyi' -delete; \
+    # and the scripts of what was removed, which would only fail (f2py, onnxruntime_test, ...)
+    for script in /opt/visionserve/bin/*; do \
+        case "$(basename "$script")" in python*|activate*|visionserve) continue;; esac; \
+        head -c 2 "$script" | grep -q '#!' && ! /opt/visionserve/bin/python "$script" --help >/dev/null 2>&1 \
+            && rm -f "$script" || true; \
+    done; \
     /opt/visionserve/bin/python -c "import cv2, numpy, onnx, onnxruntime, PIL, uvloop, visionserve.server.app"; \
     find "$site" -depth -type d -name __pycache__ -exec rm -rf {} +
 
@@ -72,7 +78,11 @@ RUN --mount=type=bind,from=model-mirror,target=/mirror \
     set -eu; \
     if [ -n "$(ls -A /mirror 2>/dev/null)" ]; then export VISIONSERVE_MODEL_MIRROR=/mirror; fi; \
     for name in $(echo "$MODELS" | tr ',' ' '); do /opt/visionserve/bin/visionserve models pull "$name"; done; \
-    /opt/visionserve/bin/visionserve models verify
+    /opt/visionserve/bin/visionserve models verify; \
+    # The image's configuration, in the lowest place a setting can come from: a config file
+    # the user mounts (VISIONSERVE_CONFIG) replaces it, and any VISIONSERVE_* variable beats it.
+    mkdir -p /config; \
+    for name in $(echo "$MODELS" | tr ',' ' '); do printf '[[models]]\nname = "%s"\n\n' "$name"; done > /config/visionserve.toml
 
 
 FROM ${BASE_IMAGE} AS runtime-root
@@ -88,6 +98,11 @@ RUN set -eu; \
         dir="$(python3 -c "import importlib.util as u, sys; s = u.find_spec(sys.argv[1]); print(s.submodule_search_locations[0] if s and s.submodule_search_locations else '')" "$mod" 2>/dev/null || true)"; \
         if [ -n "$dir" ]; then rm -rf "$dir" "$dir"-*.dist-info "$dir"-*.egg-info; fi; \
     done; \
+    # ... and what pointed at them: pip's commands, setuptools' import hook
+    rm -f /usr/local/bin/pip /usr/local/bin/pip3* /usr/bin/pip /usr/bin/pip3*; \
+    find / -xdev -name 'distutils-precedence.pth' -delete; \
+    # No set-user-ID programs: nothing here should become another user.
+    find / -xdev -type f -perm /6000 -exec chmod a-s {} +; \
     useradd --uid 10001 --user-group --home-dir /var/lib/visionserve --create-home --shell /usr/sbin/nologin visionserve; \
     # glibc's iconv modules and perl (only package maintainer scripts use it) are 18 MB the server
     # never loads. A derived image that needs apt-get reinstalls perl-base first.
@@ -102,19 +117,23 @@ FROM scratch AS runtime
 COPY --from=runtime-root / /
 COPY --from=build /opt/visionserve /opt/visionserve
 COPY --from=models --chown=10001:10001 /models /var/lib/visionserve/models
-ARG MODELS=yolox-nano
+COPY --from=models /config/visionserve.toml /etc/visionserve/visionserve.toml
+# ORT_DISABLE_TELEMETRY: ONNX Runtime would otherwise keep a device id under $HOME (and warn,
+# in colour, in the middle of JSON logs, where $HOME cannot be written).
 ENV PATH=/opt/visionserve/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    ORT_DISABLE_TELEMETRY=1 \
     VISIONSERVE_MODEL_DIR=/var/lib/visionserve/models \
-    VISIONSERVE_MODELS=${MODELS}
+    VISIONSERVE_CONFIG=/etc/visionserve/visionserve.toml
 USER 10001:10001
 WORKDIR /var/lib/visionserve
 EXPOSE 9130
-# Plain urllib: the image needs no curl or wget. Ready means every configured model is loaded.
-HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["/opt/visionserve/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('VISIONSERVE_PORT', '9130'), timeout=2)"]
+# Ready means every configured model is loaded. The check reads the port from the server's
+# own settings (VISIONSERVE_PORT, the config file) and says why in one line when not ready.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["visionserve", "healthcheck"]
 # Exec form: visionserve (uvicorn) is PID 1 and gets SIGTERM itself, so `docker stop`
 # lets in-flight requests finish and the process exits 0.
 STOPSIGNAL SIGTERM

@@ -378,3 +378,17 @@ def test_a_signal_while_serve_starts_ends_it_at_once_and_quietly(model_dir, mirr
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_healthcheck_finds_the_port_where_the_server_does(server, model_dir, mirror, tmp_path):
+    port = server.url.rsplit(":", 1)[1]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"port = {port}\n")
+    r = run("healthcheck", "--config", str(cfg), model_dir=model_dir, mirror=mirror, timeout=60)
+    assert (r.returncode, r.stdout) == (0, "ready\n"), r.stderr
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    cfg.write_text(f"port = {free}\n")
+    r = run("healthcheck", "--config", str(cfg), model_dir=model_dir, mirror=mirror, timeout=60)
+    assert r.returncode == 1 and r.stdout == f"unhealthy: no answer from http://127.0.0.1:{free} (ConnectError)\n"

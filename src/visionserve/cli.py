@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -22,7 +24,10 @@ from visionserve.errors import InvalidParameter, ModelError, VisionServeError
 app = typer.Typer(help="visionserve: an inference server for image object detection.", no_args_is_help=True)
 models_app = typer.Typer(help="The model catalog and the local model store.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
-err = Console(stderr=True)
+# soft_wrap: a message piped to a log collector stays one line (a URL is not cut at 80 columns).
+err = Console(stderr=True, soft_wrap=True)
+# `serve --log-format json`: its own messages (pulls, errors) go out as JSON log lines too.
+_json_logs = False
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -36,7 +41,18 @@ MirrorOpt = Annotated[Optional[str], typer.Option("--mirror", help=r"model mirro
 def _error(message: object) -> None:
     """An error line on stderr. The message is escaped: Rich would take text in brackets,
     such as ``pip install 'visionserve[openvino]'``, for markup and drop it."""
+    if _json_logs:
+        logging.getLogger("visionserve").error("%s", message)
+        return
     err.print(f"[red]error:[/red] {escape(str(message))}", highlight=False)
+
+
+def _note(message: str) -> None:
+    """A line of progress on stderr (a log line when the server logs JSON)."""
+    if _json_logs:
+        logging.getLogger("visionserve").info("%s", message)
+        return
+    err.print(escape(message), highlight=False)
 
 
 def _described(e: VisionServeError) -> str:
@@ -89,11 +105,18 @@ def serve(
     """Run the HTTP server."""
     from visionserve.server.logs import configure_logging
 
+    global _json_logs
+    wanted = log_format or os.environ.get("VISIONSERVE_LOG_FORMAT", "")
+    if wanted.lower() == "json":  # even a configuration error is then a JSON line
+        configure_logging("json", "info")
+        _json_logs = True
+
     settings = _settings(
         config, host=host, port=port, models=model, model_dir=model_dir, model_mirror=mirror,
         log_format=log_format, log_level=log_level,
     )
     configure_logging(settings.log_format, settings.log_level)
+    _json_logs = settings.log_format == "json"
     from visionserve.server.listener import bind
 
     try:
@@ -119,6 +142,38 @@ def serve(
             _pull(store, m.name)
     if not serve_app(create_app(settings, workers), sock, settings.queue.drain_timeout_s):
         raise typer.Exit(3)
+
+
+@app.command()
+def healthcheck(
+    config: ConfigOpt = None,
+    url: Annotated[Optional[str], typer.Option(help="the server's base URL", show_default="from the configured port")] = None,
+    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for the answer")] = 2.0,
+) -> None:
+    """Ask a running server whether it is ready (/readyz): exit 0 if it is, else 1 with the
+    reason on one line. For container health checks; the port comes from the same settings
+    (VISIONSERVE_PORT, the config file) as the server's."""
+    import httpx
+
+    if url is None:
+        settings = _settings(config)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+        url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
+    try:
+        r = httpx.get(url.rstrip("/") + "/readyz", timeout=timeout)
+    except httpx.HTTPError as e:
+        print(f"unhealthy: no answer from {url} ({type(e).__name__})")
+        raise typer.Exit(1) from None
+    if r.status_code == 200:
+        print("ready")
+        return
+    try:
+        error = r.json()["error"]
+        reason = error["message"] if isinstance(error, dict) else str(error)
+    except (ValueError, KeyError, TypeError):
+        reason = f"HTTP {r.status_code}"
+    print(f"not ready: {reason}")
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -306,7 +361,7 @@ def _pull(store, name: str, force: bool = False) -> None:  # type: ignore[no-unt
     except VisionServeError as e:
         _error(_described(e))
         raise typer.Exit(1) from None
-    err.print(f"{escape(name)}: installed in {escape(str(manifest.folder))} ([green]verified[/green])", highlight=False)
+    _note(f"{name}: installed in {manifest.folder} (verified)")
 
 
 def _progress_bar(filename: str):  # type: ignore[no-untyped-def]
@@ -417,6 +472,14 @@ def models_optimize(
     OpenVINO is installed), measure them here against the float model, and install the fastest
     one whose detections agree, as NAME@VERSION (serve it with [\\[models]] name = NAME,
     version = VERSION)."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime.quantization") is None:
+        # The container image leaves ONNX Runtime's model-conversion tools out (docs/container.md).
+        _error("models optimize needs ONNX Runtime's quantization tools, which this installation leaves out "
+               "(the container image does); run it where visionserve is pip-installed, on the same kind of "
+               "CPU, and copy the NAME@VERSION folder into this model store")
+        raise typer.Exit(2)
     from visionserve.optimize import chosen_recipes, optimize_model
     from visionserve.store.store import ModelStore, check_version_name
 
