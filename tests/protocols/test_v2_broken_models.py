@@ -125,6 +125,10 @@ def test_no_answer_about_a_broken_model_shows_a_server_path(broken_server, broke
             # A broken manifest fails before there is a model to serve: its failed load is
             # still what its readiness and inference report.
             assert [r.status_code for r in answers[:1] + answers[2:4]] == [503] * 3, [r.text for r in answers]
+            # Readiness has one shape whatever the failure, with the reason inference gives.
+            ready = answers[0].json()
+            assert ready["name"] == name and ready["ready"] is False, ready
+            assert ready["reason"].startswith(f"model {name!r} failed to load: "), ready
             for r in answers:
                 _no_server_internals(r, broken_store)
         r = c.post(f"/v2/models/{TRUNCATED}/infer", json=infer)
@@ -154,9 +158,11 @@ def test_a_configured_model_with_a_broken_manifest_leaves_the_server_serving_the
             assert status.json()["status"] == "degraded"
             models = {m["name"]: m for m in status.json()["models"]}
             assert models[GOOD]["ready"] and models[BROKEN_MANIFEST]["error"].startswith(reason)
-            for r in (c.get(f"/v2/models/{BROKEN_MANIFEST}/ready"), c.get(f"/v2/models/{BROKEN_MANIFEST}"),
-                      c.post(f"/v2/repository/models/{BROKEN_MANIFEST}/load")):
+            ready = c.get(f"/v2/models/{BROKEN_MANIFEST}/ready")
+            assert ready.status_code == 503 and ready.json()["ready"] is False and reason in ready.json()["reason"]
+            for r in (ready, c.get(f"/v2/models/{BROKEN_MANIFEST}"), c.post(f"/v2/repository/models/{BROKEN_MANIFEST}/load")):
                 _no_server_internals(r, broken_store)
+            for r in (c.get(f"/v2/models/{BROKEN_MANIFEST}"), c.post(f"/v2/repository/models/{BROKEN_MANIFEST}/load")):
                 assert r.status_code in (400, 503) and reason in r.json()["error"], r.text
             dog = (images / "dog.jpg").read_bytes()
             assert c.post("/predict", files={"image": ("dog.jpg", dog)}).status_code == 200

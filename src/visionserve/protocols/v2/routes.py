@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
-from visionserve.errors import BadRequest, ModelError, ModelNotFound
+from visionserve.errors import BadRequest, ModelError, ModelNotFound, ModelNotReady
 from visionserve.protocols import Protocol, positive_finite, received_at
 from visionserve.protocols.v2.codec import (
     InferRequest,
@@ -133,8 +133,15 @@ async def model_version_metadata(request: Request, name: str, version: str) -> d
 
 
 async def _model_ready(request: Request, name: str, version: str | None) -> Response:
-    ready = _served(request, name, version).state is ModelState.READY
-    return JSONResponse({"name": name, "ready": ready}, status_code=200 if ready else 503)
+    """200 ``{"name", "ready": true}``, or 503 ``{"name", "ready": false, "reason"}`` whatever
+    kept it from being ready (loading, unloaded, failed: the same words as its inference)."""
+    try:
+        if _served(request, name, version).state is ModelState.READY:
+            return JSONResponse({"name": name, "ready": True})
+        request.app.state.registry.get(name)  # raises ModelNotReady, saying why
+    except ModelNotReady as e:
+        return JSONResponse({"name": name, "ready": False, "reason": e.message}, status_code=503)
+    return JSONResponse({"name": name, "ready": True})  # became ready meanwhile
 
 
 @router.get("/models/{name}/ready", summary="Model readiness (503 while not ready)")
