@@ -107,3 +107,14 @@ def test_log_level_and_format_in_any_case(monkeypatch):
     assert load_settings(log_format="JSON").log_format == "json"
     with pytest.raises(ConfigError, match="log_level"):
         load_settings(log_level="LOUD")
+
+
+def test_a_variable_that_names_no_setting_is_refused(monkeypatch):
+    """A misspelt top-level variable was skipped (a nested one was refused), so a typo left
+    the default in place without a word."""
+    monkeypatch.setenv("VISIONSERVE_LOG_LEVL", "debug")
+    with pytest.raises(ConfigError, match="VISIONSERVE_LOG_LEVL: names no setting"):
+        load_settings()
+    monkeypatch.delenv("VISIONSERVE_LOG_LEVL")
+    monkeypatch.setenv("VISIONSERVE_CONFIG", "/nonexistent.toml")  # the CLI's, not a setting
+    assert load_settings().log_level == "info"

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -223,6 +223,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         if not config_file.is_file():
             raise ConfigError(f"config file {config_file} {'is not a file' if config_file.exists() else 'does not exist'}")
 
+    unknown = unknown_variables(os.environ)
+    if unknown:  # as an unknown key in the file, or under a nested variable, is
+        raise ConfigError("invalid configuration:\n" + "\n".join(f"  {name}: names no setting" for name in unknown))
+
     class _FromFile(Settings):
         model_config = SettingsConfigDict(toml_file=config_file)
 
@@ -232,6 +236,21 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(format_validation_error(e, config_file)) from None
     except ValueError as e:  # TOML syntax errors and JSON in env vars
         raise ConfigError(f"invalid configuration{f' in {config_file}' if config_file else ''}: {e}") from None
+
+
+# Read by others than Settings: the CLI's --config, compose.yaml's host port, the test suite.
+_OTHER_VARIABLES = {"VISIONSERVE_CONFIG", "VISIONSERVE_HOST_PORT", "VISIONSERVE_KSERVE_PYTHON"}
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """``VISIONSERVE_*`` variables that name no setting (``VISIONSERVE_LOG_LEVL``).
+    pydantic-settings rejects an unknown nested key but skips an unknown top-level one."""
+    prefix = "VISIONSERVE_"
+    return sorted(
+        name for name in environ
+        if name.upper().startswith(prefix) and name.upper() not in _OTHER_VARIABLES
+        and name[len(prefix):].lower().split("__")[0] not in Settings.model_fields
+    )
 
 
 def format_validation_error(err: ValidationError, config_file: Path | None) -> str:

@@ -99,6 +99,11 @@ def discover() -> list[Protocol]:
     return sorted(found, key=lambda p: p.name)
 
 
+def server_timing(timings_ms: Mapping[str, float]) -> dict[str, str]:
+    """The ``Server-Timing`` header of a detection's answer: each stage's milliseconds."""
+    return {"Server-Timing": ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in timings_ms.items())}
+
+
 def renderer_for(path: str, protocols: list[Protocol]) -> ErrorRenderer:
     best = max(
         (p for p in protocols if path == p.prefix or path.startswith(p.prefix.rstrip("/") + "/") or p.prefix == ""),

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve.config import DeepStackSettings
 from visionserve.errors import InvalidParameter, MissingImage, VisionServeError
-from visionserve.protocols import Protocol, header_timeout_ms, received_at
+from visionserve.protocols import Protocol, header_timeout_ms, received_at, server_timing
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
@@ -173,7 +173,7 @@ async def _detect(request: Request, model: str | None, command: str) -> Response
         round_trip_ms=(time.perf_counter() - start) * 1e3,
         provider=_provider(request, model),
     )
-    return JSONResponse(body)
+    return JSONResponse(body, headers=server_timing(prediction.timings_ms))
 
 
 @router.post("/detection", summary="Detect objects with the default model (DeepStack)", openapi_extra=_DETECT_OPENAPI)

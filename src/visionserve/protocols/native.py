@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
 from visionserve.errors import InvalidParameter, MissingImage, UnsupportedMediaType
-from visionserve.protocols import Protocol, header_timeout_ms, received_at
+from visionserve.protocols import Protocol, header_timeout_ms, received_at, server_timing
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
@@ -174,9 +174,10 @@ async def _predict(request: Request, model: str | None) -> Response:
             request.receive,
             service.detect(model, data, options.params(), deadline=deadline, annotated=annotated),
         )
+    timing = server_timing(prediction.timings_ms)
     if prediction.rendered is not None:
-        return Response(prediction.rendered, media_type=f"image/{image_format}", headers=_server_timing(prediction))
-    return JSONResponse(prediction_json(prediction), headers=_server_timing(prediction))
+        return Response(prediction.rendered, media_type=f"image/{image_format}", headers=timing)
+    return JSONResponse(prediction_json(prediction), headers=timing)
 
 
 async def _read_image(request: Request) -> tuple[bytes, dict[str, str]]:
@@ -238,8 +239,6 @@ def _negotiate(accept: str) -> str:
     return best if offers[best] > 0 else "json"
 
 
-def _server_timing(prediction: Prediction) -> dict[str, str]:
-    return {"Server-Timing": ", ".join(f"{k};dur={v:.2f}" for k, v in prediction.timings_ms.items())}
 
 
 def prediction_json(p: Prediction) -> dict[str, Any]:

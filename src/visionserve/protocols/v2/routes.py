@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
 from visionserve.errors import BadRequest, ModelError, ModelNotFound, ModelNotReady
-from visionserve.protocols import Protocol, positive_finite, received_at
+from visionserve.protocols import Protocol, positive_finite, received_at, server_timing
 from visionserve.protocols.v2.codec import (
     InferRequest,
     OutputTensor,
@@ -264,6 +264,9 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
         header["id"] = infer_request.id
     payload, json_bytes = encode_response(header, chunks)
     headers = {} if json_bytes is None else {HEADER_LENGTH: str(json_bytes)}
+    # A batch's images run side by side: each stage as long as its slowest image's.
+    headers |= server_timing({stage: max(p.timings_ms.get(stage, 0.0) for p in predictions)
+                              for stage in predictions[0].timings_ms})
     payload = _compress(payload, request.headers.get("accept-encoding", ""), headers)
     media_type = "application/json" if json_bytes is None else "application/octet-stream"
     return Response(payload, media_type=media_type, headers=headers)
