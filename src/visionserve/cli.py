@@ -274,13 +274,14 @@ def _annotation_paths(found: list[tuple[Path, Path]], folder: Path) -> dict[Path
     by_output: dict[Path, Path] = {}
     for path, relative in found:
         out = folder / relative.with_suffix(".jpg")
-        if out.resolve() in inputs:
-            _error(f"--annotate {folder}: the drawing of {path} would replace the input {inputs[out.resolve()]}")
+        key = out.resolve()
+        if key in inputs:
+            _error(f"--annotate {folder}: the drawing of {path} would replace the input {inputs[key]}")
             raise typer.Exit(2)
-        if (other := by_output.get(out.resolve())) is not None:
+        if (other := by_output.get(key)) is not None:
             _error(f"--annotate {folder}: {other} and {path} would both be drawn to {out}")
             raise typer.Exit(2)
-        by_output[out.resolve()] = path
+        by_output[key] = path
         drawn[path] = out
     return drawn
 
@@ -403,8 +404,8 @@ def models_verify(
     bad = 0
     for name in sorted(targets + list(broken)):
         try:
-            checks = [FileCheck(MANIFEST_NAME, False, broken[name].message)] if name in broken else store.verify(name)
-        except ModelError as e:
+            checks = store.verify(name)
+        except ModelError as e:  # its manifest is broken: the one check that fails
             checks = [FileCheck(MANIFEST_NAME, False, e.message)]
         for check in checks:
             mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
@@ -513,13 +514,9 @@ def models_optimize(
 def main() -> None:
     try:
         app()
-    except BrokenPipeError:
-        # The reader went away (`| head`): stop quietly, and keep Python from complaining
-        # again when it flushes stdout at exit.
-        sys.stdout = None  # type: ignore[assignment]
-        sys.exit(1)
     except OSError as e:
         # The machine's part (a full disk, a folder that cannot be written, a path through a
-        # file): one line naming the file, not a traceback.
+        # file): one line naming the file, not a traceback. (Click already ends quietly when
+        # the reader of stdout goes away, `| head`.)
         _error(f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e)))
         sys.exit(1)
