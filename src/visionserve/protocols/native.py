@@ -239,8 +239,6 @@ def _negotiate(accept: str) -> str:
     return best if offers[best] > 0 else "json"
 
 
-
-
 def prediction_json(p: Prediction) -> dict[str, Any]:
     d = p.detections
     # float64 first, so the rounded values print as short decimals

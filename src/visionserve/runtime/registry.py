@@ -127,12 +127,12 @@ class ModelRegistry:
         )
 
     def failed(self) -> dict[str, str]:
-        """Configured models that failed to load, with why; each stays so until loaded again."""
-        out = {n: self._failures[n] for n in self._configs if n in self._failures}
-        for n in self._configs:
-            if (m := self._models.get(n)) is not None and m.state is ModelState.FAILED:
-                out[n] = m.error or "unknown error"
-        return out
+        """Configured models that failed to load, with why (as ``status`` tells them); each
+        stays so until loaded again."""
+        return {
+            e["name"]: e.get("error", "unknown error")
+            for e in self.status() if e["state"] == ModelState.FAILED.value and e["name"] in self._configs
+        }
 
     def load(self, name: str) -> ServedModel:
         """Loads (or reloads) a configured, installed or catalog model; blocking.

@@ -36,7 +36,7 @@ def _not_a_cancelled_task(record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, asyncio.CancelledError):
         return False
-    if record.name != "uvicorn.error" or record.levelno < logging.ERROR:
+    if record.levelno < logging.ERROR:
         return True
     text = record.getMessage()
     return not (text.startswith("Traceback") and text.rstrip().endswith("CancelledError"))
@@ -45,7 +45,6 @@ def _not_a_cancelled_task(record: logging.LogRecord) -> bool:
 def configure_logging(fmt: str = "text", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    handler.addFilter(_not_a_cancelled_task)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -53,4 +52,6 @@ def configure_logging(fmt: str = "text", level: str = "info") -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+    # On uvicorn's logger, where both are logged: not on every access-log line.
+    logging.getLogger("uvicorn.error").addFilter(_not_a_cancelled_task)
     logging.getLogger("uvicorn.access").disabled = True  # our middleware writes the access log
