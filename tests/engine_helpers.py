@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
 import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
+
+
+def copy_model(store: Path, source: Path, name: str) -> Path:
+    """An installed model's folder copied into ``store`` under another name."""
+    folder = store / name
+    shutil.copytree(source, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
+    return folder
 
 
 def post_image(url: str, image: Path, headers: dict[str, str] | None = None, path: str = "/predict") -> httpx.Response:

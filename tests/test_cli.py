@@ -19,6 +19,8 @@ from PIL import Image
 
 from visionserve.store.labels import COCO_80
 
+from conftest import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -368,9 +370,7 @@ def test_a_signal_while_serve_starts_ends_it_at_once_and_quietly(model_dir, mirr
     command's first instant."""
     env = {**os.environ, "VISIONSERVE_MODEL_DIR": str(model_dir), "VISIONSERVE_MODEL_MIRROR": str(mirror),
            "PYTHONPATH": str(REPO / "src")}
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "visionserve", "serve", "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(0.15)  # still importing
@@ -386,9 +386,7 @@ def test_healthcheck_finds_the_port_where_the_server_does(server, model_dir, mir
     cfg.write_text(f"port = {port}\n")
     r = run("healthcheck", "--config", str(cfg), model_dir=model_dir, mirror=mirror, timeout=60)
     assert (r.returncode, r.stdout) == (0, "ready\n"), r.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        free = s.getsockname()[1]
+    free = free_port()
     cfg.write_text(f"port = {free}\n")
     r = run("healthcheck", "--config", str(cfg), model_dir=model_dir, mirror=mirror, timeout=60)
     assert r.returncode == 1 and r.stdout == f"unhealthy: no answer from http://127.0.0.1:{free} (ConnectError)\n"

@@ -5,7 +5,6 @@ serves, whatever the order in which loads, unloads and requests meet."""
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import threading
 import time
@@ -17,6 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import ServerProcess, start_server
+from engine_helpers import copy_model
 
 SPARE = "spare"  # a copy of yolox-nano under its own name, loaded and unloaded by the tests
 
@@ -25,9 +25,7 @@ SPARE = "spare"  # a copy of yolox-nano under its own name, loaded and unloaded 
 def store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("changes-store")
     shutil.copytree(model_dir / "yolox-nano", root / "yolox-nano")
-    shutil.copytree(model_dir / "yolox-nano", root / SPARE)
-    manifest = json.loads((root / SPARE / "manifest.json").read_text())
-    (root / SPARE / "manifest.json").write_text(json.dumps({**manifest, "name": SPARE}))
+    copy_model(root, model_dir / "yolox-nano", SPARE)
     return root
 
 

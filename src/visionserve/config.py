@@ -238,8 +238,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"invalid configuration{f' in {config_file}' if config_file else ''}: {e}") from None
 
 
-# Read by others than Settings: the CLI's --config, compose.yaml's host port, the test suite.
-_OTHER_VARIABLES = {"VISIONSERVE_CONFIG", "VISIONSERVE_HOST_PORT", "VISIONSERVE_KSERVE_PYTHON"}
+# Read by others than Settings: the CLI's --config, compose.yaml's host port.
+_OTHER_VARIABLES = {"VISIONSERVE_CONFIG", "VISIONSERVE_HOST_PORT"}
 
 
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:

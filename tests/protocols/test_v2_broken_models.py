@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from conftest import start_server
+from engine_helpers import copy_model
 
 GOOD = "yolox-nano"
 TRUNCATED = "truncated-onnx"  # configured: its ONNX file is cut in half
@@ -23,25 +24,17 @@ NO_FAMILY = "no-family"  # configured: its manifest names a model family that do
 NOT_ONNX = "the model file is not a valid ONNX graph"
 
 
-def _copy_model(store: Path, source: Path, name: str) -> Path:
-    folder = store / name
-    shutil.copytree(source, folder)
-    manifest = json.loads((folder / "manifest.json").read_text())
-    (folder / "manifest.json").write_text(json.dumps({**manifest, "name": name}))
-    return folder
-
-
 @pytest.fixture(scope="module")
 def broken_store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = tmp_path_factory.mktemp("broken-store")
     shutil.copytree(model_dir / GOOD, store / GOOD)
     for name in (TRUNCATED, LATE):
-        onnx = next(_copy_model(store, model_dir / GOOD, name).glob("*.onnx"))
+        onnx = next(copy_model(store, model_dir / GOOD, name).glob("*.onnx"))
         onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
-    folder = _copy_model(store, model_dir / GOOD, NO_FAMILY)
+    folder = copy_model(store, model_dir / GOOD, NO_FAMILY)
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "family": "no-such-family"}))
-    folder = _copy_model(store, model_dir / GOOD, BROKEN_MANIFEST)
+    folder = copy_model(store, model_dir / GOOD, BROKEN_MANIFEST)
     (folder / "manifest.json").write_text('{"name": "broken-manifest", "family": ')
     return store
 

@@ -268,7 +268,7 @@ def test_repository_unload_and_load(server_factory):
 
 # -- KServe's client, from its own virtual environment ---------------------------------------
 # kserve pins protobuf<7 and would downgrade the test environment's protobuf, so its client
-# runs from a virtual environment of its own: VISIONSERVE_KSERVE_PYTHON if set, else one
+# runs from a virtual environment of its own: KSERVE_CLIENT_PYTHON if set, else one
 # built once under .venv-kserve/ (pip install kserve pillow; needs PyPI the first time).
 
 KSERVE_VENV = REPO / ".venv-kserve"
@@ -276,8 +276,8 @@ KSERVE_VENV = REPO / ".venv-kserve"
 
 @pytest.fixture(scope="session")
 def kserve_python() -> Path:
-    if os.environ.get("VISIONSERVE_KSERVE_PYTHON"):
-        return Path(os.environ["VISIONSERVE_KSERVE_PYTHON"])
+    if os.environ.get("KSERVE_CLIENT_PYTHON"):
+        return Path(os.environ["KSERVE_CLIENT_PYTHON"])
     python = KSERVE_VENV / "bin" / "python"
     if not python.exists():
         try:
