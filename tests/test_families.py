@@ -56,6 +56,26 @@ def test_yolox_second_stride_and_multilabel():
     assert sorted(cand.class_ids.tolist()) == [0, 1]
 
 
+def test_yolox_decodes_an_input_smaller_than_its_full_size():
+    """Minimal padding: a 64x32 input of a 64x64 model has 8x4 + 4x2 + 2x1 rows, and a cell's
+    row and position follow that grid, not the full one."""
+    fam = get_family("yolox")(manifest("yolox", ["a", "b"], 64))
+    assert fam.variable_input_stride == 32
+    out = np.zeros((42, 7), np.float32)
+    row = 32 + 1 * 4 + 2  # stride-16 grid (4 wide, 2 high) starts after 8x4 rows; cell x=2, y=1
+    out[row, 4] = 1.0
+    out[row, 5:] = [0.1, 0.9]
+    cand = fam.decode([out], min_confidence=0.5, net_size=(64, 32))
+    np.testing.assert_allclose(cand.boxes, [[24, 8, 40, 24]], atol=1e-5)  # cx 32, cy 16, w=h=16
+    fam.validate_outputs([[1, 42, 7]], (64, 32))
+    fam.validate_outputs([[1, "rows", 7]], (64, 32))  # symbolic: only a run can tell
+    with pytest.raises(ModelError, match="64x32"):
+        fam.validate_outputs([[1, 84, 7]], (64, 32))
+    placement = Placement(1.0, 1.0, 0.0, 0.0, net_size=(64, 32))
+    found = fam.postprocess([out], placement, (64, 20), Thresholds(0.5, 0.45, 10))
+    np.testing.assert_allclose(found.boxes, [[24, 8, 40, 20]], atol=1e-5)  # clipped to the image
+
+
 def test_yolox_postprocess_maps_to_image_pixels_and_filters():
     fam = get_family("yolox")(manifest("yolox", ["a", "b"], 64))
     out = yolox_output(2, 64)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from visionserve.vision.boxes import box_iou, clip_boxes, cxcywh_to_xyxy
-from visionserve.vision.letterbox import letterbox, stretch, to_chw_tensor
+from visionserve.vision.letterbox import letterbox, padded_to, stretch, to_chw_tensor
 from visionserve.vision.nms import batched_nms, nms
 
 
@@ -23,6 +23,41 @@ def test_letterbox_center_pads_both_sides_and_maps_back():
     assert p.pad_x == 80 and p.pad_y == 0
     box = np.array([[80.0, 0.0, 240.0, 320.0]])  # the whole image area in network pixels
     np.testing.assert_allclose(p.to_image(box), [[0, 0, 100, 200]], atol=1e-4)
+
+
+def test_letterbox_with_stride_pads_only_to_its_next_multiple():
+    img = np.full((576, 768, 3), 7, np.uint8)  # 4:3, like dog.jpg
+    out, p = letterbox(img, 416, 416, pad_value=114, stride=32)
+    assert out.shape == (320, 416, 3) and p.net_size == (416, 320)  # 312 rows of image, 8 of padding
+    assert p.scale_x == p.scale_y == pytest.approx(416 / 768) and (p.pad_x, p.pad_y) == (0, 0)
+    assert (out[:312] == 7).all() and (out[312:] == 114).all()
+    full, q = letterbox(img, 416, 416, pad_value=114)  # the same image placement, more padding
+    assert q.net_size is None and (full[:320] == out).all()
+
+
+def test_letterbox_with_stride_portrait_thin_and_exact_sizes():
+    _, p = letterbox(np.zeros((640, 480, 3), np.uint8), 416, 416, stride=32)
+    assert p.net_size == (320, 416)  # 312 columns -> 320
+    out, p = letterbox(np.zeros((10, 1000, 3), np.uint8), 416, 416, stride=32)
+    assert out.shape == (32, 416, 3) and p.net_size == (416, 32)  # 4 rows of image: one stride
+    _, p = letterbox(np.zeros((500, 500, 3), np.uint8), 416, 416, stride=32)
+    assert p.net_size is None  # square: the full size, as without a stride
+    out, p = letterbox(np.zeros((240, 416, 3), np.uint8), 416, 416, stride=32)
+    assert out.shape == (256, 416, 3) and p.scale_x == 1.0
+    out, p = letterbox(np.zeros((100, 200, 3), np.uint8), 410, 410, stride=32)
+    assert out.shape == (224, 410, 3)  # a side is never more than the full size, multiple or not
+
+
+def test_letterbox_with_stride_centred_maps_back():
+    img = np.zeros((600, 800, 3), np.uint8)
+    out, p = letterbox(img, 416, 416, align="center", stride=32)
+    assert out.shape == (320, 416, 3) and p.pad_y == 4  # 312 rows centred in 320
+    box = np.array([[0.0, 4.0, 416.0, 316.0]])
+    np.testing.assert_allclose(p.to_image(box), [[0, 0, 800, 600]], atol=1e-3)
+
+
+def test_padded_to():
+    assert [padded_to(n, 32) for n in (1, 31, 32, 33, 312, 416)] == [32, 32, 32, 64, 320, 416]
 
 
 def test_stretch_ignores_aspect():

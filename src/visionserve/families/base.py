@@ -31,6 +31,9 @@ class InputSpec:
     align: Literal["topleft", "center"] = "topleft"
     pad_value: int = 114
     scale: float = 1.0  # multiplier applied to 0..255 values
+    # Letterbox only: 0 pads to width x height; N pads to the next multiple of N instead (the
+    # runtime sets it when the loaded graph takes such sizes: ``variable_input_stride``).
+    pad_stride: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +90,27 @@ class ModelFamily(ABC):
         """The pre-processing this family (and this manifest's options) asks for."""
 
     @abstractmethod
-    def decode(self, outputs: Sequence[np.ndarray], min_confidence: float) -> Candidates:
-        """Raw outputs of one image (batch dimension removed) -> candidate boxes above threshold."""
+    def decode(
+        self, outputs: Sequence[np.ndarray], min_confidence: float, net_size: tuple[int, int] | None = None
+    ) -> Candidates:
+        """Raw outputs of one image (batch dimension removed) -> candidate boxes above threshold.
+        ``net_size``: the input's (width, height) when it was not the full size."""
 
-    def validate_outputs(self, output_shapes: Sequence[Sequence[int | str | None]]) -> None:
-        """Raises ``ModelError`` when the ONNX graph's outputs do not fit this family."""
+    def validate_outputs(
+        self, output_shapes: Sequence[Sequence[int | str | None]], net_size: tuple[int, int] | None = None
+    ) -> None:
+        """Raises ``ModelError`` when the ONNX graph's outputs do not fit this family (for an
+        input of ``net_size``, by default the full size)."""
+
+    @property
+    def variable_input_stride(self) -> int | None:
+        """The step in which this family can take input sizes below the full one (letterboxed
+        images padded only to a multiple of it), or None: it decodes the full size only."""
+        return None
+
+    def net_size(self, given: tuple[int, int] | None = None) -> tuple[int, int]:
+        """The network input's (width, height): ``given``, else the full size."""
+        return given or (self.input.width, self.input.height)
 
     # -- shared pipeline ---------------------------------------------------------------
 
@@ -100,7 +119,7 @@ class ModelFamily(ABC):
         spec = self.input
         if spec.resize == "letterbox":
             fitted, placement = letterbox(
-                pixels, spec.width, spec.height, align=spec.align, pad_value=spec.pad_value
+                pixels, spec.width, spec.height, align=spec.align, pad_value=spec.pad_value, stride=spec.pad_stride
             )
         else:
             fitted, placement = stretch(pixels, spec.width, spec.height)
@@ -115,7 +134,7 @@ class ModelFamily(ABC):
         thresholds: Thresholds,
     ) -> Detections:
         """Raw outputs of one image -> final detections in image pixels, best first."""
-        cand = self.decode(outputs, thresholds.min_confidence)
+        cand = self.decode(outputs, thresholds.min_confidence, placement.net_size)
         boxes, scores, class_ids = cand.boxes, cand.scores, cand.class_ids
         if thresholds.class_ids is not None and len(scores):
             allowed = np.isin(class_ids, thresholds.class_ids)

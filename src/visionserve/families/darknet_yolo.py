@@ -61,7 +61,9 @@ class DarknetYoloFamily(ModelFamily):
         except (KeyError, TypeError, ValueError) as e:
             raise ModelError(f"model {self.manifest.name!r}: bad options.heads: {e}") from None
 
-    def validate_outputs(self, output_shapes: Sequence[Sequence[int | str | None]]) -> None:
+    def validate_outputs(
+        self, output_shapes: Sequence[Sequence[int | str | None]], net_size: tuple[int, int] | None = None
+    ) -> None:
         if len(output_shapes) != len(self.heads):
             raise ModelError(f"the graph has {len(output_shapes)} outputs; the manifest describes {len(self.heads)} heads")
         for k, ((anchors, _), shape) in enumerate(zip(self.heads, output_shapes)):
@@ -73,8 +75,10 @@ class DarknetYoloFamily(ModelFamily):
                     f"{len(self.labels)} labels (want [N, {want}, H, W])"
                 )
 
-    def decode(self, outputs: Sequence[np.ndarray], min_confidence: float) -> Candidates:
-        net_size = (self.input.width, self.input.height)
+    def decode(
+        self, outputs: Sequence[np.ndarray], min_confidence: float, net_size: tuple[int, int] | None = None
+    ) -> Candidates:
+        net_size = self.net_size(net_size)
         boxes, objectness, scores = [], [], []
         for raw, (anchors, scale_x_y) in zip(outputs, self.heads):
             b, o, s = decode_yolo_head(raw.astype(np.float32, copy=False), anchors, len(self.labels), net_size, scale_x_y)

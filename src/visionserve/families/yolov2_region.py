@@ -57,17 +57,21 @@ class YoloV2RegionFamily(ModelFamily):
     def anchors(self) -> np.ndarray:
         return np.asarray(self.manifest.options.get("anchors", TINY_YOLOV2_VOC_ANCHORS), np.float32).reshape(-1, 2)
 
-    def validate_outputs(self, output_shapes: Sequence[Sequence[int | str | None]]) -> None:
+    def validate_outputs(
+        self, output_shapes: Sequence[Sequence[int | str | None]], net_size: tuple[int, int] | None = None
+    ) -> None:
         want = self.anchors.shape[0] * (5 + len(self.labels))
         shape = list(output_shapes[0]) if output_shapes else []
-        if len(shape) != 4 or shape[1] not in (want, None):
+        if len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != want):
             raise ModelError(
                 f"region output shape {shape} does not fit {self.anchors.shape[0]} anchors and "
                 f"{len(self.labels)} labels (want [N, {want}, H, W])"
             )
 
-    def decode(self, outputs: Sequence[np.ndarray], min_confidence: float) -> Candidates:
+    def decode(
+        self, outputs: Sequence[np.ndarray], min_confidence: float, net_size: tuple[int, int] | None = None
+    ) -> Candidates:
         boxes, obj, probs = decode_region(
-            outputs[0].astype(np.float32, copy=False), self.anchors, len(self.labels), (self.input.width, self.input.height)
+            outputs[0].astype(np.float32, copy=False), self.anchors, len(self.labels), self.net_size(net_size)
         )
         return multilabel_candidates(boxes, obj, probs, min_confidence)

@@ -4,11 +4,14 @@ Contract: input float32 [N, 3, H, W], BGR, letterboxed top-left with pad 114, ra
 Output [N, sum(H/s * W/s for s in strides), 5 + C]: cx, cy, w, h (grid units, log-space
 w/h), objectness, C class scores. Boxes decode as xy = (xy + cell) * stride,
 wh = exp(wh) * stride; score = objectness x class score.
+
+The network is fully convolutional, so any input whose sides are multiples of the largest
+stride works; the grid follows the input's size (``variable_input_stride``).
 """
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -34,32 +37,47 @@ class YoloxFamily(ModelFamily):
     def strides(self) -> list[int]:
         return list(self.manifest.options.get("strides", [8, 16, 32]))
 
-    @cached_property
-    def _grid(self) -> tuple[np.ndarray, np.ndarray]:
-        """(cell x,y offsets [N, 2], stride per row [N, 1]) for this input size."""
-        cells, strides = [], []
-        for s in self.strides:
-            gh, gw = self.input.height // s, self.input.width // s
-            xv, yv = np.meshgrid(np.arange(gw), np.arange(gh))
-            cells.append(np.stack((xv, yv), axis=2).reshape(-1, 2))
-            strides.append(np.full((gh * gw, 1), s))
-        return np.concatenate(cells).astype(np.float32), np.concatenate(strides).astype(np.float32)
+    @property
+    def variable_input_stride(self) -> int:
+        return max(self.strides)
 
-    def validate_outputs(self, output_shapes: Sequence[Sequence[int | str | None]]) -> None:
-        rows = self._grid[0].shape[0]
+    def validate_outputs(
+        self, output_shapes: Sequence[Sequence[int | str | None]], net_size: tuple[int, int] | None = None
+    ) -> None:
+        width, height = self.net_size(net_size)
+        rows = yolox_grid(tuple(self.strides), width, height)[0].shape[0]
         shape = list(output_shapes[0]) if output_shapes else []
-        if len(shape) != 3 or shape[1] not in (rows, None) or (
+        # A dimension that is not an int is symbolic (any size): only the run can tell.
+        if len(shape) != 3 or (isinstance(shape[1], int) and shape[1] != rows) or (
             isinstance(shape[2], int) and shape[2] != 5 + len(self.labels)
         ):
             raise ModelError(
-                f"YOLOX output shape {shape} does not fit {self.input.width}x{self.input.height} input "
+                f"YOLOX output shape {shape} does not fit {width}x{height} input "
                 f"with strides {self.strides} and {len(self.labels)} labels (want [N, {rows}, {5 + len(self.labels)}])"
             )
 
-    def decode(self, outputs: Sequence[np.ndarray], min_confidence: float) -> Candidates:
+    def decode(
+        self, outputs: Sequence[np.ndarray], min_confidence: float, net_size: tuple[int, int] | None = None
+    ) -> Candidates:
         out = outputs[0]
-        cells, strides = self._grid
+        cells, strides = yolox_grid(tuple(self.strides), *self.net_size(net_size))
         xy = (out[:, :2] + cells) * strides
         wh = np.exp(out[:, 2:4]) * strides
         boxes = cxcywh_to_xyxy(np.concatenate([xy, wh], axis=1))
         return multilabel_candidates(boxes, out[:, 4], out[:, 5:], min_confidence)
+
+
+@lru_cache(maxsize=64)  # one entry per input size: at most a few dozen with minimal padding
+def yolox_grid(strides: tuple[int, ...], width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(cell x,y offsets [N, 2], stride per row [N, 1]) for a width x height input, rows in
+    the network's order: stride by stride, row-major."""
+    cells, steps = [], []
+    for s in strides:
+        gh, gw = height // s, width // s
+        xv, yv = np.meshgrid(np.arange(gw), np.arange(gh))
+        cells.append(np.stack((xv, yv), axis=2).reshape(-1, 2))
+        steps.append(np.full((gh * gw, 1), s))
+    out = np.concatenate(cells).astype(np.float32), np.concatenate(steps).astype(np.float32)
+    for a in out:
+        a.flags.writeable = False  # shared by every caller
+    return out
