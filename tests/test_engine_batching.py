@@ -48,7 +48,8 @@ def test_batched_server_answers_as_the_unbatched_one(server_factory, images):
     srv = server_factory(env={
         **one_worker, "VISIONSERVE_QUEUE__MAX_BATCH_SIZE": "4", "VISIONSERVE_QUEUE__MAX_QUEUE_DELAY_MS": "50",
     })
-    reference = server_factory(env=one_worker)
+    # Images in one batch share one size: batching pads to the full size, so the reference does too.
+    reference = server_factory(env={**one_worker, "VISIONSERVE_RUNTIME__MINIMAL_PADDING": "false"})
     paths = [images / n for n in IMAGES]
     batched = concurrent_posts(srv.url, paths)
     unbatched = concurrent_posts(reference.url, paths)

@@ -74,6 +74,10 @@ def test_processes_and_threads_give_the_same_detections(server_factory, images):
     assert len(children(procs.process.pid)) == 1
     assert len(children(apart.process.pid)) == 2
     assert children(threads.process.pid) == []
+    # Minimal padding is decided where the sessions load; /status tells it either way.
+    for srv in (procs, threads, apart):
+        model = httpx.get(srv.url + "/status").json()["models"][0]
+        assert model["input"] == {"width": 416, "height": 416, "padded_to_multiple_of": 32}
     for name in ("dog.jpg", "horses.jpg", "kite.jpg"):
         expected = answer(post_image(threads.url, images / name))
         assert expected and answer(post_image(procs.url, images / name)) == expected

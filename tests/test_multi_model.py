@@ -112,7 +112,7 @@ def test_own_onnx_file_from_config(server_factory, model_dir, images, tmp_path):
     srv = server_factory("--config", str(config))
     with srv.client() as c:
         status = {m["name"]: m for m in c.get("/status").json()["models"]}
-        assert status["mine"]["ready"] and status["mine"]["input"] == {"width": 416, "height": 416}  # read from the graph
+        assert status["mine"]["ready"] and status["mine"]["input"] == {"width": 416, "height": 416, "padded_to_multiple_of": 32}  # read from the graph
         body = c.post("/predict/mine", files={"image": ("d.jpg", (images / "dog.jpg").read_bytes())}).json()
         assert body["model"] == {"name": "mine", "version": "7"}
         assert {d["label"] for d in body["detections"]} >= {"thing16", "thing1", "thing2"}  # dog, bicycle, car

@@ -3,6 +3,7 @@ engine the manifest names)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -17,10 +18,12 @@ from visionserve.families import get_family
 from visionserve.families.base import ModelFamily
 from visionserve.runtime.batching import dynamic_batch_variant, graph_batch_size, same_outputs
 from visionserve.runtime.cpus import cpu_count
+from visionserve.runtime.input_size import variable_size_source
 from visionserve.runtime.session import Session, create_session
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, PredictParams, Thresholds
+from visionserve.vision.letterbox import padded_to
 
 log = logging.getLogger("visionserve.models")
 
@@ -88,18 +91,29 @@ class ServedModel:
                 log.warning("%s: batching needs the ONNX Runtime backend; serving without batching", self.name)
                 batching = False
             source = self._batch_source() if batching else None
+            stride = None if batching else self._padding_stride()
+            if stride is not None:
+                source = variable_size_source(self.manifest.path)
+                stride = stride if source is not None else None
             source = source or self.manifest.path
             session = self._create_session(source, wide_threads)
             inputs = session.get_inputs()
             if len(inputs) != 1:
                 raise ModelError(f"{self.name}: expected one input, the graph has {[i.name for i in inputs]}")
             self.family.validate_outputs([o.shape for o in session.get_outputs()])
+            self.input_name = inputs[0].name
+            if stride is not None:
+                if self._runs_smaller_inputs(session, stride):
+                    self.family.input = dataclasses.replace(self.family.input, pad_stride=stride)
+                elif source != self.manifest.path:
+                    source = self.manifest.path
+                    session = self._create_session(source, wide_threads)
             # One session per worker, as in the in-process ceiling (one per process), so
             # concurrent runs never share a session.
             worker_sessions = [session]
             if worker_threads != wide_threads:
                 worker_sessions = [self._create_session(source, worker_threads) for _ in range(workers)]
-            self.session, self.worker_sessions, self.input_name = session, worker_sessions, inputs[0].name
+            self.session, self.worker_sessions = session, worker_sessions
             self._free_sessions = list(worker_sessions)
             if batching:
                 self.max_batch_size = self._checked_batch_size()
@@ -117,12 +131,44 @@ class ServedModel:
             source, self.runtime, intra_op_threads=threads, name=str(m.path), backend=m.backend, options=m.backend_options
         )
 
+    def report(self) -> dict:
+        """What an inference process tells the HTTP process's ``attach_workers`` once loaded."""
+        return {
+            "max_batch_size": self.max_batch_size,
+            "has_wide_session": self.has_wide_session,
+            "pad_stride": self.family.input.pad_stride,
+        }
+
     def attach_workers(self, report: dict) -> None:
         """Marks the model ready with its sessions held by inference worker processes
         (``report``: what the wide worker said after loading it)."""
         self.max_batch_size = int(report["max_batch_size"])
         self._remote_wide = bool(report["has_wide_session"])
+        self.family.input = dataclasses.replace(self.family.input, pad_stride=int(report.get("pad_stride", 0)))
         self.state = ModelState.READY
+
+    def _padding_stride(self) -> int | None:
+        """The stride to pad letterboxed inputs to, when settings, engine and family allow it."""
+        spec = self.family.input
+        if not self.runtime.minimal_padding or self.manifest.backend != "onnxruntime" or spec.resize != "letterbox":
+            return None
+        return self.family.variable_input_stride
+
+    def _runs_smaller_inputs(self, session: Session, stride: int) -> bool:
+        """Whether the graph runs a half-height and a half-width input with outputs that fit the
+        family at those sizes; minimal padding is used only then."""
+        spec = self.family.input
+        sizes = {(spec.width, padded_to(spec.height // 2, stride)), (padded_to(spec.width // 2, stride), spec.height)}
+        for width, height in sizes - {(spec.width, spec.height)}:
+            tensor = np.full((1, 3, height, width), spec.pad_value * spec.scale, np.float32)
+            try:
+                outputs = session.run(None, {self.input_name: tensor})
+                self.family.validate_outputs([o.shape for o in outputs], (width, height))
+            except Exception as e:
+                log.warning("%s: the graph does not take %dx%d inputs (%s); padding to the full size", self.name, width, height, e)
+                return False
+        log.info("%s: letterboxed inputs padded to a multiple of %d", self.name, stride)
+        return True
 
     def _batch_source(self) -> Path | bytes | None:
         """The graph to load when batching is wanted: as is when its batch dimension is dynamic,

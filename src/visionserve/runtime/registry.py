@@ -240,7 +240,11 @@ class ModelRegistry:
                 "family": m.manifest.family,
                 "backend": m.manifest.backend,
                 "labels": len(m.labels),
-                "input": {"width": m.family.input.width, "height": m.family.input.height},
+                # padded_to_multiple_of: minimal padding's step (a 4:3 photo runs at 416x320), or null
+                "input": {
+                    "width": m.family.input.width, "height": m.family.input.height,
+                    "padded_to_multiple_of": m.family.input.pad_stride or None,
+                },
                 # The defaults a request's parameters override (the web page starts from them).
                 "min_confidence": m.manifest.min_confidence,
                 "iou": m.manifest.iou,

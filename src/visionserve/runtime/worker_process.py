@@ -120,7 +120,7 @@ def serve_worker(
                 model.load()
                 models[manifest.name] = model
                 _release_free_heap()
-                reply = ("ok", {"max_batch_size": model.max_batch_size, "has_wide_session": model.has_wide_session})
+                reply = ("ok", model.report())
             elif op == "unload":
                 gone = models.pop(message[1], None)
                 if gone is not None:
