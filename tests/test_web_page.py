@@ -182,3 +182,17 @@ def test_an_unreachable_server_is_said_in_words(browser, server_factory, images)
     page.click("#go")
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert page.locator("#error").inner_text() == "cannot reach the server"
+
+
+def test_the_api_docs_render_with_no_request_off_the_server(browser, server, tmp_path):
+    """/docs is Swagger UI from the server's own files: an air-gapped machine (like this one)
+    shows it, and the page asks nothing of any other host."""
+    page = browser.new_page()
+    elsewhere: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(server.url) else elsewhere.append(r.url))
+    page.goto(server.url + "/docs")
+    page.wait_for_selector(".opblock-summary-path[data-path='/predict']", timeout=15_000)
+    paths = page.locator(".opblock-summary-path").all_inner_texts()
+    assert {"/predict", "/v1/vision/detection"} <= {p.strip() for p in paths}
+    page.screenshot(path=str(tmp_path / "docs.png"))
+    assert elsewhere == []

@@ -10,6 +10,7 @@ from functools import partial
 from typing import AsyncIterator
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -51,13 +52,16 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
             loading.cancel()
         scheduler.shutdown()
 
-    app = FastAPI(
+    # FastAPI's /docs page loads Swagger UI from a CDN, and is blank on an air-gapped machine;
+    # FastAPIOffline serves the same page with Swagger UI's files from its package.
+    app = FastAPIOffline(
         title="visionserve",
         version=__version__,
         description="Object detection over HTTP: upload an image, get labels, confidences and boxes.",
         lifespan=lifespan,
         docs_url="/docs",
         redoc_url=None,
+        static_url="/docs/static",
     )
     app.state.settings = settings
     app.state.registry = registry
