@@ -90,22 +90,20 @@ class ServedModel:
             if batching and self.manifest.backend != "onnxruntime":
                 log.warning("%s: batching needs the ONNX Runtime backend; serving without batching", self.name)
                 batching = False
-            source = self._batch_source() if batching else None
+            self.family.input = dataclasses.replace(self.family.input, pad_stride=0)  # until checked below
             stride = None if batching else self._padding_stride()
-            if stride is not None:
-                source = variable_size_source(self.manifest.path)
-                stride = stride if source is not None else None
-            source = source or self.manifest.path
+            variable = variable_size_source(self.manifest.path) if stride else None
+            source = (self._batch_source() if batching else variable) or self.manifest.path
             session = self._create_session(source, wide_threads)
             inputs = session.get_inputs()
             if len(inputs) != 1:
                 raise ModelError(f"{self.name}: expected one input, the graph has {[i.name for i in inputs]}")
             self.family.validate_outputs([o.shape for o in session.get_outputs()])
             self.input_name = inputs[0].name
-            if stride is not None:
+            if stride and variable is not None:
                 if self._runs_smaller_inputs(session, stride):
                     self.family.input = dataclasses.replace(self.family.input, pad_stride=stride)
-                elif source != self.manifest.path:
+                elif isinstance(variable, bytes):  # the rewritten graph fails: load the file as it is
                     source = self.manifest.path
                     session = self._create_session(source, wide_threads)
             # One session per worker, as in the in-process ceiling (one per process), so
