@@ -50,7 +50,8 @@ RUN /opt/visionserve/bin/pip wheel --no-deps --wheel-dir /wheels . \
 #   auditwheel vendored (*.libs) are already stripped and patchelf-edited: left alone;
 # - onnxruntime's C-API library: its Python binding links ONNX Runtime in statically and
 #   never loads it; and its model-conversion tools (transformers, quantization, tools);
-# - what only compiling against numpy needs (headers, f2py, distutils) and type stubs.
+# - what only compiling against numpy needs (headers, f2py, distutils) and type stubs;
+# - ReDoc's script from fastapi-offline: the server offers Swagger UI (/docs) only.
 RUN set -eu; \
     /opt/visionserve/bin/python -m pip uninstall -q -y pip setuptools wheel; \
     site="$(echo /opt/visionserve/lib/python3*/site-packages)"; \
@@ -58,7 +59,8 @@ RUN set -eu; \
     find "$site" -name '*.so' -not -path '*.libs/*' -exec strip --strip-unneeded {} +; \
     rm -rf "$site"/onnxruntime/capi/libonnxruntime.so.* \
            "$site"/onnxruntime/transformers "$site"/onnxruntime/quantization "$site"/onnxruntime/tools \
-           "$site"/numpy/f2py "$site"/numpy/distutils "$site"/numpy/_core/include; \
+           "$site"/numpy/f2py "$site"/numpy/distutils "$site"/numpy/_core/include \
+           "$site"/fastapi_offline/static/redoc.standalone.js; \
     find "$site" -name '*.pyi' -delete; \
     # and the scripts of what was removed, which would only fail (f2py, onnxruntime_test, ...)
     for script in /opt/visionserve/bin/*; do \
