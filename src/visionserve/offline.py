@@ -38,8 +38,7 @@ class OfflineDetector:
         if not data:  # decode_image would speak of an upload
             raise MissingImage("the file is empty")
         t0 = time.perf_counter()
-        # A drawing keeps the image's own size: it decodes whole, not at reduced scale.
-        min_size = self.model.decode_min_size() if annotate_to is None else None
+        min_size = self.model.decode_min_size(drawn=annotate_to is not None)
         image = decode_image(data, max_pixels=self.settings.limits.max_image_pixels, min_size=min_size)
         # The stages the server reports, but for its queue: decode, preprocess, inference, postprocess.
         timings: dict[str, float] = {"decode": (time.perf_counter() - t0) * 1e3}

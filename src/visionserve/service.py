@@ -100,8 +100,7 @@ class DetectionService:
         thresholds = served.thresholds(params)  # bad parameters fail before any decoding
         # A bad format fails here, before the image is decoded and run.
         render = None if annotated is None else partial(render_annotated, fmt=output_format(annotated))
-        # An image drawn on comes back at its own size: it decodes whole, not at reduced scale.
-        min_size = served.decode_min_size() if render is None else None
+        min_size = served.decode_min_size(drawn=render is not None)
         prepare = partial(decode_image, data, max_pixels=self.settings.limits.max_image_pixels, min_size=min_size)
         return await self._predict(served, prepare, thresholds, deadline, render)
 

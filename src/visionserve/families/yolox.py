@@ -11,7 +11,7 @@ stride works; the grid follows the input's size (``variable_input_stride``).
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Sequence
 
 import numpy as np
@@ -33,9 +33,10 @@ class YoloxFamily(ModelFamily):
             manifest, channel_order="BGR", resize="letterbox", align="topleft", pad_value=114, scale=1.0
         )
 
-    @property
-    def strides(self) -> list[int]:
-        return list(self.manifest.options.get("strides", [8, 16, 32]))
+    @cached_property
+    def strides(self) -> tuple[int, ...]:
+        # Read once: decode (once per image) keys the grid cache by it.
+        return tuple(self.manifest.options.get("strides", (8, 16, 32)))
 
     @property
     def variable_input_stride(self) -> int:
@@ -45,7 +46,7 @@ class YoloxFamily(ModelFamily):
         self, output_shapes: Sequence[Sequence[int | str | None]], net_size: tuple[int, int] | None = None
     ) -> None:
         width, height = self.net_size(net_size)
-        rows = yolox_grid(tuple(self.strides), width, height)[0].shape[0]
+        rows = yolox_grid(self.strides, width, height)[0].shape[0]
         shape = list(output_shapes[0]) if output_shapes else []
         # A dimension that is not an int is symbolic (any size): only the run can tell.
         if len(shape) != 3 or (isinstance(shape[1], int) and shape[1] != rows) or (
@@ -53,14 +54,14 @@ class YoloxFamily(ModelFamily):
         ):
             raise ModelError(
                 f"YOLOX output shape {shape} does not fit {width}x{height} input "
-                f"with strides {self.strides} and {len(self.labels)} labels (want [N, {rows}, {5 + len(self.labels)}])"
+                f"with strides {list(self.strides)} and {len(self.labels)} labels (want [N, {rows}, {5 + len(self.labels)}])"
             )
 
     def decode(
         self, outputs: Sequence[np.ndarray], min_confidence: float, net_size: tuple[int, int] | None = None
     ) -> Candidates:
         out = outputs[0]
-        cells, strides = yolox_grid(tuple(self.strides), *self.net_size(net_size))
+        cells, strides = yolox_grid(self.strides, *self.net_size(net_size))
         xy = (out[:, :2] + cells) * strides
         wh = np.exp(out[:, 2:4]) * strides
         boxes = cxcywh_to_xyxy(np.concatenate([xy, wh], axis=1))

@@ -18,7 +18,7 @@ from visionserve.optimize.graph import prepare_float_graph
 from visionserve.optimize.measure import Agreement, Speed, Variant, agreement, measure_speeds, served_detections
 from visionserve.optimize.recipes import RECIPES, Quantization, Recipe, default_recipes
 from visionserve.runtime.cpus import cpu_count
-from visionserve.store.store import ModelStore, check_version_name, version_ref
+from visionserve.store.store import ModelStore, check_derived_version, version_ref
 from visionserve.types import Thresholds
 
 FLOAT = "float"
@@ -124,10 +124,8 @@ def optimize_model(
     if not calibration_images:
         raise ModelError("no calibration images given")
     candidates = chosen_recipes(recipes)
-    if output_version is not None:
-        check_version_name(output_version)
-        if output_version == manifest.version:  # two graphs would answer as one name and version
-            raise ModelError(f"version {output_version!r} is {name}'s own: give the new one another name")
+    if output_version is not None:  # refused before anything is built
+        check_derived_version(manifest, output_version)
     family = get_family(manifest.family)(manifest)
     role = "evaluation image" if eval_images else "calibration image"
     eval_pixels = [load_rgb(p, role) for p in (eval_images or calibration_images)]

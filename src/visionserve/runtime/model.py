@@ -142,7 +142,7 @@ class ServedModel:
         (``report``: what the wide worker said after loading it)."""
         self.max_batch_size = int(report["max_batch_size"])
         self._remote_wide = bool(report["has_wide_session"])
-        self.family.input = dataclasses.replace(self.family.input, pad_stride=int(report.get("pad_stride", 0)))
+        self.family.input = dataclasses.replace(self.family.input, pad_stride=int(report["pad_stride"]))
         self.state = ModelState.READY
 
     def _padding_stride(self) -> int | None:
@@ -215,12 +215,13 @@ class ServedModel:
 
     # -- inference ---------------------------------------------------------------------
 
-    def decode_min_size(self) -> tuple[int, int] | None:
+    def decode_min_size(self, *, drawn: bool = False) -> tuple[int, int] | None:
         """How small a JPEG may decode (DCT scaling) for this model: ``jpeg_reduced_decode``
-        times its input size; None when reduced decoding is off."""
+        times its input size; None when reduced decoding is off, or when the image will be
+        ``drawn`` on (an annotated image comes back at its own size, so it decodes whole)."""
         factor = self.runtime.jpeg_reduced_decode
         spec = self.family.input
-        return (int(spec.width * factor), int(spec.height * factor)) if factor > 0 else None
+        return (int(spec.width * factor), int(spec.height * factor)) if factor > 0 and not drawn else None
 
     def thresholds(self, params: PredictParams) -> Thresholds:
         """Request settings over the model's defaults; unknown class labels are a 422."""

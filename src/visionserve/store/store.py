@@ -41,6 +41,14 @@ def check_version_name(version: str) -> str:
     return version
 
 
+def check_derived_version(base: ModelManifest, version: str) -> str:
+    """A valid name for a new version of ``base``, and not ``base``'s own: two graphs would
+    answer under one name and version."""
+    if check_version_name(version) == base.version:
+        raise ModelError(f"version {version!r} is {base.name}'s own: give the new one another name")
+    return version
+
+
 # Turns an entry's downloaded files into a manifest (and any derived files). One per format.
 Installer = Callable[[CatalogEntry, Path], ModelManifest]
 INSTALLERS: dict[str, Installer] = {}
@@ -189,9 +197,7 @@ class ModelStore:
     ) -> ModelManifest:
         """Installs a derived ONNX graph of ``base`` as ``<name>@<version>`` (its own folder and
         manifest), to run on ``backend`` with ``backend_options``."""
-        if check_version_name(version) == base.version:
-            raise ModelError(f"version {version!r} is {base.name}'s own: give the new one another name")
-        folder = self.folder(version_ref(base.name, version))
+        folder = self.folder(version_ref(base.name, check_derived_version(base, version)))
         try:
             previous = self.manifest(version_ref(base.name, version))
         except ModelError:

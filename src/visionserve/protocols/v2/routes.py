@@ -136,12 +136,11 @@ async def _model_ready(request: Request, name: str, version: str | None) -> Resp
     """200 ``{"name", "ready": true}``, or 503 ``{"name", "ready": false, "reason"}`` whatever
     kept it from being ready (loading, unloaded, failed: the same words as its inference)."""
     try:
-        if _served(request, name, version).state is ModelState.READY:
-            return JSONResponse({"name": name, "ready": True})
-        request.app.state.registry.get(name)  # raises ModelNotReady, saying why
+        if _served(request, name, version).state is not ModelState.READY:
+            request.app.state.registry.get(name)  # raises ModelNotReady, saying why (unless ready meanwhile)
     except ModelNotReady as e:
         return JSONResponse({"name": name, "ready": False, "reason": e.message}, status_code=503)
-    return JSONResponse({"name": name, "ready": True})  # became ready meanwhile
+    return JSONResponse({"name": name, "ready": True})
 
 
 @router.get("/models/{name}/ready", summary="Model readiness (503 while not ready)")
