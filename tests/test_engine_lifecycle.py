@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import threading
 import time
 
 import httpx
 from PIL import Image
 
-from engine_helpers import metric, post_image
+from engine_helpers import connect, metric, post_image, read_until_closed
 
 
 def test_sigterm_lets_in_flight_requests_finish_refuses_new_ones_and_exits_0(server_factory, images, tmp_path):
@@ -74,8 +73,7 @@ def test_not_ready_until_warm(server_factory):
 
 def test_a_second_sigterm_stops_at_once_and_the_request_cut_short_gets_a_json_answer(server_factory):
     srv = server_factory()
-    host, port = srv.url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=15) as s:
+    with connect(srv.url, timeout=15) as s:
         # A request whose body never comes: it holds the drain until the second signal.
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
                   + b"\xff" * 100)
@@ -83,9 +81,8 @@ def test_a_second_sigterm_stops_at_once_and_the_request_cut_short_gets_a_json_an
         srv.process.send_signal(signal.SIGTERM)
         time.sleep(1.0)
         srv.process.send_signal(signal.SIGTERM)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
+        answer = read_until_closed(s, 15)
+    assert answer is not None, "the connection was still open 15 s after the second SIGTERM"
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503 ") and b"content-type: application/json" in head.lower(), answer[:300]
     assert json.loads(body)["error"] == {"code": "overloaded", "message": "the server stopped before answering"}

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import ServerProcess, start_server
-from engine_helpers import copy_model
+from engine_helpers import concurrent_posts, copy_model, wait_in_flight
 
 SPARE = "spare"  # a copy of yolox-nano under its own name, loaded and unloaded by the tests
 
@@ -60,16 +60,20 @@ def test_a_failed_reload_leaves_the_version_served_serving(srv, store, images, s
     try:
         r = httpx.post(f"{srv.url}/v2/repository/models/{SPARE}/load", timeout=60)
         assert r.status_code == 400 and "not a valid ONNX graph" in r.text, r.text
+        # With the broken file still on disk, the sessions already made go on: ready, and
+        # answering several requests at once (so on more than one worker session).
+        assert _ready(srv)
+        for r in concurrent_posts(srv.url, [images / "dog.jpg"] * 3, path=f"/predict/{SPARE}"):  # 3: all admitted
+            assert r.status_code == 200 and "dog" in {d["label"] for d in r.json()["detections"]}, r.text
     finally:
         onnx.write_bytes(good)
-    # The sessions already made go on: ready, and answering, in every worker.
-    assert _ready(srv)
-    for _ in range(4):
-        r = _detect(srv, images)
-        assert r.status_code == 200 and "dog" in {d["label"] for d in r.json()["detections"]}, r.text
 
 
-@pytest.mark.parametrize("delay_s", [0.1, 0.25])
+def _spare_state(srv: ServerProcess) -> str | None:
+    return {m["name"]: m["state"] for m in httpx.get(srv.url + "/status").json()["models"]}.get(SPARE)
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 0.05])
 def test_an_unload_sent_while_a_load_runs_wins(srv, images, delay_s):
     """The unload comes second, so the model ends unloaded, and says so."""
     loaded: list[httpx.Response] = []
@@ -77,9 +81,15 @@ def test_an_unload_sent_while_a_load_runs_wins(srv, images, delay_s):
         target=lambda: loaded.append(httpx.post(f"{srv.url}/v2/repository/models/{SPARE}/load", timeout=60))
     )
     load.start()
+    for _ in range(500):  # until /status shows the load under way
+        if _spare_state(srv) == "loading" or not load.is_alive():
+            break
+        time.sleep(0.005)
     time.sleep(delay_s)
+    still_loading = load.is_alive()
     unloaded = httpx.post(f"{srv.url}/v2/repository/models/{SPARE}/unload", timeout=60)
     load.join()
+    assert still_loading, "the load ended before the unload was sent: nothing overlapped"
     assert loaded[0].status_code == 200 and unloaded.status_code == 200, (loaded[0].text, unloaded.text)
     assert not _ready(srv)
     assert _detect(srv, images).status_code == 503
@@ -95,6 +105,7 @@ def test_unloading_fails_no_request_in_flight_with_a_500(srv, images, spare_load
         answers: list[httpx.Response] = []
         sender = threading.Thread(target=lambda: answers.append(_detect(srv, images, big)))
         sender.start()
+        wait_in_flight(srv.url, 1)  # admitted: the unload meets it in flight, at one stage or another
         time.sleep(delay_s)
         assert httpx.post(f"{srv.url}/v2/repository/models/{SPARE}/unload", timeout=60).status_code == 200
         sender.join()

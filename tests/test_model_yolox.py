@@ -120,7 +120,7 @@ def test_served_model_pads_a_4_3_photo_to_416x320(model, images):
 @pytest.mark.parametrize("name", ["dog.jpg", "person.jpg", "horses.jpg", "giraffe.jpg", "kite.jpg", "eagle.jpg", "scream.jpg"])
 def test_minimal_padding_finds_what_full_padding_finds(model, full_model, images, name):
     """The same objects, labels and boxes (IoU >= 0.9) with less grey around the image; the
-    network sees less padding, so confidences move a little (at most 0.021 on these images)."""
+    network sees less padding, so confidences move a little (at most 0.021 on these images; 0.03 is allowed)."""
     ours = detect(model, images / name, min_confidence=0.3)
     full = detect(full_model, images / name, min_confidence=0.3)
     assert len(ours) == len(full)
@@ -130,4 +130,4 @@ def test_minimal_padding_finds_what_full_padding_finds(model, full_model, images
     for label, score, box in ours:
         ious = box_iou(np.array([box]), full_boxes)[0]
         j = int(ious.argmax())
-        assert ious[j] >= 0.9 and full[j][0] == label and abs(full[j][1] - score) < 0.05
+        assert ious[j] >= 0.9 and full[j][0] == label and abs(full[j][1] - score) < 0.03

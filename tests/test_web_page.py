@@ -126,12 +126,19 @@ def test_the_newest_upload_wins_over_one_still_running(browser, server, images, 
     big = tmp_path / "big.png"  # slow to upload and decode
     Image.open(images / "dog.jpg").resize((4000, 3000)).save(big, compress_level=1)
     page, _ = _open(browser, server.url)
+    settled: list[tuple[str, bool]] = []  # (url, answered) of each detection request, in the order they end
+    page.on("requestfinished", lambda r: "/predict" in r.url and settled.append((r.url, True)))
+    page.on("requestfailed", lambda r: "/predict" in r.url and settled.append((r.url, False)))
     page.set_input_files("#file", str(big))
     page.evaluate("document.getElementById('form').requestSubmit()")  # as a drop does
     page.set_input_files("#file", str(images / "person.jpg"))
     page.evaluate("document.getElementById('form').requestSubmit()")
     page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')")
-    page.wait_for_timeout(1500)  # time for the first answer, had it not been dropped
+    for _ in range(400):  # both requests over, so a late first answer would have been drawn by now
+        if len(settled) >= 2:
+            break
+        page.wait_for_timeout(50)
+    assert [answered for _, answered in settled] == [False, True], settled  # the older one was aborted
     width, height = Image.open(images / "person.jpg").size
     assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [width, height]
     assert f"{width}×{height}" in page.locator("#status").inner_text()
