@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import signal
 import socket
@@ -113,6 +114,35 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time (user + system, seconds) the server has used so far: (its event-loop thread,
+    everything else: worker threads, pools and any inference processes)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    loop = other = 0.0
+    for p in process_tree(pid):
+        try:
+            tasks = list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # the thread ended
+            used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            if p == pid and task.name == str(pid):
+                loop += used  # the HTTP process's main thread runs the event loop
+            else:
+                other += used
+    return loop, other
+
+
+def children_cpu_seconds() -> float:
+    """CPU time of this script's finished children (the load generator, once waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def memory_mb(pid: int) -> tuple[float, float]:
     """(sum of RSS, sum of PSS) over the process tree, MB. RSS counts the pages forked workers
     share with the server once per process; PSS divides each shared page among its sharers,
@@ -179,13 +209,19 @@ class Server:
         return self.proc.returncode
 
 
-def drive(wrk: str, url: str, image: Path, concurrency: int, seconds: float, storm: bool = False) -> dict:
+def drive(wrk: str, url: str, image: Path, concurrency: int, seconds: float, storm: bool = False,
+          server_pid: int | None = None) -> dict:
     """wrk at ``concurrency`` connections: a refused connection waits the server's Retry-After
-    before its next request, or (``storm``) re-sends at once."""
+    before its next request, or (``storm``) re-sends at once. With ``server_pid``, also the CPU
+    time that the server's event loop, the rest of the server, and wrk spent per answer."""
     env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": "/predict", "BENCH_STORM": "1" if storm else "0"}
     cmd = [wrk, f"-t{concurrency}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(BENCH / "post.lua"), url]
+    cpu0 = cpu_seconds(server_pid) if server_pid else None
+    wrk0 = children_cpu_seconds()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60).stdout
+    wrk_cpu = children_cpu_seconds() - wrk0
+    cpu1 = cpu_seconds(server_pid) if server_pid else None
     line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if line is None:
         sys.exit(f"wrk gave no result:\n{out}")
@@ -195,6 +231,13 @@ def drive(wrk: str, url: str, image: Path, concurrency: int, seconds: float, sto
     refused = r["other_status"].get("503", 0)
     r["refused_503"] = refused
     r["errors"] = sum(v for k, v in r["other_status"].items() if k != "503") + sum(r["socket_errors"].values())
+    if cpu0 and cpu1 and r["ok"]:
+        # Per answered request; refusals (cheap, but not free) are spread over the answers.
+        r["cpu_ms_per_ok"] = {
+            "event_loop": (cpu1[0] - cpu0[0]) * 1e3 / r["ok"],
+            "workers": (cpu1[1] - cpu0[1]) * 1e3 / r["ok"],
+            "load_generator": wrk_cpu * 1e3 / r["ok"],
+        }
     return r
 
 
@@ -238,7 +281,8 @@ def main() -> None:
         with httpx.Client() as c:  # one request to check the answer before timing anything
             r = c.post(server.url + "/predict", files={"image": (args.image.name, args.image.read_bytes(), "image/jpeg")})
             r.raise_for_status()
-        report["levels"] = [drive(wrk, server.url, args.image, c, seconds, args.storm) for c in levels]
+        report["levels"] = [drive(wrk, server.url, args.image, c, seconds, args.storm, server.proc.pid)
+                            for c in levels]
     finally:
         report["peak_rss_mb"] = server.peak_rss
         report["peak_pss_mb"] = server.peak_pss
@@ -271,6 +315,7 @@ def print_report(rep: dict) -> None:
         ratio = f"{lv['ok_per_s'] / ceil_ips:.0%}" if ceil_ips else "n/a"
         print(f"{lv['concurrency']:>5} {lv['ok_per_s']:>8.1f} {lv['p50_ms']:>8.1f} {lv['p90_ms']:>8.1f} {lv['p99_ms']:>8.1f} "
               f"{lv['refused_503'] / lv['duration_s']:>8.1f} {lv['errors']:>6} {ratio:>10}")
+    print_cpu(rep)
     by_c = {lv["concurrency"]: lv for lv in rep["levels"]}
     print("\ntargets (issue 6):")
     if 16 in by_c and ceil_ips:
@@ -281,6 +326,24 @@ def print_report(rep: dict) -> None:
         print(f"  c=64 p99 of accepted <= 4x c=1 p50: {by_c[64]['p99_ms']:.1f} vs {4 * by_c[1]['p50_ms']:.1f} ms")
     print(f"  ready within 1 s: {rep['ready_s']:.2f} s; RSS of all processes under 250 MB: "
           f"{rep['peak_rss_mb']:.0f} MB summed RSS ({rep.get('peak_pss_mb', 0):.0f} MB summed PSS)")
+
+
+def print_cpu(rep: dict) -> None:
+    """Where the cores went, per answered request: what serving costs on top of the model."""
+    levels = [lv for lv in rep["levels"] if "cpu_ms_per_ok" in lv]
+    if not levels:
+        return
+    ceil_ips, _ = ceiling_figures(rep["ceiling"])
+    workers = rep["ceiling"]["throughput"].get("workers") if rep["ceiling"] else None
+    per_image = f"{workers * 1e3 / ceil_ips:.2f} ms" if ceil_ips and workers else "n/a"
+    print(f"\nCPU per answered request, ms (the ceiling's workers: {per_image} per image, "
+          f"{rep['machine']['cores']} cores = {rep['machine']['cores'] * 1e3:.0f} ms per second):")
+    print(f"{'conc':>5} {'event loop':>11} {'workers':>8} {'wrk':>6} {'total':>7}")
+    for lv in levels:
+        cpu = lv["cpu_ms_per_ok"]
+        total = sum(cpu.values())
+        print(f"{lv['concurrency']:>5} {cpu['event_loop']:>11.2f} {cpu['workers']:>8.2f} "
+              f"{cpu['load_generator']:>6.2f} {total:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ def test_benchmark_smoke_run(model_dir, mirror, tmp_path):
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 16]
     for lv in report["levels"]:
         assert lv["ok"] > 0 and lv["errors"] == 0 and lv["p50_ms"] > 0
+        # Where the cores went: the workers decode and run the model, the event loop only
+        # serves HTTP, and wrk spends some too.
+        cpu = lv["cpu_ms_per_ok"]
+        assert cpu["workers"] > cpu["event_loop"] > 0 and cpu["load_generator"] > 0, cpu
     assert report["exit_code"] == 0 and report["ready_s"] > 0 and report["peak_rss_mb"] > 0
     # 16 connections exceed the default capacity (on fewer than 11 cores): the excess is
     # refused, and the refused clients wait the Retry-After they were sent (a storm makes
