@@ -44,3 +44,21 @@ def test_metrics_count_requests_by_route_and_status_and_time_each_stage(client, 
     for gauge in ("visionserve_queue_depth", "visionserve_requests_in_flight", "visionserve_capacity"):
         assert f"\n{gauge} " in text
     assert "visionserve_rejected_requests_total" in text and "visionserve_deadline_exceeded_total" in text
+
+
+def test_a_kept_series_is_the_one_its_labels_name_and_metrics_do_not_share_them():
+    from visionserve.metrics import Metrics
+
+    m = Metrics()
+    m.observe_request("/predict", "POST", 200, 0.01)
+    m.observe_request("/predict", "POST", 200, 0.02)
+    m.observe_request("/predict", "POST", 503, 0.0)
+    m.child(m.inference_runs, "yolox-nano", "worker").inc()
+    m.child(m.inference_runs, "yolox-nano", "wide").inc(2)
+    assert m.child(m.rejected, "queue_full") is m.child(m.rejected, "queue_full")
+    text = m.render().decode()
+    assert metric(text, "visionserve_http_requests_total", route="/predict", method="POST", status="200") == 2
+    assert metric(text, "visionserve_http_requests_total", route="/predict", method="POST", status="503") == 1
+    assert metric(text, "visionserve_http_request_duration_seconds_count", route="/predict") == 3
+    assert metric(text, "visionserve_inference_runs_total", model="yolox-nano", mode="wide") == 2
+    assert metric(text, "visionserve_inference_runs_total", model="yolox-nano", mode="worker") == 1

@@ -6,7 +6,7 @@ Names follow Prometheus conventions: seconds, ``_total`` counters, base units.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, disable_created_metrics, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -25,6 +25,7 @@ disable_created_metrics()  # the *_created series double the output and no dashb
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry
         self.requests = Counter(
             "visionserve_http_requests", "HTTP requests by route template, method and status",
@@ -73,10 +74,24 @@ class Metrics:
         self.in_flight.set_function(in_flight)
         self.capacity.set(capacity)
 
+    def child(self, metric: Counter | Histogram, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: prometheus_client checks the labels and takes a
+        lock on every call, and a detection request records about ten series (half the cost
+        of its metrics, measured). The label sets are bounded: routes, statuses, models, stages."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def observe_stages(self, model: str, timings_ms: dict[str, float]) -> None:
         for stage, ms in timings_ms.items():
             if stage in STAGES:
-                self.stage_seconds.labels(model, stage).observe(ms / 1e3)
+                self.child(self.stage_seconds, model, stage).observe(ms / 1e3)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.child(self.requests, route, method, str(status)).inc()
+        self.child(self.request_seconds, route).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -85,8 +85,7 @@ class RequestContextMiddleware:
             if self.metrics is not None:
                 # The route template (not the raw path) keeps the label set bounded.
                 route = getattr(scope.get("route"), "path", None) or "unmatched"
-                self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-                self.metrics.request_seconds.labels(route).observe(seconds)
+                self.metrics.observe_request(route, scope["method"], status, seconds)
             if self.access:
                 ms = seconds * 1e3
                 client = scope.get("client")

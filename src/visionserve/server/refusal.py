@@ -92,8 +92,7 @@ class Refusals:
                 cached = self._heads[key] = _render(renderer(e.status, e.code, e.message, e.headers))
             head, body = cached
             route_path = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(route_path, method, str(e.status)).inc()
-            self.metrics.request_seconds.labels(route_path).observe(0.0)
+            self.metrics.observe_request(route_path, method, e.status, 0.0)
         return head + _header_lines(default_headers) + _request_id_line(headers) + b"\r\n" + body
 
     def closing_answer(self, url: bytes, error: VisionServeError, extra_headers: bytes) -> bytes:
