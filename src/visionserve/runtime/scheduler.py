@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextvars import ContextVar
 from functools import partial
 from typing import Callable, TypeVar
@@ -90,6 +90,14 @@ def reserve(ticket: Ticket):  # type: ignore[no-untyped-def]
 
 def unreserve(token) -> None:  # type: ignore[no-untyped-def]
     _reserved_ticket.reset(token)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[Future], None], fut: Future) -> None:
+    """Calls ``callback(fut)`` on ``loop`` (from whichever thread finished ``fut``)."""
+    try:
+        loop.call_soon_threadsafe(callback, fut)
+    except RuntimeError:
+        pass  # the loop is closed: the server has stopped, and no one waits for the answer
 
 
 def capacity_for(workers: int, max_queue: int | None) -> int:
@@ -160,10 +168,10 @@ class Scheduler:
             reserved.claimed = True
             return self._widen(reserved, images)
         if self.draining:
-            self.metrics.rejected.labels("draining").inc()
+            self.metrics.child(self.metrics.rejected, "draining").inc()
             raise Overloaded("the server is shutting down")
         if self.admitted >= self.capacity:
-            self.metrics.rejected.labels("queue_full").inc()
+            self.metrics.child(self.metrics.rejected, "queue_full").inc()
             raise Overloaded(f"server at capacity ({self.capacity} requests in progress); retry shortly")
         self.admitted += 1
         return self._widen(Ticket(self), images)
@@ -311,14 +319,16 @@ class Scheduler:
         for j in jobs:
             j.started = True
         model = jobs[0].model
-        self.metrics.batch_size.labels(model.name).observe(len(jobs))
+        self.metrics.child(self.metrics.batch_size, model.name).observe(len(jobs))
         if self.processes is not None:  # counted when the worker says it ran (it skips dropped jobs)
             self._submit(jobs, wide, slots)
             return
-        self.metrics.inference_runs.labels(model.name, "wide" if wide else "worker").inc()
+        self.metrics.child(self.metrics.inference_runs, model.name, "wide" if wide else "worker").inc()
         self._in_threads[id(jobs)] = jobs
-        fut = asyncio.get_running_loop().run_in_executor(self._pool, execute_jobs, jobs, wide)
-        fut.add_done_callback(partial(self._finished, jobs, slots))
+        # The worker's answer goes straight to the loop as one callback: run_in_executor would
+        # chain an asyncio future to the pool's, a loop step and two callbacks more per job.
+        done = self._pool.submit(execute_jobs, jobs, wide)
+        done.add_done_callback(partial(_on_loop, asyncio.get_running_loop(), partial(self._finished, jobs, slots)))
 
     def _submit(self, jobs: list[Job], wide: bool, slots: int) -> None:
         """Hands jobs to an idle worker process (worker 0, with the wide session, for a wide run)."""
@@ -361,7 +371,7 @@ class Scheduler:
                 outcomes.append(Outcome(unpack_image(meta), detections, rendered))
         self._complete(jobs, slots, outcomes)
 
-    def _finished(self, jobs: list[Job], slots: int, fut: asyncio.Future) -> None:
+    def _finished(self, jobs: list[Job], slots: int, fut: Future) -> None:
         self._in_threads.pop(id(jobs), None)
         try:
             outcomes = fut.result()
