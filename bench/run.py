@@ -130,8 +130,8 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
             except OSError:
                 continue  # the thread ended
             used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-            if p == pid and task.name == str(pid):
-                loop += used  # the HTTP process's main thread runs the event loop
+            if task.name == str(pid):
+                loop += used  # the HTTP process's main thread (its id is the process's) runs the loop
             else:
                 other += used
     return loop, other
@@ -209,19 +209,17 @@ class Server:
         return self.proc.returncode
 
 
-def drive(wrk: str, url: str, image: Path, concurrency: int, seconds: float, storm: bool = False,
-          server_pid: int | None = None) -> dict:
+def drive(wrk: str, url: str, server_pid: int, image: Path, concurrency: int, seconds: float,
+          storm: bool = False) -> dict:
     """wrk at ``concurrency`` connections: a refused connection waits the server's Retry-After
-    before its next request, or (``storm``) re-sends at once. With ``server_pid``, also the CPU
-    time that the server's event loop, the rest of the server, and wrk spent per answer."""
+    before its next request, or (``storm``) re-sends at once. Also the CPU time that the
+    server's event loop, the rest of the server, and wrk spent per answer."""
     env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": "/predict", "BENCH_STORM": "1" if storm else "0"}
     cmd = [wrk, f"-t{concurrency}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(BENCH / "post.lua"), url]
-    cpu0 = cpu_seconds(server_pid) if server_pid else None
-    wrk0 = children_cpu_seconds()
+    cpu0, wrk0 = cpu_seconds(server_pid), children_cpu_seconds()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60).stdout
-    wrk_cpu = children_cpu_seconds() - wrk0
-    cpu1 = cpu_seconds(server_pid) if server_pid else None
+    cpu1, wrk_cpu = cpu_seconds(server_pid), children_cpu_seconds() - wrk0
     line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if line is None:
         sys.exit(f"wrk gave no result:\n{out}")
@@ -231,7 +229,7 @@ def drive(wrk: str, url: str, image: Path, concurrency: int, seconds: float, sto
     refused = r["other_status"].get("503", 0)
     r["refused_503"] = refused
     r["errors"] = sum(v for k, v in r["other_status"].items() if k != "503") + sum(r["socket_errors"].values())
-    if cpu0 and cpu1 and r["ok"]:
+    if r["ok"]:
         # Per answered request; refusals (cheap, but not free) are spread over the answers.
         r["cpu_ms_per_ok"] = {
             "event_loop": (cpu1[0] - cpu0[0]) * 1e3 / r["ok"],
@@ -281,8 +279,7 @@ def main() -> None:
         with httpx.Client() as c:  # one request to check the answer before timing anything
             r = c.post(server.url + "/predict", files={"image": (args.image.name, args.image.read_bytes(), "image/jpeg")})
             r.raise_for_status()
-        report["levels"] = [drive(wrk, server.url, args.image, c, seconds, args.storm, server.proc.pid)
-                            for c in levels]
+        report["levels"] = [drive(wrk, server.url, server.proc.pid, args.image, c, seconds, args.storm) for c in levels]
     finally:
         report["peak_rss_mb"] = server.peak_rss
         report["peak_pss_mb"] = server.peak_pss
@@ -315,7 +312,7 @@ def print_report(rep: dict) -> None:
         ratio = f"{lv['ok_per_s'] / ceil_ips:.0%}" if ceil_ips else "n/a"
         print(f"{lv['concurrency']:>5} {lv['ok_per_s']:>8.1f} {lv['p50_ms']:>8.1f} {lv['p90_ms']:>8.1f} {lv['p99_ms']:>8.1f} "
               f"{lv['refused_503'] / lv['duration_s']:>8.1f} {lv['errors']:>6} {ratio:>10}")
-    print_cpu(rep)
+    print_cpu(rep, ceil_ips, workers)
     by_c = {lv["concurrency"]: lv for lv in rep["levels"]}
     print("\ntargets (issue 6):")
     if 16 in by_c and ceil_ips:
@@ -328,13 +325,12 @@ def print_report(rep: dict) -> None:
           f"{rep['peak_rss_mb']:.0f} MB summed RSS ({rep.get('peak_pss_mb', 0):.0f} MB summed PSS)")
 
 
-def print_cpu(rep: dict) -> None:
-    """Where the cores went, per answered request: what serving costs on top of the model."""
+def print_cpu(rep: dict, ceil_ips: float | None, workers: int | None) -> None:
+    """Where the cores went, per answered request: what serving costs on top of the model
+    (``ceil_ips`` images/s from ``workers`` processes: the ceiling's CPU per image)."""
     levels = [lv for lv in rep["levels"] if "cpu_ms_per_ok" in lv]
     if not levels:
         return
-    ceil_ips, _ = ceiling_figures(rep["ceiling"])
-    workers = rep["ceiling"]["throughput"].get("workers") if rep["ceiling"] else None
     per_image = f"{workers * 1e3 / ceil_ips:.2f} ms" if ceil_ips and workers else "n/a"
     print(f"\nCPU per answered request, ms (the ceiling's workers: {per_image} per image, "
           f"{rep['machine']['cores']} cores = {rep['machine']['cores'] * 1e3:.0f} ms per second):")
