@@ -327,6 +327,10 @@ def test_the_machines_errors_are_one_line_not_a_traceback(model_dir, mirror, ima
     blocker.write_text("")
     r = run("models", "pull", "yolox-nano", model_dir=blocker / "store", mirror=mirror)
     assert r.returncode == 1 and r.stderr.strip() == f"error: Not a directory: {blocker / 'store' / 'yolox-nano'}"
+    # sysfs refuses new folders even to root: the line names the user to give access to.
+    r = run("models", "pull", "yolox-nano", model_dir=Path("/sys/visionserve-store"), mirror=mirror)
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: Operation not permitted: /sys/visionserve-store")
+    assert r.stderr.strip().endswith(f"(visionserve runs as uid {os.getuid()}: give that user access to it)")
 
 
 def test_an_import_may_not_take_a_catalog_models_name(model_dir, mirror, tmp_path):

@@ -518,5 +518,15 @@ def main() -> None:
         # The machine's part (a full disk, a folder that cannot be written, a path through a
         # file): one line naming the file, not a traceback. (Click already ends quietly when
         # the reader of stdout goes away, `| head`.)
-        _error(f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e)))
+        _error(os_error_line(e))
         sys.exit(1)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an error of the machine's: what went wrong and on which file. A refused
+    access also names the user, since the usual cause is a folder mounted into the container
+    (which runs as uid 10001) that belongs to someone else."""
+    line = f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e))
+    if isinstance(e, PermissionError):
+        line += f" (visionserve runs as uid {os.getuid()}: give that user access to it)"
+    return line
