@@ -299,7 +299,8 @@ def print_report(rep: dict) -> None:
     ceil = rep["ceiling"]
     ceil_ips, ceil_ms = ceiling_figures(ceil)
     workers = ceil["throughput"].get("workers") if ceil else None
-    print(f"in-process ceiling: {ceil_ips and f'{ceil_ips:.1f} images/s ({workers} processes)'}, "
+    policy = ceil.get("cpu_policy") if ceil else None
+    print(f"in-process ceiling: {ceil_ips and f'{ceil_ips:.1f} images/s ({workers} processes, {policy} CPU policy)'}, "
           f"single image (all cores) p50 {ceil_ms and f'{ceil_ms:.2f} ms'}")
     print(f"server ready {rep['ready_s']:.2f} s after start; {rep.get('processes', '?')} processes, peak RSS sum "
           f"{rep['peak_rss_mb']:.0f} MB, peak PSS sum {rep.get('peak_pss_mb', 0):.0f} MB; exit code {rep['exit_code']}")

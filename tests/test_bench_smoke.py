@@ -33,6 +33,8 @@ def test_benchmark_smoke_run(model_dir, mirror, tmp_path):
         cpu = lv["cpu_ms_per_ok"]
         assert cpu["workers"] > cpu["event_loop"] > 0 and cpu["load_generator"] > 0, cpu
     assert report["exit_code"] == 0 and report["ready_s"] > 0 and report["peak_rss_mb"] > 0
+    # The ceiling runs under the server's CPU policy (runtime.cpu_policy), as the server does.
+    assert report["ceiling"]["cpu_policy"] == "batch"
     # 16 connections exceed the default capacity (on fewer than 11 cores): the excess is
     # refused, and the refused clients wait the Retry-After they were sent (a storm makes
     # thousands per second).

@@ -159,7 +159,9 @@ def test_a_killed_inference_process_starts_again_with_its_models(server_factory,
     expected = answer(post_image(srv.url, images / "dog.jpg"))
     (first,) = children(srv.process.pid)
     assert httpx.get(srv.url + "/status").json()["workers"] == {
-        "mode": "processes", "count": 2, "processes": [first], "restarts": 0, "down": None}
+        "mode": "processes", "count": 2, "cpu_policy": "batch", "processes": [first], "restarts": 0, "down": None}
+    # runtime.cpu_policy holds in the inference process too (it sets its own threads).
+    assert {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{first}/task")} == {os.SCHED_BATCH}
     os.kill(first, signal.SIGKILL)
     seen_unready = False
     deadline = time.monotonic() + 30

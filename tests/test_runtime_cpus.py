@@ -4,7 +4,13 @@ runs the image with ``--cpus=1`` and checks the workers it starts."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from visionserve.runtime.cpus import cgroup_cpu_limit
 
@@ -57,3 +63,42 @@ def test_unreadable_or_malformed_files_are_no_limit(tmp_path):
     _write(tmp_path, "cpu", cpu_cfs_quota_us="", cpu_cfs_period_us="0")
     assert cgroup_cpu_limit(tmp_path, "1:cpu:/\n0::/\n") is None
 
+
+
+_POLICY_SCRIPT = """
+import json, os, threading
+from visionserve.runtime.cpus import cpu_policy_in_force, use_cpu_policy
+
+started, done = threading.Event(), threading.Event()
+tids = {}
+
+def thread(name, policy=None):
+    if policy is not None:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    tids[name] = threading.get_native_id()
+    started.set()
+    done.wait()
+
+before = threading.Thread(target=thread, args=("before",))
+idle = threading.Thread(target=thread, args=("idle", os.SCHED_IDLE))
+for t in (before, idle):
+    started.clear(); t.start(); started.wait()
+use_cpu_policy(os.environ["POLICY"])
+started.clear()
+after = threading.Thread(target=thread, args=("after",)); after.start(); started.wait()
+policies = {name: os.sched_getscheduler(tid) for name, tid in tids.items()}
+policies["main"] = os.sched_getscheduler(0)
+print(json.dumps({"policies": policies, "in_force": cpu_policy_in_force()}))
+done.set()
+"""
+
+
+@pytest.mark.parametrize("policy", ["batch", "normal"])
+def test_the_cpu_policy_reaches_every_thread_but_one_an_operator_set(policy):
+    out = subprocess.run([sys.executable, "-c", _POLICY_SCRIPT], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "POLICY": policy}, check=True).stdout
+    result = json.loads(out)
+    expected = os.SCHED_BATCH if policy == "batch" else os.SCHED_OTHER
+    # Threads started before and after the call alike; one under SCHED_IDLE keeps it.
+    assert result["policies"] == {"main": expected, "before": expected, "after": expected, "idle": os.SCHED_IDLE}
+    assert result["in_force"] == policy

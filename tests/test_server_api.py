@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import time
 import struct
@@ -52,7 +53,25 @@ def test_status_lists_models_with_readiness(client):
     assert body["status"] == "ready" and body["version"] and body["uptime_s"] >= 0
     (model,) = body["models"]
     assert model["name"] == "yolox-nano" and model["ready"] is True and model["labels"] == 80
-    assert body["workers"] == {"mode": "threads", "count": cpu_count(), "stuck": None}
+    assert body["workers"] == {"mode": "threads", "count": cpu_count(), "cpu_policy": "batch", "stuck": None}
+
+
+def _policies(pid: int) -> set[int]:
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_every_thread_of_the_server_runs_under_the_batch_policy(server, client, images):
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # not inherited from the test run
+    assert client.post("/predict", files={"image": jpeg_of(images)}).status_code == 200  # the workers exist
+    assert _policies(server.process.pid) == {os.SCHED_BATCH}
+
+
+def test_the_normal_cpu_policy_leaves_the_threads_as_they_started(server_factory, images):
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__CPU_POLICY": "normal"})
+    with srv.client() as c:
+        assert c.post("/predict", files={"image": jpeg_of(images)}).status_code == 200
+        assert c.get("/status").json()["workers"]["cpu_policy"] == "normal"
+    assert _policies(srv.process.pid) == {os.SCHED_OTHER}
 
 
 def test_health_and_ready(client):

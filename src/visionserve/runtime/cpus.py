@@ -1,5 +1,5 @@
-"""How many cores this process may use: the cores it may run on, and no more than its
-cgroup's CPU bandwidth limit allows.
+"""How this process uses the cores: how many it may use (the cores it may run on, and no more
+than its cgroup's CPU bandwidth limit allows), and its threads' scheduling policy.
 
 ``docker run --cpus=2``, Kubernetes' ``resources.limits.cpu`` and systemd's ``CPUQuota``
 limit a process by CPU time (the CFS quota), not by cores: it still sees, and may run on,
@@ -100,3 +100,40 @@ def _read(path: Path) -> str | None:
         return path.read_text()
     except OSError:
         return None
+
+
+
+def use_cpu_policy(policy: str) -> None:
+    """Puts the threads of this process under ``policy`` (``runtime.cpu_policy``); threads
+    started later inherit it. "batch" is Linux's SCHED_BATCH: when all cores are busy, a
+    thread that wakes (the event loop on a new request, a worker handed a job) waits for the
+    running one's time slice to end instead of preempting it. On two cores shared by the
+    event loop and the inference workers, the loop then handles more events per wake-up and
+    the workers are preempted half as often (docs/benchmarks.md). Threads under another
+    policy than the default (an operator's ``chrt``) keep it, as does a system that refuses
+    the change (a seccomp profile) or has no such policy."""
+    batch = getattr(os, "SCHED_BATCH", None)
+    if policy != "batch" or batch is None:
+        return
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:
+        tids = [0]  # this thread
+    for tid in tids:
+        try:
+            if os.sched_getscheduler(tid) == os.SCHED_OTHER:
+                os.sched_setscheduler(tid, batch, os.sched_param(0))
+        except OSError:  # the thread ended meanwhile, or the change is refused
+            pass
+
+
+def cpu_policy_in_force() -> str:
+    """This thread's scheduling policy, as ``runtime.cpu_policy`` names it ("normal" for
+    Linux's default), for /status."""
+    try:
+        policy = os.sched_getscheduler(0)
+    except (AttributeError, OSError):
+        return "normal"
+    names = {getattr(os, k): v for k, v in (("SCHED_OTHER", "normal"), ("SCHED_BATCH", "batch"),
+             ("SCHED_IDLE", "idle"), ("SCHED_FIFO", "fifo"), ("SCHED_RR", "rr")) if hasattr(os, k)}
+    return names.get(policy, str(policy))

@@ -37,7 +37,7 @@ from visionserve.errors import DeadlineExceeded, Overloaded
 from visionserve.metrics import Metrics
 from visionserve.runtime.execute import Job, Outcome, execute_jobs
 from visionserve.runtime.model import ServedModel
-from visionserve.runtime.cpus import cpu_count
+from visionserve.runtime.cpus import cpu_count, cpu_policy_in_force
 from visionserve.runtime.workers import WorkerPool, unpack_image
 from visionserve.types import DecodedImage, Detections, Thresholds
 
@@ -229,7 +229,10 @@ class Scheduler:
 
     def describe(self) -> dict:
         """For /status: where inference runs, and anything that keeps it from running."""
-        described = {"mode": "processes" if self.processes else "threads", "count": self.workers}
+        described = {
+            "mode": "processes" if self.processes else "threads", "count": self.workers,
+            "cpu_policy": cpu_policy_in_force(),
+        }
         if self.processes is not None:
             described |= self.processes.describe()
         else:

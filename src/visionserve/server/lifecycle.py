@@ -17,6 +17,7 @@ from types import FrameType
 
 import uvicorn
 
+from visionserve.runtime.cpus import use_cpu_policy
 from visionserve.runtime.scheduler import Scheduler
 from visionserve.server.refusal import refusing_protocol
 
@@ -68,6 +69,7 @@ def serve(app, sock: socket.socket, drain_timeout_s: float) -> bool:  # type: ig
     # Python's default 5 ms switch interval it waits up to that long behind a busy event
     # loop, many times per image. 1 ms measured far lower tail latency under load.
     sys.setswitchinterval(app.state.settings.runtime.gil_switch_interval_ms / 1e3)
+    use_cpu_policy(app.state.settings.runtime.cpu_policy)
     settings = app.state.settings
     refusing = (
         refusing_protocol(app.state.refusals, settings.limits.header_timeout_s, settings.limits.max_header_bytes)
