@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from visionserve.cli import os_error_line
 from visionserve.store.labels import COCO_80
 
 from conftest import free_port
@@ -327,7 +329,21 @@ def test_the_machines_errors_are_one_line_not_a_traceback(model_dir, mirror, ima
     blocker.write_text("")
     r = run("models", "pull", "yolox-nano", model_dir=blocker / "store", mirror=mirror)
     assert r.returncode == 1 and r.stderr.strip() == f"error: Not a directory: {blocker / 'store' / 'yolox-nano'}"
-    # sysfs refuses new folders even to root: the line names the user to give access to.
+
+
+
+def test_a_refused_access_names_the_user_to_give_it_to(model_dir, mirror):
+    assert os_error_line(PermissionError(errno.EACCES, "Permission denied", "/srv/models/x")) == (
+        f"Permission denied: /srv/models/x (visionserve runs as uid {os.getuid()}: give that user access to it)")
+    assert os_error_line(PermissionError(errno.EPERM, "Operation not permitted")) == "Operation not permitted"
+    # The command as run: writable sysfs refuses new folders even to root (a container's
+    # read-only /sys says "Read-only file system" instead, which names no user).
+    try:
+        os.mkdir("/sys/visionserve-store")
+    except PermissionError:
+        pass
+    except OSError as e:
+        pytest.skip(f"/sys here refuses with {e.strerror!r}, not a permission error")
     r = run("models", "pull", "yolox-nano", model_dir=Path("/sys/visionserve-store"), mirror=mirror)
     assert r.returncode == 1 and r.stderr.strip().startswith("error: Operation not permitted: /sys/visionserve-store")
     assert r.stderr.strip().endswith(f"(visionserve runs as uid {os.getuid()}: give that user access to it)")

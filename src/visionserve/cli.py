@@ -527,6 +527,6 @@ def os_error_line(e: OSError) -> str:
     access also names the user, since the usual cause is a folder mounted into the container
     (which runs as uid 10001) that belongs to someone else."""
     line = f"{e.strerror or e}: {e.filename}" if e.filename else (e.strerror or str(e))
-    if isinstance(e, PermissionError):
+    if isinstance(e, PermissionError) and e.filename:
         line += f" (visionserve runs as uid {os.getuid()}: give that user access to it)"
     return line

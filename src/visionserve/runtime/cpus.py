@@ -16,7 +16,7 @@ import math
 import os
 from functools import cache
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
@@ -102,16 +102,25 @@ def _read(path: Path) -> str | None:
         return None
 
 
+# sched_getscheduler() adds this flag to the policy of a thread that has it.
+_RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0)
+_POLICY_NAMES = {
+    getattr(os, constant): name
+    for constant, name in (("SCHED_OTHER", "normal"), ("SCHED_BATCH", "batch"), ("SCHED_IDLE", "idle"),
+                           ("SCHED_FIFO", "fifo"), ("SCHED_RR", "rr"))
+    if hasattr(os, constant)
+}
 
-def use_cpu_policy(policy: str) -> None:
+
+def use_cpu_policy(policy: Literal["batch", "normal"]) -> None:
     """Puts the threads of this process under ``policy`` (``runtime.cpu_policy``); threads
-    started later inherit it. "batch" is Linux's SCHED_BATCH: when all cores are busy, a
-    thread that wakes (the event loop on a new request, a worker handed a job) waits for the
-    running one's time slice to end instead of preempting it. On two cores shared by the
-    event loop and the inference workers, the loop then handles more events per wake-up and
-    the workers are preempted half as often (docs/benchmarks.md). Threads under another
-    policy than the default (an operator's ``chrt``) keep it, as does a system that refuses
-    the change (a seccomp profile) or has no such policy."""
+    started later inherit it, so call it before starting any. "batch" is Linux's SCHED_BATCH:
+    when all cores are busy, a thread that wakes (the event loop on a new request, a worker
+    handed a job) waits for the running one's time slice to end instead of preempting it. On
+    two cores shared by the event loop and the inference workers, the loop then wakes less
+    often per request and is preempted half as often (docs/benchmarks.md). "normal" changes
+    nothing. Threads under another policy than the default (an operator's ``chrt``) keep it,
+    as does a system that refuses the change (a seccomp profile) or has no such policy."""
     batch = getattr(os, "SCHED_BATCH", None)
     if policy != "batch" or batch is None:
         return
@@ -121,7 +130,7 @@ def use_cpu_policy(policy: str) -> None:
         tids = [0]  # this thread
     for tid in tids:
         try:
-            if os.sched_getscheduler(tid) == os.SCHED_OTHER:
+            if os.sched_getscheduler(tid) & ~_RESET_ON_FORK == os.SCHED_OTHER:
                 os.sched_setscheduler(tid, batch, os.sched_param(0))
         except OSError:  # the thread ended meanwhile, or the change is refused
             pass
@@ -131,9 +140,7 @@ def cpu_policy_in_force() -> str:
     """This thread's scheduling policy, as ``runtime.cpu_policy`` names it ("normal" for
     Linux's default), for /status."""
     try:
-        policy = os.sched_getscheduler(0)
+        policy = os.sched_getscheduler(0) & ~_RESET_ON_FORK
     except (AttributeError, OSError):
         return "normal"
-    names = {getattr(os, k): v for k, v in (("SCHED_OTHER", "normal"), ("SCHED_BATCH", "batch"),
-             ("SCHED_IDLE", "idle"), ("SCHED_FIFO", "fifo"), ("SCHED_RR", "rr")) if hasattr(os, k)}
-    return names.get(policy, str(policy))
+    return _POLICY_NAMES.get(policy, str(policy))

@@ -76,9 +76,10 @@ class RuntimeSettings(BaseModel):
     cpu_policy: Literal["batch", "normal"] = Field(
         default="batch",
         description="Linux scheduling policy of the server's threads: \"batch\" (SCHED_BATCH) lets a thread that "
-        "wakes wait for the running one's time slice instead of preempting it, so the event loop handles "
-        "several events per wake-up and the workers keep their caches (2-3% more throughput under load here, "
-        "a lone request about 0.05 ms slower); \"normal\" leaves the policy the server was started with",
+        "wakes wait for the running one's time slice instead of preempting it, so the event loop wakes less "
+        "often per request (2-3% more throughput under load here, a lone request about 0.05 ms slower); "
+        "\"normal\" leaves the policy the server was started with. Batch threads do not preempt other "
+        "programs' either: choose \"normal\" where busy programs share the cores",
     )
     gil_switch_interval_ms: float = Field(
         default=1.0, gt=0,
