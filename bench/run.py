@@ -114,11 +114,13 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> tuple[float, float]:
-    """CPU time (user + system, seconds) the server has used so far: (its event-loop thread,
-    everything else: worker threads, pools and any inference processes)."""
+def thread_counters(pid: int) -> dict[str, tuple[float, float]]:
+    """What the server's threads have done so far, each as (its event-loop thread, everything
+    else: worker threads, pools and any inference processes): CPU time (user + system,
+    seconds), times a thread went to sleep (voluntary context switches: the loop waiting for
+    work) and times it was preempted (involuntary ones)."""
     tick = os.sysconf("SC_CLK_TCK")
-    loop = other = 0.0
+    totals = {"cpu_s": [0.0, 0.0], "sleeps": [0.0, 0.0], "preempted": [0.0, 0.0]}
     for p in process_tree(pid):
         try:
             tasks = list(Path(f"/proc/{p}/task").iterdir())
@@ -127,14 +129,15 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
         for task in tasks:
             try:
                 fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
+                status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+            except (OSError, ValueError):
                 continue  # the thread ended
-            used = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
-            if task.name == str(pid):
-                loop += used  # the HTTP process's main thread (its id is the process's) runs the loop
-            else:
-                other += used
-    return loop, other
+            # The HTTP process's main thread (its id is the process's) runs the event loop.
+            side = 0 if task.name == str(pid) else 1
+            totals["cpu_s"][side] += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            totals["sleeps"][side] += int(status["voluntary_ctxt_switches"])
+            totals["preempted"][side] += int(status["nonvoluntary_ctxt_switches"])
+    return {k: (v[0], v[1]) for k, v in totals.items()}
 
 
 def children_cpu_seconds() -> float:
@@ -217,9 +220,9 @@ def drive(wrk: str, url: str, server_pid: int, image: Path, concurrency: int, se
     env = {**os.environ, "BENCH_IMAGE": str(image), "BENCH_PATH": "/predict", "BENCH_STORM": "1" if storm else "0"}
     cmd = [wrk, f"-t{concurrency}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--timeout", "10s",
            "-s", str(BENCH / "post.lua"), url]
-    cpu0, wrk0 = cpu_seconds(server_pid), children_cpu_seconds()
+    before, wrk0 = thread_counters(server_pid), children_cpu_seconds()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=seconds + 60).stdout
-    cpu1, wrk_cpu = cpu_seconds(server_pid), children_cpu_seconds() - wrk0
+    after, wrk_cpu = thread_counters(server_pid), children_cpu_seconds() - wrk0
     line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
     if line is None:
         sys.exit(f"wrk gave no result:\n{out}")
@@ -231,10 +234,18 @@ def drive(wrk: str, url: str, server_pid: int, image: Path, concurrency: int, se
     r["errors"] = sum(v for k, v in r["other_status"].items() if k != "503") + sum(r["socket_errors"].values())
     if r["ok"]:
         # Per answered request; refusals (cheap, but not free) are spread over the answers.
+        per_ok = {k: (after[k][0] - before[k][0], after[k][1] - before[k][1]) for k in after}
         r["cpu_ms_per_ok"] = {
-            "event_loop": (cpu1[0] - cpu0[0]) * 1e3 / r["ok"],
-            "workers": (cpu1[1] - cpu0[1]) * 1e3 / r["ok"],
+            "event_loop": per_ok["cpu_s"][0] * 1e3 / r["ok"],
+            "workers": per_ok["cpu_s"][1] * 1e3 / r["ok"],
             "load_generator": wrk_cpu * 1e3 / r["ok"],
+        }
+        # How often the threads were switched out: every wake-up of the loop runs its code
+        # with cold caches, and every preemption of a worker costs it its caches.
+        r["switches_per_ok"] = {
+            "event_loop_sleeps": per_ok["sleeps"][0] / r["ok"],
+            "event_loop_preempted": per_ok["preempted"][0] / r["ok"],
+            "workers_preempted": per_ok["preempted"][1] / r["ok"],
         }
     return r
 
@@ -341,7 +352,13 @@ def print_cpu(rep: dict, ceil_ips: float | None, workers: int | None) -> None:
         total = sum(cpu.values())
         print(f"{lv['concurrency']:>5} {cpu['event_loop']:>11.2f} {cpu['workers']:>8.2f} "
               f"{cpu['load_generator']:>6.2f} {total:>7.2f}")
-
+    print("\nThread switches per answered request (the event loop going to sleep, and being preempted; "
+          "the workers being preempted):")
+    print(f"{'conc':>5} {'loop sleeps':>12} {'loop preempted':>15} {'workers preempted':>18}")
+    for lv in levels:
+        sw = lv["switches_per_ok"]
+        print(f"{lv['concurrency']:>5} {sw['event_loop_sleeps']:>12.2f} {sw['event_loop_preempted']:>15.2f} "
+              f"{sw['workers_preempted']:>18.2f}")
 
 if __name__ == "__main__":
     main()
