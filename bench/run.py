@@ -311,8 +311,8 @@ def print_report(rep: dict) -> None:
     ceil_ips, ceil_ms = ceiling_figures(ceil)
     workers = ceil["throughput"].get("workers") if ceil else None
     policy = ceil.get("cpu_policy") if ceil else None
-    print(f"in-process ceiling: {ceil_ips and f'{ceil_ips:.1f} images/s ({workers} processes, {policy} CPU policy)'}, "
-          f"single image (all cores) p50 {ceil_ms and f'{ceil_ms:.2f} ms'}")
+    throughput = ceil_ips and f"{ceil_ips:.1f} images/s ({workers} processes, {policy} CPU policy)"
+    print(f"in-process ceiling: {throughput}, single image (all cores) p50 {ceil_ms and f'{ceil_ms:.2f} ms'}")
     print(f"server ready {rep['ready_s']:.2f} s after start; {rep.get('processes', '?')} processes, peak RSS sum "
           f"{rep['peak_rss_mb']:.0f} MB, peak PSS sum {rep.get('peak_pss_mb', 0):.0f} MB; exit code {rep['exit_code']}")
     clients = ("refused clients re-send at once (storm)" if rep.get("clients") == "storm"
@@ -359,6 +359,7 @@ def print_cpu(rep: dict, ceil_ips: float | None, workers: int | None) -> None:
         sw = lv["switches_per_ok"]
         print(f"{lv['concurrency']:>5} {sw['event_loop_sleeps']:>12.2f} {sw['event_loop_preempted']:>15.2f} "
               f"{sw['workers_preempted']:>18.2f}")
+
 
 if __name__ == "__main__":
     main()
