@@ -27,7 +27,7 @@ if str(REPO / "src") not in sys.path:  # run from a checkout without installing
 from visionserve.config import Settings  # noqa: E402
 from visionserve.imaging.decode import decode_image  # noqa: E402
 from visionserve.runtime.model import ServedModel  # noqa: E402
-from visionserve.runtime.cpus import cpu_count, cpu_policy_in_force, use_cpu_policy  # noqa: E402
+from visionserve.runtime.cpus import cpu_count, cpu_policy_in_force, use_thread_settings  # noqa: E402
 from visionserve.store.manifest import ModelManifest  # noqa: E402
 from visionserve.store.store import ModelStore  # noqa: E402
 from visionserve.types import PredictParams  # noqa: E402
@@ -157,8 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
 
-    # The server's CPU policy too (runtime.cpu_policy), inherited by the worker processes.
-    use_cpu_policy(Settings().runtime.cpu_policy)
+    # The server's process-wide settings too (GIL switch interval, CPU policy); the worker
+    # processes inherit the policy.
+    use_thread_settings(Settings().runtime)
     manifest = resolve_manifest(args.model, args.model_dir)
     data = args.image.read_bytes()
     result = {

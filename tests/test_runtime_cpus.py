@@ -68,7 +68,9 @@ def test_unreadable_or_malformed_files_are_no_limit(tmp_path):
 
 _POLICY_SCRIPT = """
 import json, os, threading
-from visionserve.runtime.cpus import cpu_policy_in_force, use_cpu_policy
+import sys
+from visionserve.runtime.cpus import cpu_policy_in_force, use_thread_settings
+from visionserve.runtime.settings import RuntimeSettings
 
 started, done = threading.Event(), threading.Event()
 tids = {}
@@ -86,18 +88,18 @@ before = threading.Thread(target=thread, args=("before",))
 idle = threading.Thread(target=thread, args=("idle", os.SCHED_IDLE))
 for t in (before, idle):
     started.clear(); t.start(); started.wait()
-use_cpu_policy(os.environ["POLICY"])
+use_thread_settings(RuntimeSettings(cpu_policy=os.environ["POLICY"], gil_switch_interval_ms=2.5))
 started.clear()
 after = threading.Thread(target=thread, args=("after",)); after.start(); started.wait()
 policies = {name: os.sched_getscheduler(tid) for name, tid in tids.items()}
 policies["main"] = os.sched_getscheduler(0)
-print(json.dumps({"policies": policies, "in_force": cpu_policy_in_force()}))
+print(json.dumps({"policies": policies, "in_force": cpu_policy_in_force(), "switch_s": sys.getswitchinterval()}))
 done.set()
 """
 
 
 @pytest.mark.parametrize("policy", ["batch", "normal"])
-def test_the_cpu_policy_reaches_every_thread_but_one_an_operator_set(policy):
+def test_the_thread_settings_reach_every_thread_but_one_an_operator_set(policy):
     out = subprocess.run([sys.executable, "-c", _POLICY_SCRIPT], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "POLICY": policy, "PYTHONPATH": str(REPO / "src")}, check=True).stdout
     result = json.loads(out)
@@ -105,3 +107,4 @@ def test_the_cpu_policy_reaches_every_thread_but_one_an_operator_set(policy):
     # Threads started before and after the call alike; one under SCHED_IDLE keeps it.
     assert result["policies"] == {"main": expected, "before": expected, "after": expected, "idle": os.SCHED_IDLE}
     assert result["in_force"] == ("batch" if expected == os.SCHED_BATCH else "normal")
+    assert result["switch_s"] == pytest.approx(0.0025)  # the GIL switch interval, set with it

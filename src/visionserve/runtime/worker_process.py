@@ -27,7 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from visionserve.errors import ModelError, ModelNotReady, VisionServeError, unexpected_error
-from visionserve.runtime.cpus import use_cpu_policy
+from visionserve.runtime.cpus import use_thread_settings
 from visionserve.runtime.settings import RuntimeSettings
 from visionserve.runtime.shared_bytes import SharedBytesReader
 from visionserve.server.logs import configure_logging
@@ -149,8 +149,7 @@ def main() -> None:
     orders: WorkerOrders = pickle.load(sys.stdin.buffer)
     sys.stdin.close()
     configure_logging(orders.log_format, orders.log_level)
-    sys.setswitchinterval(orders.runtime.gil_switch_interval_ms / 1e3)
-    use_cpu_policy(orders.runtime.cpu_policy)
+    use_thread_settings(orders.runtime)
     dropped = mmap.mmap(orders.drops_fd, orders.drop_slots)
     os.close(orders.drops_fd)
     uploads_fd, upload_slots, slot_bytes = orders.uploads

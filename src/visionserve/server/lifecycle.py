@@ -11,13 +11,12 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import sys
 import time
 from types import FrameType
 
 import uvicorn
 
-from visionserve.runtime.cpus import use_cpu_policy
+from visionserve.runtime.cpus import use_thread_settings
 from visionserve.runtime.scheduler import Scheduler
 from visionserve.server.refusal import refusing_protocol
 
@@ -65,12 +64,8 @@ class DrainingServer(uvicorn.Server):
 def serve(app, sock: socket.socket, drain_timeout_s: float) -> bool:  # type: ignore[no-untyped-def]
     """Serves on ``sock`` (from ``listener.bind``) until drained; returns False when the
     server could not start."""
-    # A worker thread coming back from ONNX Runtime or OpenCV waits for the GIL; with
-    # Python's default 5 ms switch interval it waits up to that long behind a busy event
-    # loop, many times per image. 1 ms measured far lower tail latency under load.
-    sys.setswitchinterval(app.state.settings.runtime.gil_switch_interval_ms / 1e3)
-    use_cpu_policy(app.state.settings.runtime.cpu_policy)
     settings = app.state.settings
+    use_thread_settings(settings.runtime)
     refusing = (
         refusing_protocol(app.state.refusals, settings.limits.header_timeout_s, settings.limits.max_header_bytes)
         if hasattr(app.state, "refusals") else None
