@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -131,6 +132,11 @@ def children(pid: int) -> list[int]:
         except OSError:
             continue
     return out
+
+
+def thread_policies(pid: int) -> set[int]:
+    """The scheduling policies of a process's threads (os.SCHED_*)."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
 def mapped_libraries(pid: int) -> str:

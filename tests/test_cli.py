@@ -331,8 +331,7 @@ def test_the_machines_errors_are_one_line_not_a_traceback(model_dir, mirror, ima
     assert r.returncode == 1 and r.stderr.strip() == f"error: Not a directory: {blocker / 'store' / 'yolox-nano'}"
 
 
-
-def test_a_refused_access_names_the_user_to_give_it_to(model_dir, mirror):
+def test_a_refused_access_names_the_user_to_give_it_to(mirror):
     assert os_error_line(PermissionError(errno.EACCES, "Permission denied", "/srv/models/x")) == (
         f"Permission denied: /srv/models/x (visionserve runs as uid {os.getuid()}: give that user access to it)")
     assert os_error_line(PermissionError(errno.EPERM, "Operation not permitted")) == "Operation not permitted"

@@ -23,7 +23,7 @@ from visionserve.store.manifest import ModelManifest
 from visionserve.store.store import ModelStore
 from visionserve.types import Thresholds
 
-from engine_helpers import children, concurrent_posts, mapped_libraries, metric, post_image
+from engine_helpers import children, concurrent_posts, mapped_libraries, metric, post_image, thread_policies
 
 
 def alive(pid: int) -> bool:
@@ -161,7 +161,7 @@ def test_a_killed_inference_process_starts_again_with_its_models(server_factory,
     assert httpx.get(srv.url + "/status").json()["workers"] == {
         "mode": "processes", "count": 2, "cpu_policy": "batch", "processes": [first], "restarts": 0, "down": None}
     # runtime.cpu_policy holds in the inference process too (it sets its own threads).
-    assert {os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{first}/task")} == {os.SCHED_BATCH}
+    assert thread_policies(first) == {os.SCHED_BATCH}
     os.kill(first, signal.SIGKILL)
     seen_unready = False
     deadline = time.monotonic() + 30

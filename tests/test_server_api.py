@@ -17,7 +17,7 @@ from PIL import Image
 
 from visionserve.runtime.cpus import cpu_count, cpu_policy_in_force
 
-from engine_helpers import connect, metric, read_response
+from engine_helpers import connect, metric, read_response, thread_policies
 
 
 def jpeg_of(images, name="dog.jpg") -> bytes:
@@ -56,15 +56,11 @@ def test_status_lists_models_with_readiness(client):
     assert body["workers"] == {"mode": "threads", "count": cpu_count(), "cpu_policy": "batch", "stuck": None}
 
 
-def _policies(pid: int) -> set[int]:
-    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
-
-
 def test_every_thread_of_the_server_runs_under_the_batch_policy(server, client, images):
     if os.sched_getscheduler(0) != os.SCHED_OTHER:
         pytest.skip("the tests run under another CPU policy, which the server would inherit")
     assert client.post("/predict", files={"image": jpeg_of(images)}).status_code == 200  # the workers exist
-    assert _policies(server.process.pid) == {os.SCHED_BATCH}
+    assert thread_policies(server.process.pid) == {os.SCHED_BATCH}
 
 
 def test_the_normal_cpu_policy_leaves_the_threads_as_they_started(server_factory, images):
@@ -72,7 +68,7 @@ def test_the_normal_cpu_policy_leaves_the_threads_as_they_started(server_factory
     with srv.client() as c:
         assert c.post("/predict", files={"image": jpeg_of(images)}).status_code == 200
         assert c.get("/status").json()["workers"]["cpu_policy"] == cpu_policy_in_force()
-    assert _policies(srv.process.pid) == {os.sched_getscheduler(0)}  # as the tests run: SCHED_OTHER in CI
+    assert thread_policies(srv.process.pid) == {os.sched_getscheduler(0)}  # as the tests run: SCHED_OTHER in CI
 
 
 def test_health_and_ready(client):
