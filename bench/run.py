@@ -79,13 +79,14 @@ def machine() -> dict[str, object]:
     }
 
 
-def ceiling(env: dict[str, str], image: Path, smoke: bool) -> dict | None:
-    """Runs bench/ceiling.py --json (the in-process ceiling); None if it is missing or fails."""
+def ceiling(env: dict[str, str], image: Path, seconds: float) -> dict | None:
+    """Runs bench/ceiling.py --json (the in-process ceiling) on ``image`` for ``seconds`` per
+    measurement; None if it is missing or fails."""
     script = BENCH / "ceiling.py"
     if not script.is_file():
         print("bench/ceiling.py not found: no ceiling, ratios left out", file=sys.stderr)
         return None
-    cmd = [sys.executable, str(script), "--json"]
+    cmd = [sys.executable, str(script), "--json", "--image", str(image), "--seconds", str(seconds)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     if proc.returncode != 0:
         print(f"ceiling.py failed ({proc.returncode}):\n{proc.stderr[-2000:]}", file=sys.stderr)
@@ -283,7 +284,7 @@ def main() -> None:
                     "clients": "storm" if args.storm else "retry-after",
                     "settings": {k: v for k, v in os.environ.items() if k.startswith("VISIONSERVE_") and k not in
                                  ("VISIONSERVE_MODEL_DIR", "VISIONSERVE_MODEL_MIRROR")}}
-    report["ceiling"] = None if args.no_ceiling else ceiling(env, args.image, args.smoke)
+    report["ceiling"] = None if args.no_ceiling else ceiling(env, args.image, seconds)
     server = Server(env, args.server_args)
     report["ready_s"] = server.ready_s
     try:

@@ -16,16 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_benchmark_smoke_run(model_dir, mirror, tmp_path):
+def test_benchmark_smoke_run(model_dir, mirror, images, tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "VISIONSERVE_MODEL_DIR": str(model_dir), "VISIONSERVE_MODEL_MIRROR": str(mirror)}
+    # Not the default image: the ceiling must measure the image the server is sent.
+    image = images / "horses.jpg"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--levels", "1,16", "--json", str(out)],
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--levels", "1,16", "--image", str(image),
+         "--json", str(out)],
         capture_output=True, text=True, env=env, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [lv["concurrency"] for lv in report["levels"]] == [1, 16]
+    assert Path(report["ceiling"]["image"]).name == "horses.jpg"
     for lv in report["levels"]:
         assert lv["ok"] > 0 and lv["errors"] == 0 and lv["p50_ms"] > 0
         # Where the cores went: the workers decode and run the model, the event loop only
