@@ -22,14 +22,25 @@ def test_benchmark_smoke_run(model_dir, mirror, images, tmp_path):
     # Not the default image: the ceiling must measure the image the server is sent.
     image = images / "horses.jpg"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--levels", "1,16", "--image", str(image),
-         "--json", str(out)],
+        [sys.executable, str(REPO / "bench" / "run.py"), "--smoke", "--levels", "1,16", "--rounds", "2",
+         "--image", str(image), "--json", str(out)],
         capture_output=True, text=True, env=env, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert [lv["concurrency"] for lv in report["levels"]] == [1, 16]
-    assert Path(report["ceiling"]["image"]).name == "horses.jpg"
+    # Two rounds, each with a ceiling of its own on the same image, and the levels after it.
+    assert len(report["rounds"]) == 2
+    for rnd in report["rounds"]:
+        assert Path(rnd["ceiling"]["image"]).name == "horses.jpg"
+        assert rnd["ceiling"]["throughput"]["images_per_s"] > 0
+        assert [lv["concurrency"] for lv in rnd["levels"]] == [1, 16]
+    assert report["rounds"][0]["ceiling"] != report["rounds"][1]["ceiling"]
+    # The targets are judged on the medians of the rounds' own ratios.
+    c16_target = report["targets"]["c16_vs_ceiling"]
+    ratios = [rnd["levels"][1]["ok_per_s"] / rnd["ceiling"]["throughput"]["images_per_s"] for rnd in report["rounds"]]
+    assert c16_target["per_round"] == pytest.approx(ratios) and c16_target["median"] == pytest.approx(sum(ratios) / 2)
+    assert len(report["targets"]["c1_p50_over_single_ms"]["per_round"]) == 2
+    assert report["rounds"][report["median_round"] - 1]["levels"] == report["levels"]
     for lv in report["levels"]:
         assert lv["ok"] > 0 and lv["errors"] == 0 and lv["p50_ms"] > 0
         # Where the cores went: the workers decode and run the model, the event loop only
