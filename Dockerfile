@@ -51,7 +51,9 @@ RUN /opt/visionserve/bin/pip wheel --no-deps --wheel-dir /wheels . \
 # - onnxruntime's C-API library: its Python binding links ONNX Runtime in statically and
 #   never loads it; and its model-conversion tools (transformers, quantization, tools);
 # - what only compiling against numpy needs (headers, f2py, distutils) and type stubs;
-# - ReDoc's script from fastapi-offline: the server offers Swagger UI (/docs) only.
+# - ReDoc's script from fastapi-offline: the server offers Swagger UI (/docs) only;
+# - OpenCV's Haar cascades (cv2/data/*.xml, 9.6 MB): face-detector data the server never
+#   loads. cv2 imports cv2.data at start, so its __init__.py stays.
 RUN set -eu; \
     /opt/visionserve/bin/python -m pip uninstall -q -y pip setuptools wheel; \
     site="$(echo /opt/visionserve/lib/python3*/site-packages)"; \
@@ -62,6 +64,7 @@ RUN set -eu; \
            "$site"/numpy/f2py "$site"/numpy/distutils "$site"/numpy/_core/include \
            "$site"/fastapi_offline/static/redoc.standalone.js; \
     find "$site" -name '*.pyi' -delete; \
+    find "$site"/cv2/data -name '*.xml' -delete; \
     # and the scripts of what was removed, which would only fail (f2py, onnxruntime_test, ...)
     for script in /opt/visionserve/bin/*; do \
         case "$(basename "$script")" in python*|activate*|visionserve) continue;; esac; \
