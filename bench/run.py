@@ -319,10 +319,10 @@ def main() -> None:
         report["exit_code"] = server.stop()
     if not report["rounds"]:
         sys.exit(f"benchmark failed before its first round; exit code {report['exit_code']}")
-    # The round in the middle (by its c=16 ratio, else its first level's rate) stands for the
-    # run where one round's figures are wanted: the "ceiling" and "levels" keys, the CPU tables.
-    middle = median_round(report["rounds"])
-    report["median_round"] = report["rounds"].index(middle) + 1
+    # The middle round stands for the run where one round's figures are wanted: the "ceiling"
+    # and "levels" keys, the CPU tables.
+    middle, basis = median_round(report["rounds"])
+    report["median_round"], report["median_round_by"] = report["rounds"].index(middle) + 1, basis
     report["ceiling"], report["levels"] = middle["ceiling"], middle["levels"]
     report["targets"] = targets(report)
     print_report(report)
@@ -345,13 +345,15 @@ def round_ratio(rnd: dict, concurrency: int) -> float | None:
     return level["ok_per_s"] / ceil_ips if ceil_ips and level else None
 
 
-def median_round(rounds: list[dict]) -> dict:
-    def key(rnd: dict) -> float:
-        ratio = round_ratio(rnd, 16)
-        return ratio if ratio is not None else rnd["levels"][0]["ok_per_s"]
-
+def median_round(rounds: list[dict]) -> tuple[dict, str]:
+    """The middle round, and what it is the middle of: the rounds' c=16 ratios to their
+    ceilings where they have both, else their first levels' throughputs."""
+    if all(round_ratio(rnd, 16) is not None for rnd in rounds):
+        key, basis = (lambda rnd: round_ratio(rnd, 16)), "its c=16 ratio"
+    else:
+        key, basis = (lambda rnd: rnd["levels"][0]["ok_per_s"]), f"its c={rounds[0]['levels'][0]['concurrency']} ok/s"
     ordered = sorted(rounds, key=key)
-    return ordered[(len(ordered) - 1) // 2]
+    return ordered[(len(ordered) - 1) // 2], basis
 
 
 def targets(rep: dict) -> dict[str, dict]:
@@ -394,7 +396,7 @@ def print_report(rep: dict) -> None:
                else "refused clients wait the Retry-After they were sent")
     print(f"load: wrk, one connection per thread, {rep['seconds_per_level']:.0f} s per level; {clients}; "
           f"server settings: {' '.join(f'{k}={v}' for k, v in rep.get('settings', {}).items()) or 'defaults'}")
-    rounds = rep.get("rounds") or [{"ceiling": rep["ceiling"], "levels": rep["levels"]}]
+    rounds = rep["rounds"]
     for i, rnd in enumerate(rounds, 1):
         ceil = rnd["ceiling"]
         ceil_ips, ceil_ms = ceiling_figures(ceil)
@@ -410,17 +412,17 @@ def print_report(rep: dict) -> None:
                   f"{lv['p99_ms']:>8.1f} {lv['refused_503'] / lv['duration_s']:>8.1f} {lv['errors']:>6} {ratio:>10}")
     ceil = rep["ceiling"]
     if len(rounds) > 1:
-        print(f"\nThe CPU figures below are round {rep['median_round']}'s, the middle one by its c=16 ratio.")
+        print(f"\nThe CPU figures below are round {rep['median_round']}'s, the middle one by {rep['median_round_by']}.")
     print_cpu(rep, ceiling_figures(ceil)[0], ceil["throughput"].get("workers") if ceil else None)
-    print_targets(rep.get("targets") or targets(rep), len(rounds))
+    print_targets(rep["targets"], len(rounds))
 
 
 def print_targets(found: dict[str, dict], rounds: int) -> None:
     def each(t: dict, fmt: str) -> str:
-        figures = ", ".join(fmt.format(v) for v in t["per_round"])
-        verdict = "met" if t["met"] else "NOT met"
-        return f"{fmt.format(t['median'])}" + (f" (median; rounds: {figures})" if len(t["per_round"]) > 1 else "") \
-            + f": {verdict}"
+        text = fmt.format(t["median"])
+        if len(t["per_round"]) > 1:
+            text += f" (median; rounds: {', '.join(fmt.format(v) for v in t['per_round'])})"
+        return f"{text}: {'met' if t['met'] else 'NOT met'}"
 
     print(f"\ntargets (issue 6){f', medians of {rounds} rounds' if rounds > 1 else ''}:")
     if "c16_vs_ceiling" in found:
