@@ -85,20 +85,27 @@ def test_headers_that_stall_get_a_408_in_the_paths_shape_and_the_connection_clos
 
 
 def test_headers_trickled_in_without_end_are_cut_off_at_the_deadline(srv):
-    # Slowloris: every read brings a byte, so no per-read timeout would ever fire.
+    # Slowloris: a byte every 50 ms, so a timeout per read would never fire and the whole
+    # head would take 12 s to arrive. The deadline counts from the request's first byte.
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Pad: " + b"a" * 200 + b"\r\n\r\n"
     with connect(srv.url) as s:
-        started, sent = time.monotonic(), 0
+        started, sent, answer = time.monotonic(), 0, b""
+        s.settimeout(0.05)
         try:
-            while sent < len(request) and time.monotonic() - started < CLOSED_WITHIN_S:
+            while sent < len(request) and not answer:
                 s.sendall(request[sent : sent + 1])
                 sent += 1
-                time.sleep(0.05)
+                try:
+                    answer = s.recv(65536)  # waits the 50 ms between bytes
+                except TimeoutError:
+                    pass
         except (BrokenPipeError, ConnectionResetError):
             pass
-        assert sent < len(request)  # cut off before the end
-        answer = read_until_closed(s, CLOSED_WITHIN_S)
-    assert answer is not None and answer.startswith(b"HTTP/1.1 408 "), answer
+        answered_after = time.monotonic() - started
+        rest = read_until_closed(s, CLOSED_WITHIN_S)
+    assert rest is not None, "still open"
+    assert (answer + rest).startswith(b"HTTP/1.1 408 "), answer + rest
+    assert sent < len(request) and answered_after < HEADER_TIMEOUT_S + 1.5, (sent, answered_after)
 
 
 def test_a_request_begun_on_a_kept_alive_connection_is_under_the_deadline_too(srv):

@@ -44,15 +44,18 @@ def test_upload_shows_boxes_and_table(browser, server, images, tmp_path):
     assert "detection(s)" in page.locator("#status").inner_text()
     size = page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]")
     assert size == [768, 576]
-    # the dog's box edge is drawn in its class colour over the photo
-    edge = page.evaluate("""() => {
+    # The dog's box edge is drawn over the photo in the dog's class colour (COCO class 16),
+    # where the photo itself is a dull brown.
+    edge, colour = page.evaluate("""() => {
         const ctx = document.getElementById('canvas').getContext('2d');
         const cell = document.querySelectorAll('#results tbody tr');
         const row = [...cell].find(r => r.cells[0].textContent === 'dog');
         const [x1, y1, x2, y2] = row.cells[2].textContent.split(', ').map(Number);
-        return Array.from(ctx.getImageData(x1, Math.round((y1 + y2) / 2), 1, 1).data);
+        const hex = palette[16 % palette.length];
+        const colour = [1, 3, 5].map(i => parseInt(hex.slice(i, i + 2), 16));
+        return [Array.from(ctx.getImageData(x1, Math.round((y1 + y2) / 2), 1, 1).data), colour];
     }""")
-    assert edge[:3] != [0, 0, 0] and edge[3] == 255
+    assert edge[3] == 255 and all(abs(a - b) <= 8 for a, b in zip(edge[:3], colour)), (edge, colour)
     page.screenshot(path=str(tmp_path / "page.png"))
     assert errors == []
 
