@@ -147,6 +147,15 @@ def test_jpeg_round_trip_is_close(fmt: str) -> None:
     assert np.abs(decoded.pixels.astype(int) - pixels).mean() < 2.0
 
 
+@pytest.mark.parametrize("shape", [(1, 65_501), (65_501, 1)])
+def test_an_image_too_wide_or_tall_for_jpeg_is_a_parameter_error(shape) -> None:
+    pixels = np.zeros((*shape, 3), np.uint8)
+    with pytest.raises(InvalidParameter, match="format=png"):
+        encode_image(pixels, "jpeg")
+    assert encode_image(pixels, "png").startswith(b"\x89PNG")
+    assert encode_image(pixels[:, :65_500] if shape[0] == 1 else pixels[:65_500], "jpeg").startswith(b"\xff\xd8")
+
+
 def test_jpeg_quality_changes_size() -> None:
     pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)
     assert len(encode_image(pixels, "jpeg", quality=30)) < len(encode_image(pixels, "jpeg", 95))

@@ -113,11 +113,21 @@ def output_format(fmt: str) -> str:
     return name
 
 
+# libjpeg's JPEG_MAX_DIMENSION: no JPEG is wider or taller.
+JPEG_MAX_SIDE = 65_500
+
+
 def encode_image(pixels: np.ndarray, fmt: str, quality: int = 90) -> bytes:
     """RGB uint8 HxWx3 pixels -> JPEG (libjpeg-turbo, 4:2:0) or PNG bytes."""
     if output_format(fmt) == "jpeg":
         if not 1 <= quality <= 100:
             raise InvalidParameter(f"JPEG quality must be 1-100, got {quality}")
+        height, width = pixels.shape[:2]
+        if max(width, height) > JPEG_MAX_SIDE:
+            raise InvalidParameter(
+                f"a {width}x{height} image cannot be returned as JPEG (at most {JPEG_MAX_SIDE:,} pixels a side): "
+                "ask for format=png"
+            )
         return simplejpeg.encode_jpeg(
             np.ascontiguousarray(pixels), quality=quality, colorspace="RGB", colorsubsampling="420"
         )
