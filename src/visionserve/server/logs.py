@@ -9,6 +9,16 @@ import sys
 import time
 
 
+# C0 and C1 control characters (and DEL), written as escapes: a client's path with a newline
+# in it would otherwise forge a line of its own in a text log.
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` (from a client: a path, say) safe to put in a log line."""
+    return text.translate(_CONTROL)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from visionserve.errors import PayloadTooLarge, RequestTimeout
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
+from visionserve.server.logs import printable
 
 access_log = logging.getLogger("visionserve.access")
 error_log = logging.getLogger("visionserve.error")
@@ -76,7 +77,9 @@ class RequestContextMiddleware:
                 await response(scope, receive, send_wrapper)
             raise
         except Exception:
-            error_log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            error_log.exception(
+                "unhandled error in %s %s (request %s)", scope["method"], printable(scope["path"]), request_id
+            )
             if status == 0:  # nothing sent yet: answer with the protocol's 500
                 response = self.renderer_for(scope["path"])(500, "internal_error", "internal server error", {})
                 await response(scope, receive, send_wrapper)
@@ -91,7 +94,7 @@ class RequestContextMiddleware:
                 client = scope.get("client")
                 access_log.info(
                     '%s %s %s %d %.1fms %s',
-                    client[0] if client else "-", scope["method"], scope["path"], status, ms, request_id,
+                    client[0] if client else "-", scope["method"], printable(scope["path"]), status, ms, request_id,
                     extra={"fields": {
                         "request_id": request_id, "method": scope["method"], "path": scope["path"],
                         "status": status, "duration_ms": round(ms, 2), "bytes": sent,
