@@ -184,10 +184,25 @@ def test_an_annotated_big_jpeg_comes_back_at_its_own_size(client, images):
 
 # -- errors -----------------------------------------------------------------------------
 
+def test_an_image_too_wide_for_an_annotated_jpeg_gets_a_422_not_a_500(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (65_501, 1)).save(buf, "PNG")
+    r = client.post("/predict?format=jpeg", files={"image": ("wide.png", buf.getvalue())})
+    assert_error(r, 422, "invalid_parameter")
+    assert "format=png" in r.json()["error"]["message"]
+    assert client.post("/predict?format=png", files={"image": ("wide.png", buf.getvalue())}).status_code == 200
+
+
 def test_unknown_routes_are_json_404(client):
     assert_error(client.get("/nope"), 404, "not_found")
     assert_error(client.post("/nope", content=b"x"), 404, "not_found")
     assert_error(client.get("/predict/yolox-nano/extra"), 404, "not_found")
+    # A trailing slash is another path, not a redirect (whose Location would come from the
+    # client's own Host header).
+    for path in ("/predict/", "/status/", "/predict/yolox-nano/"):
+        r = client.post(path, content=b"x", headers={"host": "evil.example"}, follow_redirects=False)
+        assert r.status_code in (404, 405) and "location" not in r.headers, (path, r.status_code)
+        assert r.json()["error"]["code"] in ("not_found", "method_not_allowed")
 
 
 def test_wrong_method_is_405(client):
@@ -411,6 +426,26 @@ def test_not_ready_is_503(server_factory, tmp_path, images):
         assert_error(c.get("/readyz"), 503, "model_not_ready")
         assert_error(c.post("/predict/broken", files={"image": ("d.jpg", jpeg_of(images))}), 503, "model_not_ready")
         assert c.post("/predict", files={"image": ("d.jpg", jpeg_of(images))}).status_code == 200
+
+
+def test_a_path_cannot_forge_a_line_in_the_text_log(server):
+    with connect(server.url) as s:
+        s.sendall(b"GET /%0aFAKE-LOG-LINE%0d%00%7f HTTP/1.1\r\nHost: x\r\nX-Request-ID: forge-1\r\n\r\n")
+        assert read_response(s).startswith(b"HTTP/1.1 404")
+    deadline = time.monotonic() + 5
+    while "forge-1" not in server.output() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the access line is written once the answer is out
+    lines = server.output().splitlines()
+    assert not any(line.startswith("FAKE-LOG-LINE") for line in lines)
+    entry = next(line for line in lines if "forge-1" in line)
+    assert "visionserve.access" in entry and "GET /\\x0aFAKE-LOG-LINE\\x0d\\x00\\x7f 404" in entry, entry
+
+
+def test_printable_escapes_control_characters_only():
+    from visionserve.server.logs import printable
+
+    assert printable("/a\nb\rc\x00\x1b[31m\x7f\x85") == "/a\\x0ab\\x0dc\\x00\\x1b[31m\\x7f\\x85"
+    assert printable("/prédire/狗 ok") == "/prédire/狗 ok"
 
 
 def test_json_access_log_carries_request_id(server_factory, images):

@@ -62,6 +62,9 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
         docs_url="/docs",
         redoc_url=None,
         static_url="/docs/static",
+        # "/predict/" is not "/predict": a JSON 404, not Starlette's redirect, whose Location
+        # would be built from the client's own Host header.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.registry = registry
