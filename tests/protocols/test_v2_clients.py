@@ -181,6 +181,23 @@ def test_compressed_requests_and_responses(triton, dog_bytes, algorithm):
     assert EXPECTED <= set(_labels(result))
 
 
+@pytest.mark.parametrize(("accept_encoding", "expected"), [
+    ("gzip", "gzip"),
+    ("deflate", "deflate"),
+    ("gzip;q=0.5, deflate", "deflate"),
+    ("gzip;q=0", None),  # q=0: not acceptable (RFC 9110)
+    ("gzip;q=0, deflate;q=0, identity", None),
+    ("identity", None),
+])
+def test_response_compression_follows_the_quality_values(server, dog_bytes, accept_encoding, expected):
+    body = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1], "parameters": {"content_type": "base64"},
+                        "data": [base64.b64encode(dog_bytes).decode()]}]}
+    raw = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body, headers={"Accept-Encoding": accept_encoding})
+    assert raw.status_code == 200, raw.text
+    assert raw.headers.get("content-encoding") == expected
+    assert raw.json()["outputs"]  # httpx undoes what was applied
+
+
 def test_repository_index(triton):
     index = triton.get_model_repository_index()
     assert {"name": MODEL, "version": "1", "state": "READY", "reason": ""} in index

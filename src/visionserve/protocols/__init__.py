@@ -104,6 +104,26 @@ def discover() -> list[Protocol]:
     return sorted(found, key=lambda p: (p.prefix != "", p.name))
 
 
+def weights(header: str) -> dict[str, float]:
+    """The quality value of each item of an Accept or Accept-Encoding header (RFC 9110
+    section 12.4.2), lower-cased; 1 where none is given, 0 where it does not parse."""
+    out: dict[str, float] = {}
+    for part in header.split(","):
+        item, *params = part.split(";")
+        weight = 1.0
+        for param in params:
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+                weight = min(max(weight, 0.0), 1.0) if weight == weight else 0.0  # NaN: nothing
+        if item.strip():
+            out[item.strip().lower()] = weight
+    return out
+
+
 def server_timing(timings_ms: Mapping[str, float]) -> dict[str, str]:
     """The ``Server-Timing`` header of a detection's answer: each stage's milliseconds."""
     return {"Server-Timing": ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in timings_ms.items())}

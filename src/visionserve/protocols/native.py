@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
 from visionserve.errors import InvalidParameter, MissingImage, UnsupportedMediaType
-from visionserve.protocols import Protocol, header_timeout_ms, received_at, server_timing
+from visionserve.protocols import Protocol, header_timeout_ms, received_at, server_timing, weights
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
@@ -214,19 +214,7 @@ async def _read_image(request: Request) -> tuple[bytes, dict[str, str]]:
 
 def _negotiate(accept: str) -> str:
     """'json', 'jpeg' or 'png' from an Accept header; JSON unless an image type is preferred."""
-    q: dict[str, float] = {}
-    for part in accept.split(","):
-        media, _, rest = part.strip().partition(";")
-        weight = 1.0
-        for param in rest.split(";"):
-            k, _, v = param.strip().partition("=")
-            if k == "q":
-                try:
-                    weight = float(v)
-                except ValueError:
-                    weight = 0.0
-        if media:
-            q[media.lower()] = weight
+    q = weights(accept)
 
     def quality(media: str) -> float:
         kind = media.split("/")[0] + "/*"

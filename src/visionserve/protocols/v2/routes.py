@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
 from visionserve.errors import BadRequest, ModelError, ModelNotFound, ModelNotReady
-from visionserve.protocols import Protocol, positive_finite, received_at, server_timing
+from visionserve.protocols import Protocol, positive_finite, received_at, server_timing, weights
 from visionserve.protocols.v2.codec import (
     InferRequest,
     OutputTensor,
@@ -424,11 +424,12 @@ def _output_tensors(predictions: list[Prediction], batched: bool) -> list[Output
 
 def _compress(payload: bytes, accept_encoding: str, headers: dict[str, str]) -> bytes:
     """gzip or deflate (zlib) the response when the client asks for it (tritonclient can)."""
-    accepted = {part.split(";")[0].strip().lower() for part in accept_encoding.split(",")}
-    if "gzip" in accepted:
+    q = weights(accept_encoding)
+    gzip_q, deflate_q = q.get("gzip", q.get("x-gzip", 0.0)), q.get("deflate", 0.0)
+    if gzip_q > 0 and gzip_q >= deflate_q:  # "gzip;q=0" refuses it
         headers["Content-Encoding"] = "gzip"
         return gzip.compress(payload, compresslevel=5)
-    if "deflate" in accepted:
+    if deflate_q > 0:
         headers["Content-Encoding"] = "deflate"
         return zlib.compress(payload, 5)
     return payload
