@@ -261,6 +261,7 @@ def test_unsupported_media_type_is_415(client):
 
 @pytest.mark.parametrize("query", [
     "min_confidence=2", "min_confidence=abc", "iou=-0.1", "max_detections=0", "format=gif", "classes=dog,unicorn",
+    "classes=,", "classes=%20",  # names no label: not a filter that keeps nothing
 ])
 def test_bad_parameters_are_422(client, images, query):
     r = client.post(f"/predict?{query}", files={"image": ("d.jpg", jpeg_of(images))})

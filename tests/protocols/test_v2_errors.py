@@ -156,6 +156,8 @@ def test_invalid_image_bytes_is_400(client):
     ({"iou": -0.1}, "iou"),
     ({"max_detections": 0}, "max_detections"),
     ({"classes": "dog,unicorn"}, "unicorn"),
+    ({"classes": []}, "classes names no label"),
+    ({"classes": " , "}, "classes names no label"),
     ({"timeout": 0}, "timeout"),
     ({"timeout": float("nan")}, "timeout"),
     # Infinity is a bare token Python's JSON reader accepts; an integer can have any length

@@ -224,10 +224,13 @@ class ServedModel:
         return (int(spec.width * factor), int(spec.height * factor)) if factor > 0 and not drawn else None
 
     def thresholds(self, params: PredictParams) -> Thresholds:
-        """Request settings over the model's defaults; unknown class labels are a 422."""
+        """Request settings over the model's defaults; unknown class labels, or a class list
+        with none in it, are a 422."""
         m = self.manifest
         class_ids = None
         if params.classes is not None:
+            if not params.classes:  # "classes=," or []: a filter that could keep nothing
+                raise InvalidParameter("classes names no label: give labels such as 'person,dog', or leave it out")
             unknown = sorted(c for c in params.classes if c not in self._label_ids)
             if unknown:
                 raise InvalidParameter(f"classes: {', '.join(unknown)} not among this model's labels")
