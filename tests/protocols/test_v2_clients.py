@@ -281,6 +281,10 @@ def test_repository_unload_and_load(server_factory):
         assert [m["name"] for m in ready_only] == [MODEL]
         raw.post(f"/v2/repository/models/{MODEL}/unload")
         assert raw.post("/v2/repository/index", json={"ready": True}).json() == []
+        # /readyz says why: not "still loading", which would never end by itself.
+        ready = raw.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"]["message"] == f"model {MODEL!r} is unloaded", ready.text
 
 
 # -- KServe's client, from its own virtual environment ---------------------------------------

@@ -126,6 +126,11 @@ class ModelRegistry:
             (m := self._models.get(n)) is not None and m.state is ModelState.READY for n in self._configs
         )
 
+    def unready(self) -> dict[str, str]:
+        """Configured models that are not ready, with their state ("loading", "unloaded",
+        "failed")."""
+        return {e["name"]: e["state"] for e in self.status() if e["name"] in self._configs and not e["ready"]}
+
     def failed(self) -> dict[str, str]:
         """Configured models that failed to load, with why (as ``status`` tells them); each
         stays so until loaded again."""
