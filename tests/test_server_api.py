@@ -272,6 +272,12 @@ def test_bad_parameters_are_422(client, images, query):
 def test_unknown_model_is_404(client, images):
     body = assert_error(client.post("/predict/nope", files={"image": ("d.jpg", jpeg_of(images))}), 404, "model_not_found")
     assert "nope" in body["error"]["message"]
+    # Known before the upload is read: with no image at all, and with most of one unsent.
+    assert_error(client.post("/predict/nope", content=b"", headers={"content-type": "image/jpeg"}), 404, "model_not_found")
+    with connect(str(client.base_url)) as s:
+        s.sendall(b"POST /predict/nope HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\n"
+                  b"Content-Length: 5000000\r\n\r\n" + b"\xff" * 1000)
+        assert read_response(s).startswith(b"HTTP/1.1 404")
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -160,6 +160,7 @@ async def _predict(request: Request, model: str | None) -> Response:
     # Admission before the body is read: a full server refuses at once and for nearly free.
     with service.admit():
         deadline = service.deadline(header_timeout_ms(request), received_at(request))
+        service.registry.get(model)  # an unknown or unready model: 404 or 503 before the upload is read
         data, fields = await _read_image(request)
         merged = {**fields, **{k: v for k, v in request.query_params.items() if v != ""}}
         try:
