@@ -468,6 +468,14 @@ def test_truncated_images_are_rejected_not_grey_filled(fmt: str, keep: float) ->
     assert caught.value.status == 400 and fmt in caught.value.message.upper()
 
 
+def test_a_cut_jpeg_with_an_end_marker_added_is_rejected_and_stray_bytes_are_not() -> None:
+    data = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 128, 3), np.uint8)), "JPEG")
+    with pytest.raises(InvalidImage, match="premature end"):
+        decode_image(data[: len(data) // 2] + b"\xff\xd9")
+    # Stray bytes before the end marker: libjpeg warns, the image is whole, it decodes.
+    assert decode_image(data[:-2] + b"\x00\x00\xff\xd9").pixels.shape == (96, 128, 3)
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow warns about the cut TIFF tags
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "TIFF", "BMP"])
 def test_cut_headers_get_a_readable_message(fmt: str) -> None:

@@ -193,9 +193,13 @@ def _decode_jpeg(
                 min_height=-(-height // denom),
                 min_factor=float(denom),
             )
-    except ValueError:
-        # strict mode rejects truncation (good) but also benign warnings such as stray
-        # bytes between markers; Pillow tolerates those and still rejects truncation.
+    except ValueError as exc:
+        # Strict mode rejects truncation, and also benign warnings such as stray bytes
+        # between markers, which Pillow tolerates. Pillow rejects a file that just stops,
+        # but not one whose data stops early at a marker (cut, then an end-of-image marker
+        # added): it fills the rest with grey, so libjpeg's "premature end" is final here.
+        if "premature end" in str(exc).lower():
+            raise InvalidImage(f"cannot decode JPEG image: {exc}") from exc
         return _decode_with_pillow(buf, "jpeg", max_pixels)
     true_w, true_h = oriented_size(width, height, orientation)
     return DecodedImage(apply_orientation(pixels, orientation), true_w, true_h, "jpeg")
