@@ -209,7 +209,12 @@ def test_wrong_method_is_405(client):
     r = client.get("/predict")
     assert_error(r, 405, "method_not_allowed")
     assert r.headers["allow"] == "POST"
-    assert_error(client.delete("/status"), 405, "method_not_allowed")
+    r = client.delete("/status")
+    assert_error(r, 405, "method_not_allowed")
+    assert r.headers["allow"] == "GET, HEAD"
+    # A path with a route per method: all of them (Starlette names the first route's only).
+    r = client.request("OPTIONS", "/v1/vision/custom/list")
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD, POST"
 
 
 @pytest.mark.parametrize("path", [

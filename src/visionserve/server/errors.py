@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+from starlette.routing import Match
 
 from visionserve.errors import ClientDisconnected, VisionServeError
 from visionserve.protocols import ErrorRenderer
@@ -32,6 +33,21 @@ def validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def allowed_methods(app: FastAPI, request: Request) -> str:
+    """The Allow header of a 405: every method some route takes at this path (Starlette's
+    names only the first route's, and a path may have a route per method), HEAD with GET."""
+    allowed = {
+        method for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in app.routes)
+    }
+    if "GET" in allowed:
+        allowed.add("HEAD")  # server/head.py
+    return ", ".join(sorted(allowed))
+
+
 def install_error_handlers(app: FastAPI, renderer_for: Callable[[str], ErrorRenderer]) -> None:
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, VisionServeError)
@@ -46,8 +62,11 @@ def install_error_handlers(app: FastAPI, renderer_for: Callable[[str], ErrorRend
             message = f"method {request.method} is not allowed for {request.url.path}"
         else:
             message = str(exc.detail)
+        headers = dict(exc.headers or {})
+        if status == 405:
+            headers["Allow"] = allowed_methods(app, request)
         code = _HTTP_CODES.get(status, "error")
-        return renderer_for(request.url.path)(status, code, message, dict(exc.headers or {}))
+        return renderer_for(request.url.path)(status, code, message, headers)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
