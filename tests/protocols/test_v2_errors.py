@@ -76,7 +76,10 @@ def test_unknown_models_versions_routes_and_methods(client, method, path, status
     (b'{"inputs": []}', {"Inference-Header-Content-Length": "500"}, "outside the"),
     (b'{"inputs": []}', {"Content-Encoding": "br"}, "unsupported Content-Encoding"),
     (b"definitely not gzip", {"Content-Encoding": "gzip"}, "cannot decompress"),
-    (b"[" * 100_000 + b"]" * 100_000, {}, "not valid JSON"),  # deeper than the JSON parser recurses
+    (b"[" * 100_000 + b"]" * 100_000, {}, "not valid JSON: it is nested too deeply"),  # past the parser's recursion
+    # In the client's terms, not Python's ("use sys.set_int_max_str_digits()", codec names):
+    (b'{"inputs": ' + b"1" * 5000 + b"}", {}, "not valid JSON: a number has more than 4300 digits"),
+    (b'{"inputs": "\xaf"}', {}, "not valid JSON: it is not UTF-8 text (byte 12)"),
     (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, "not valid JSON"),
 ])
 def test_malformed_bodies(client, body, headers, fragment):

@@ -14,6 +14,7 @@ import binascii
 import itertools
 import json
 import math
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -116,10 +117,22 @@ def split_body(
         header = parse_json(bytes(body[:json_end]), cooperative)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
         hint = "" if header_length is not None else " (binary tensor data needs Inference-Header-Content-Length)"
-        raise BadRequest(f"the inference request is not valid JSON: {e}{hint}") from None
+        raise BadRequest(f"the inference request is not valid JSON: {json_problem(e)}{hint}") from None
     if not isinstance(header, dict):
         raise BadRequest("the inference request must be a JSON object")
     return header, memoryview(body)[json_end:]
+
+
+def json_problem(e: ValueError | RecursionError) -> str:
+    """What ``json.loads`` found wrong, in words for a client rather than Python's own (which
+    name ``sys`` functions and codecs)."""
+    if isinstance(e, RecursionError):
+        return "it is nested too deeply"
+    if isinstance(e, UnicodeDecodeError):
+        return f"it is not UTF-8 text (byte {e.start})"
+    if "integer string conversion" in str(e):
+        return f"a number has more than {sys.get_int_max_str_digits()} digits"
+    return str(e)
 
 
 def json_length(body_bytes: int, header_length: str | int | None) -> int:

@@ -33,6 +33,7 @@ from visionserve.protocols.v2.codec import (
     encode_response,
     json_containers,
     json_length,
+    json_problem,
     parse_infer_request,
     parse_json,
     split_body,
@@ -446,7 +447,7 @@ async def _json_object(request: Request, what: str) -> dict[str, Any]:
     try:
         value = await _decoded(request, partial(parse_json, body), body, len(body), False)
     except (ValueError, RecursionError) as e:  # RecursionError: nested too deeply for the parser
-        raise BadRequest(f"the {what} request is not valid JSON: {e}") from None
+        raise BadRequest(f"the {what} request is not valid JSON: {json_problem(e)}") from None
     if not isinstance(value, dict):
         raise BadRequest(f"the {what} request must be a JSON object")
     return value
