@@ -54,6 +54,9 @@ def test_models_from_toml_and_env(tmp_path, monkeypatch):
     ('[[models]]\nname = "a"\npath = "x.onnx"\n', "models.0"),
     ('default_model = "zz"\n', "default_model"),
     ('[runtime]\ngraph_optimization = "max"\n', "runtime.graph_optimization"),
+    # Typos that would build threads or sessions until memory runs out:
+    ("[runtime]\nintra_op_threads = 100000\n", "runtime.intra_op_threads"),
+    ("[runtime]\ninference_workers = 2000\n", "runtime.inference_workers"),
 ])
 def test_bad_config_names_the_key(tmp_path, toml, key):
     cfg = tmp_path / "c.toml"

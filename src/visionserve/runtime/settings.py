@@ -25,16 +25,19 @@ class RuntimeSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # The upper bounds are far past any machine's cores (each worker holds a session of its
+    # own): they are there so that a typo such as 100000 fails with the setting's name instead
+    # of a server that builds threads until memory runs out.
     intra_op_threads: int = Field(
-        default=0, ge=0, description="ONNX Runtime threads for a lone request's inference; 0 = all cores"
+        default=0, ge=0, le=1024, description="ONNX Runtime threads for a lone request's inference; 0 = all cores"
     )
-    inter_op_threads: int = Field(default=1, ge=1)
+    inter_op_threads: int = Field(default=1, ge=1, le=1024)
     inference_workers: int = Field(
-        default=0, ge=0,
+        default=0, ge=0, le=256,
         description="inferences run at once when requests queue up; 0 = one per core the process may use, "
         "within its cgroup's CPU quota (docker --cpus, Kubernetes CPU limits)",
     )
-    decode_threads: int = Field(default=0, ge=0, description="threads for the HTTP process's CPU work beside inference (decoding large V2 JSON bodies); 0 = number of cores")
+    decode_threads: int = Field(default=0, ge=0, le=1024, description="threads for the HTTP process's CPU work beside inference (decoding large V2 JSON bodies); 0 = number of cores")
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
     allow_spinning: bool = Field(
         default=True,
@@ -61,7 +64,7 @@ class RuntimeSettings(BaseModel):
         "(docs/benchmarks.md)",
     )
     inference_processes: int = Field(
-        default=1, ge=0,
+        default=1, ge=0, le=256,
         description="processes hosting the inference workers (worker_mode \"processes\"), each worker a "
         "thread with its own sessions; 1 keeps the interpreter, libraries and ONNX Runtime's state once "
         "(least memory); 0 = one process per worker",
