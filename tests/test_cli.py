@@ -412,3 +412,20 @@ def test_healthcheck_finds_the_port_where_the_server_does(server, model_dir, mir
     cfg.write_text(f"port = {free}\n")
     r = run("healthcheck", "--config", str(cfg), model_dir=model_dir, mirror=mirror, timeout=60)
     assert r.returncode == 1 and r.stdout == f"unhealthy: no answer from http://127.0.0.1:{free} (ConnectError)\n"
+    # An IPv6 host written as in a URL, with its brackets: the same address.
+    cfg.write_text(f'host = "[::1]"\nport = {free}\n')
+    r = run("healthcheck", "--config", str(cfg), model_dir=model_dir, mirror=mirror, timeout=60)
+    assert r.returncode == 1 and r.stdout == f"unhealthy: no answer from http://[::1]:{free} (ConnectError)\n", r.stderr
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (("healthcheck", "--url", "http://[::1"), "--url 'http://[::1' is not a server's base URL"),
+    (("healthcheck", "--url", "ftp://127.0.0.1:9"), "is not a server's base URL"),
+    (("healthcheck", "--timeout", "inf"), "less than or equal to 3600"),
+    (("models", "pull", "yolox-nano", "--mirror", "http://[::1"), "model_mirror: Value error, not a valid URL"),
+    (("models", "pull", "yolox-nano", "--mirror", "gopher://x/"), "model_mirror"),
+])
+def test_bad_urls_and_timeouts_are_one_error_not_a_traceback(model_dir, mirror, tmp_path, args, says):
+    r = run(*args, model_dir=tmp_path / "store", mirror=mirror, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert says in " ".join(r.stderr.split()) and "Traceback" not in r.stderr, r.stderr

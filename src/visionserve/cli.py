@@ -148,7 +148,7 @@ def serve(
 def healthcheck(
     config: ConfigOpt = None,
     url: Annotated[Optional[str], typer.Option(help="the server's base URL", show_default="from the configured port")] = None,
-    timeout: Annotated[float, typer.Option(min=0.1, help="seconds to wait for the answer")] = 2.0,
+    timeout: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds to wait for the answer")] = 2.0,
 ) -> None:
     """Ask a running server whether it is ready (/readyz): exit 0 if it is, else 1 with the
     reason on one line. For container health checks; the port comes from the same settings
@@ -161,6 +161,9 @@ def healthcheck(
         url = f"http://{f'[{host}]' if ':' in host else host}:{settings.port}"
     try:
         r = httpx.get(url.rstrip("/") + "/readyz", timeout=timeout)
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError) as e:
+        _error(f"--url {url!r} is not a server's base URL ({e})")
+        raise typer.Exit(2) from None
     except httpx.HTTPError as e:
         print(f"unhealthy: no answer from {url} ({type(e).__name__})")
         raise typer.Exit(1) from None

@@ -12,6 +12,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -171,6 +172,25 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
+
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:
+        # "[::1]" as written in URLs: the address is what is inside the brackets.
+        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
+    @field_validator("model_mirror")
+    @classmethod
+    def _mirror_url(cls, value: str | None) -> str | None:
+        if value and "://" in value:
+            try:
+                parts = urlsplit(value)
+                parts.port  # noqa: B018  # raises on a port that is not a number
+            except ValueError as e:
+                raise ValueError(f"not a valid URL ({e})") from None
+            if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.hostname):
+                raise ValueError("a mirror URL is http://, https:// or file:// (or give a folder)")
+        return value
 
     @field_validator("log_format", "log_level", mode="before")
     @classmethod
