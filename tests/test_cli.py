@@ -429,3 +429,13 @@ def test_bad_urls_and_timeouts_are_one_error_not_a_traceback(model_dir, mirror, 
     r = run(*args, model_dir=tmp_path / "store", mirror=mirror, timeout=60)
     assert r.returncode == 2, r.stderr
     assert says in " ".join(r.stderr.split()) and "Traceback" not in r.stderr, r.stderr
+
+
+def test_a_models_bad_option_is_one_line_naming_it(model_dir, mirror, images, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[[models]]\nname = "yolox-nano"\noptions = {pad_value = "abc"}\n')
+    r = run("detect", str(images / "dog.jpg"), "--config", str(cfg), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: model 'yolox-nano': options.pad_value: Input should be a valid integer, unable to parse string as an integer"
+    ]

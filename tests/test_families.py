@@ -155,3 +155,27 @@ def test_region_full_grid_against_a_loop_reference():
     assert len(expected) == len(cand.scores) > 0
     got = sorted(zip(*cand.boxes.T.tolist(), cand.scores.tolist(), cand.class_ids.tolist()), key=lambda t: t[4])
     np.testing.assert_allclose(np.array(got), np.array(sorted(expected, key=lambda t: t[4])), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(("family", "options", "says"), [
+    ("yolox", {"pad_value": "abc"}, "options.pad_value: Input should be a valid integer"),
+    ("yolox", {"pad_value": 300}, "options.pad_value"),
+    ("yolox", {"scale": "x"}, "options.scale"),
+    ("yolox", {"scale": float("inf")}, "options.scale"),
+    ("yolox", {"channel_order": "XYZ"}, "options.channel_order"),
+    ("yolox", {"resize": 5}, "options.resize"),
+    ("yolox", {"strides": "abc"}, "options.strides"),
+    ("yolox", {"strides": [0]}, "options.strides.0"),
+    ("yolox", {"bogus": 1}, "options.bogus: Extra inputs are not permitted"),
+    ("yolov2-region", {"anchors": [[1.0]]}, "options.anchors.0"),
+    ("yolov2-region", {"anchors": [[1.0, -2.0]]}, "options.anchors.0.1"),
+    ("darknet-yolo", {"heads": [{"anchors": [[1, 1]], "scale_x_y": "big"}]}, "options.heads.0.scale_x_y"),
+])
+def test_bad_options_name_the_key_when_the_family_is_made(family, options, says):
+    """A config's [[models]] options (over the catalog's) are checked before any loading: a
+    wrong type, range or key is a ModelError naming it, not a failure deep in decoding."""
+    bad = ModelManifest(name="m", family=family, file="m.onnx", labels=["a"], input_width=32, input_height=32,
+                        options=options)
+    with pytest.raises(ModelError) as e:
+        get_family(family)(bad)
+    assert says in e.value.message and e.value.message.startswith("model 'm': "), e.value.message

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from visionserve.errors import ModelError
 from visionserve.store.manifest import ModelManifest
 from visionserve.types import Detections, Thresholds
 from visionserve.vision.boxes import clip_boxes
@@ -45,12 +47,38 @@ class Candidates:
     class_ids: np.ndarray  # int32 [K]
 
 
-INPUT_OPTION_KEYS = ("channel_order", "resize", "align", "pad_value", "scale")
+class FamilyOptions(BaseModel):
+    """A manifest's ``options`` (the catalog's, an import's, and a config's ``[[models]]
+    options`` over them): the input keys every family takes. A family with keys of its own
+    subclasses this and names the subclass as its ``Options``; keys no family takes are refused."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    channel_order: Literal["RGB", "BGR"] | None = None
+    resize: Literal["letterbox", "stretch"] | None = None
+    align: Literal["topleft", "center"] | None = None
+    pad_value: int | None = Field(None, ge=0, le=255)
+    scale: float | None = Field(None, gt=0, allow_inf_nan=False)
+
+
+INPUT_OPTION_KEYS = tuple(FamilyOptions.model_fields)
+
+
+def checked_options(options_type: type[FamilyOptions], manifest: ModelManifest) -> FamilyOptions:
+    """``manifest.options`` as ``options_type``; ModelError naming each bad key."""
+    try:
+        return options_type.model_validate(manifest.options)
+    except ValidationError as e:
+        problems = "; ".join(f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ModelError(f"model {manifest.name!r}: {problems}") from None
 
 
 def input_spec_from(manifest: ModelManifest, **defaults: object) -> InputSpec:
     """The family's input defaults, overridden by any input keys in the manifest's options."""
-    overrides = {k: manifest.options[k] for k in INPUT_OPTION_KEYS if k in manifest.options}
+    given = checked_options(FamilyOptions, manifest.model_copy(
+        update={"options": {k: v for k, v in manifest.options.items() if k in INPUT_OPTION_KEYS}}
+    ))
+    overrides = {k: v for k, v in given.model_dump().items() if v is not None}
     return InputSpec(
         width=manifest.input_width, height=manifest.input_height, **{**defaults, **overrides}
     )
@@ -78,9 +106,11 @@ class ModelFamily(ABC):
     """Base class: subclasses set ``name``, build their ``InputSpec`` and implement ``decode``."""
 
     name: ClassVar[str]
+    Options: ClassVar[type[FamilyOptions]] = FamilyOptions
 
     def __init__(self, manifest: ModelManifest) -> None:
         self.manifest = manifest
+        self.options = checked_options(self.Options, manifest)
         self.labels: list[str] = list(manifest.labels)
         self.input = self.input_spec(manifest)
 

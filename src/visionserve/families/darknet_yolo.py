@@ -16,10 +16,13 @@ from functools import cached_property
 from typing import Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 
 from visionserve.errors import ModelError
 from visionserve.families import register
-from visionserve.families.base import Candidates, InputSpec, ModelFamily, input_spec_from, multilabel_candidates
+from visionserve.families.base import (
+    Candidates, FamilyOptions, InputSpec, ModelFamily, input_spec_from, multilabel_candidates,
+)
 from visionserve.store.manifest import ModelManifest
 from visionserve.vision.grid import grid_boxes, sigmoid
 
@@ -39,9 +42,22 @@ def decode_yolo_head(
     return boxes, objectness, scores
 
 
+class YoloHead(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    anchors: list[tuple[PositiveFloat, PositiveFloat]] = Field(min_length=1, description="(width, height) in pixels")
+    scale_x_y: PositiveFloat = 1.0
+
+
+class DarknetYoloOptions(FamilyOptions):
+    heads: list[YoloHead] = Field(min_length=1, description="one per output, in output order")
+
+
 @register
 class DarknetYoloFamily(ModelFamily):
     name = "darknet-yolo"
+    Options = DarknetYoloOptions
+    options: DarknetYoloOptions
 
     @classmethod
     def input_spec(cls, manifest: ModelManifest) -> InputSpec:
@@ -50,16 +66,7 @@ class DarknetYoloFamily(ModelFamily):
     @cached_property
     def heads(self) -> list[tuple[np.ndarray, float]]:
         """(anchors [A, 2] in network pixels, scale_x_y) per output."""
-        heads = self.manifest.options.get("heads")
-        if not heads:
-            raise ModelError(f"model {self.manifest.name!r}: darknet-yolo needs options.heads")
-        try:
-            return [
-                (np.asarray(h["anchors"], np.float32).reshape(-1, 2), float(h.get("scale_x_y", 1.0)))
-                for h in heads
-            ]
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelError(f"model {self.manifest.name!r}: bad options.heads: {e}") from None
+        return [(np.asarray(h.anchors, np.float32).reshape(-1, 2), h.scale_x_y) for h in self.options.heads]
 
     def validate_outputs(
         self, output_shapes: Sequence[Sequence[int | str | None]], net_size: tuple[int, int] | None = None

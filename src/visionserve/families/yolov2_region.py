@@ -12,10 +12,13 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from pydantic import Field, PositiveFloat
 
 from visionserve.errors import ModelError
 from visionserve.families import register
-from visionserve.families.base import Candidates, InputSpec, ModelFamily, input_spec_from, multilabel_candidates
+from visionserve.families.base import (
+    Candidates, FamilyOptions, InputSpec, ModelFamily, input_spec_from, multilabel_candidates,
+)
 from visionserve.store.manifest import ModelManifest
 from visionserve.vision.grid import grid_boxes, sigmoid
 
@@ -42,11 +45,19 @@ def decode_region(
     return boxes, objectness, probs
 
 
+class RegionOptions(FamilyOptions):
+    anchors: list[tuple[PositiveFloat, PositiveFloat]] = Field(
+        default=TINY_YOLOV2_VOC_ANCHORS, min_length=1, description="(width, height) pairs in grid cells"
+    )
+
+
 @register
 class YoloV2RegionFamily(ModelFamily):
     """Options: ``anchors`` (pairs, grid units; Tiny YOLOv2 VOC's by default)."""
 
     name = "yolov2-region"
+    Options = RegionOptions
+    options: RegionOptions
 
     @classmethod
     def input_spec(cls, manifest: ModelManifest) -> InputSpec:
@@ -55,7 +66,7 @@ class YoloV2RegionFamily(ModelFamily):
 
     @property
     def anchors(self) -> np.ndarray:
-        return np.asarray(self.manifest.options.get("anchors", TINY_YOLOV2_VOC_ANCHORS), np.float32).reshape(-1, 2)
+        return np.asarray(self.options.anchors, np.float32).reshape(-1, 2)
 
     def validate_outputs(
         self, output_shapes: Sequence[Sequence[int | str | None]], net_size: tuple[int, int] | None = None

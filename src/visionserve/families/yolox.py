@@ -15,17 +15,26 @@ from functools import cached_property, lru_cache
 from typing import Sequence
 
 import numpy as np
+from pydantic import Field, PositiveInt
 
 from visionserve.errors import ModelError
 from visionserve.families import register
-from visionserve.families.base import Candidates, InputSpec, ModelFamily, input_spec_from, multilabel_candidates
+from visionserve.families.base import (
+    Candidates, FamilyOptions, InputSpec, ModelFamily, input_spec_from, multilabel_candidates,
+)
 from visionserve.store.manifest import ModelManifest
 from visionserve.vision.boxes import cxcywh_to_xyxy
+
+
+class YoloxOptions(FamilyOptions):
+    strides: list[PositiveInt] = Field(default=[8, 16, 32], min_length=1, description="the heads' strides, in output order")
 
 
 @register
 class YoloxFamily(ModelFamily):
     name = "yolox"
+    Options = YoloxOptions
+    options: YoloxOptions
 
     @classmethod
     def input_spec(cls, manifest: ModelManifest) -> InputSpec:
@@ -36,7 +45,7 @@ class YoloxFamily(ModelFamily):
     @cached_property
     def strides(self) -> tuple[int, ...]:
         # Read once: decode (once per image) keys the grid cache by it.
-        return tuple(self.manifest.options.get("strides", (8, 16, 32)))
+        return tuple(self.options.strides)
 
     @property
     def variable_input_stride(self) -> int:
