@@ -73,6 +73,27 @@ def test_a_plain_pull_repairs_an_installed_model_whose_file_changed(tmp_path, mi
     assert path.stat().st_ino == inode
 
 
+def test_a_model_whose_file_changed_since_its_install_is_not_loaded(tmp_path, mirror):
+    """Loading checks the file against the sha256 it was installed with: a changed byte is a
+    ModelError that says how to repair it, and a plain pull repairs it."""
+    from visionserve.config import ModelConfig
+    from visionserve.runtime.registry import manifest_for
+
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    path = store.pull("yolox-nano").path
+    assert manifest_for(ModelConfig(name="yolox-nano"), store).path == path
+    with path.open("r+b") as f:
+        f.seek(-10, 2)
+        byte = f.read(1)
+        f.seek(-10, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(ModelError, match="its file has changed since it was installed") as e:
+        manifest_for(ModelConfig(name="yolox-nano"), store)
+    assert "visionserve models pull yolox-nano" in e.value.message and str(tmp_path) not in e.value.message
+    store.pull("yolox-nano")
+    assert manifest_for(ModelConfig(name="yolox-nano"), store).path == path
+
+
 def test_a_file_longer_than_the_catalog_says_is_cut_off_not_stored(tmp_path, mirror):
     root = fake_mirror(tmp_path, mirror, corrupt=False)
     with (root / "yolox_nano" / "yolox_nano.onnx").open("ab") as f:

@@ -4,6 +4,7 @@ file path or a library's internals; the server's log has the full account."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shutil
@@ -29,8 +30,14 @@ def broken_store(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     store = tmp_path_factory.mktemp("broken-store")
     shutil.copytree(model_dir / GOOD, store / GOOD)
     for name in (TRUNCATED, LATE):
-        onnx = next(copy_model(store, model_dir / GOOD, name).glob("*.onnx"))
+        folder = copy_model(store, model_dir / GOOD, name)
+        onnx = next(folder.glob("*.onnx"))
         onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])
+        # Installed broken (its manifest records the broken file's sha256), so that it is
+        # ONNX Runtime that finds it broken: a file changed since its install fails earlier.
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["sha256"] = hashlib.sha256(onnx.read_bytes()).hexdigest()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     folder = copy_model(store, model_dir / GOOD, NO_FAMILY)
     manifest = json.loads((folder / "manifest.json").read_text())
     (folder / "manifest.json").write_text(json.dumps({**manifest, "family": "no-such-family"}))

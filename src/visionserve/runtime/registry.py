@@ -58,6 +58,7 @@ def manifest_for(config: ModelConfig, store: ModelStore) -> ModelManifest:
                 f"{version_ref(config.name, config.version)} is not installed (the store has {config.name} "
                 f"version {manifest.version}); `visionserve models optimize {config.name}` makes versions"
             )
+        store.check_unchanged(manifest)
         updates = {"options": {**manifest.options, **config.options}} if config.options else {}
         if config.version:
             updates["version"] = config.version

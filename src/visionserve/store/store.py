@@ -185,6 +185,17 @@ class ModelStore:
         # The store's folder is the server's business: this message can reach HTTP clients.
         raise ModelNotFound(f"model {name!r} is neither installed in the model store nor in the catalog")
 
+    @staticmethod
+    def check_unchanged(manifest: ModelManifest) -> None:
+        """ModelError when an installed model's file no longer has the sha256 it was installed
+        with (damaged or altered since): a model is loaded only as it was verified. Hashing a
+        few MB takes milliseconds, once per load."""
+        if manifest.sha256 and manifest.path.is_file() and sha256_file(manifest.path) != manifest.sha256:
+            raise ModelError(
+                f"model {manifest.name!r}: its file has changed since it was installed (its sha256 differs); "
+                f"install it again (a catalog model: `visionserve models pull {manifest.name}`)"
+            )
+
     def add_version(
         self,
         base: ModelManifest,
