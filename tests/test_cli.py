@@ -439,3 +439,27 @@ def test_a_models_bad_option_is_one_line_naming_it(model_dir, mirror, images, tm
     assert r.stderr.strip().splitlines() == [
         "error: model 'yolox-nano': options.pad_value: Input should be a valid integer, unable to parse string as an integer"
     ]
+
+
+def test_a_folder_that_cannot_be_listed_is_named_and_the_exit_is_1(model_dir, mirror, images, tmp_path):
+    """Path.rglob passes over a folder it cannot list without a word; detect says so."""
+    (tmp_path / "imgs" / "ok").mkdir(parents=True)
+    (tmp_path / "imgs" / "locked").mkdir()
+    shutil.copy(images / "dog.jpg", tmp_path / "imgs" / "ok" / "dog.jpg")
+    shutil.copy(images / "dog.jpg", tmp_path / "imgs" / "locked" / "dog.jpg")
+    (tmp_path / "imgs" / "locked").chmod(0)
+    prefix: list[str] = []
+    if os.geteuid() == 0:  # root reads any folder: give up the capabilities that let it
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv (util-linux)")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    env = {**os.environ, "VISIONSERVE_MODEL_DIR": str(model_dir), "VISIONSERVE_MODEL_MIRROR": str(mirror),
+           "PYTHONPATH": str(REPO / "src")}
+    try:
+        r = subprocess.run([*prefix, sys.executable, "-m", "visionserve", "detect", str(tmp_path / "imgs")],
+                           capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        (tmp_path / "imgs" / "locked").chmod(0o755)
+    assert r.returncode == 1, r.stderr
+    assert [json.loads(line)["file"] for line in r.stdout.splitlines()] == [str(tmp_path / "imgs" / "ok" / "dog.jpg")]
+    assert f"{tmp_path / 'imgs' / 'locked'}: cannot list this folder (Permission denied)" in r.stderr

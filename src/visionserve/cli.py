@@ -205,7 +205,10 @@ def detect(
     # A file name that is not valid in the locale's encoding is written as the bytes it has
     # (JSON escapes it anyway), so that it names the file.
     sys.stdout.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
-    found = list(_image_files(paths))
+    unreadable: list[OSError] = []
+    found = list(_image_files(paths, unreadable))
+    for e in unreadable:
+        _error(f"{e.filename}: cannot list this folder ({e.strerror or e}): its images are left out")
     if not found:
         _error("no images found")
         raise typer.Exit(2)
@@ -249,6 +252,7 @@ def detect(
             bar.advance(task)
     if failures:
         err.print(f"[yellow]{failures} of {len(files)} images could not be processed[/yellow]")
+    if failures or unreadable:
         raise typer.Exit(1)
 
 
@@ -258,12 +262,16 @@ def _params(min_confidence, iou, max_detections, classes):  # type: ignore[no-un
     return PredictParams(min_confidence, iou, max_detections, PredictParams.parse_classes(classes or None))
 
 
-def _image_files(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
-    """Each image with its path relative to the folder it was found in (its name, for a file)."""
+def _image_files(paths: list[Path], unreadable: list[OSError]) -> Iterator[tuple[Path, Path]]:
+    """Each image with its path relative to the folder it was found in (its name, for a file).
+    Folders below those given that cannot be listed go to ``unreadable`` (``rglob`` skips
+    them without a word)."""
     for p in paths:
         if p.is_dir():
             for f in sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES):
                 yield f, f.relative_to(p)
+            for _ in os.walk(p, onerror=unreadable.append):
+                pass
         else:
             yield p, Path(p.name)
 
