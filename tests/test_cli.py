@@ -463,3 +463,14 @@ def test_a_folder_that_cannot_be_listed_is_named_and_the_exit_is_1(model_dir, mi
     assert r.returncode == 1, r.stderr
     assert [json.loads(line)["file"] for line in r.stdout.splitlines()] == [str(tmp_path / "imgs" / "ok" / "dog.jpg")]
     assert f"{tmp_path / 'imgs' / 'locked'}: cannot list this folder (Permission denied)" in r.stderr
+
+
+def test_an_annotate_folder_that_cannot_take_drawings_fails_before_any_work(model_dir, mirror, images, tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    r = run("detect", str(images / "dog.jpg"), "--annotate", str(taken), model_dir=model_dir, mirror=mirror)
+    assert (r.returncode, r.stdout) == (2, ""), r.stderr
+    assert r.stderr.strip() == f"error: --annotate {taken}: not a folder"
+    # Missing folders are made, as before.
+    r = run("detect", str(images / "dog.jpg"), "--annotate", str(tmp_path / "new" / "sub"), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 0 and (tmp_path / "new" / "sub" / "dog.jpg").is_file(), r.stderr

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
@@ -214,6 +215,8 @@ def detect(
         raise typer.Exit(2)
     files = [path for path, _ in found]
     drawn = _annotation_paths(found, annotate_dir) if annotate_dir is not None else {}
+    if annotate_dir is not None:
+        _check_writable(annotate_dir)
     params = _params(min_confidence, iou, max_detections, classes)
     if params.classes is not None and not params.classes:
         _error("--classes names no label")
@@ -274,6 +277,21 @@ def _image_files(paths: list[Path], unreadable: list[OSError]) -> Iterator[tuple
                 pass
         else:
             yield p, Path(p.name)
+
+
+def _check_writable(folder: Path) -> None:
+    """Exit 2 unless drawings can be written in ``folder`` (made if missing): a file there, or
+    a folder that refuses writes, would otherwise fail every image after its detection."""
+    if folder.exists() and not folder.is_dir():
+        _error(f"--annotate {folder}: not a folder")
+        raise typer.Exit(2)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:  # named by the folder, not by the trial file in it
+        _error(f"--annotate: cannot write drawings in it: {os_error_line(type(e)(e.errno, e.strerror, str(folder)))}")
+        raise typer.Exit(2) from None
 
 
 def _annotation_paths(found: list[tuple[Path, Path]], folder: Path) -> dict[Path, Path]:
