@@ -515,8 +515,13 @@ def models_optimize(
 
     settings = _settings(config, model_dir=model_dir, model_mirror=mirror)
     store = ModelStore(settings.model_dir, settings.model_mirror)
-    calibration_images = [path for path, _ in _image_files([calibration])]
-    eval_images = [path for path, _ in _image_files([evaluate])] if evaluate else None
+    unreadable: list[OSError] = []  # a partial set of images would measure something else
+    calibration_images = [path for path, _ in _image_files([calibration], unreadable)]
+    eval_images = [path for path, _ in _image_files([evaluate], unreadable)] if evaluate else None
+    for e in unreadable:
+        _error(f"{e.filename}: cannot list this folder ({e.strerror or e})")
+    if unreadable:
+        raise typer.Exit(2)
     for folder, found in ((calibration, calibration_images), (evaluate, eval_images)):
         if folder is not None and not found:
             _error(f"no images in {folder}")
