@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 from PIL import Image
 
 from visionserve.cli import os_error_line
+from visionserve.store.catalog import get_entry
 from visionserve.store.labels import COCO_80
 
 from conftest import free_port
@@ -112,6 +114,20 @@ def test_models_list_pull_verify(mirror, tmp_path):
     (store / "yolox-nano" / "yolox_nano.onnx").write_bytes(b"tampered")
     r = run("models", "verify", "yolox-nano", model_dir=store, mirror=mirror)
     assert r.returncode == 1 and "FAIL" in r.stdout
+    # One line per file for grep and scripts, however narrow the terminal it thinks it has.
+    narrow = subprocess.run(
+        [sys.executable, "-m", "visionserve", "models", "verify", "yolox-nano"], capture_output=True, text=True,
+        env={**os.environ, "VISIONSERVE_MODEL_DIR": str(store), "PYTHONPATH": str(REPO / "src"), "COLUMNS": "40"},
+        timeout=60,
+    )
+    assert narrow.stdout.splitlines() == [
+        f"FAIL yolox-nano/yolox_nano.onnx: sha256 {hashlib.sha256(b'tampered').hexdigest()} != "
+        f"{get_entry('yolox-nano').files[0].sha256}"
+    ], narrow.stdout
+    # A store path that is a file: said, not shown as an empty store.
+    for command in (("models", "list"), ("models", "verify")):
+        r = run(*command, model_dir=store / "yolox-nano" / "yolox_nano.onnx", mirror=mirror)
+        assert r.returncode == 2 and "is a file, not a folder" in r.stderr, (command, r.stderr)
     r = run("models", "pull", "no-such-model", model_dir=store, mirror=mirror)
     assert r.returncode == 1 and "no-such-model" in r.stderr
 

@@ -318,6 +318,14 @@ def _annotation_paths(found: list[tuple[Path, Path]], folder: Path) -> dict[Path
 # -- models -------------------------------------------------------------------------------
 
 
+def _store_folder(settings: Settings) -> Path:
+    """The model store's folder; exit 2 when that path is a file (nothing would look installed)."""
+    if settings.model_dir.exists() and not settings.model_dir.is_dir():
+        _error(f"the model store {settings.model_dir} is a file, not a folder")
+        raise typer.Exit(2)
+    return settings.model_dir
+
+
 @models_app.command("list")
 def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
@@ -329,7 +337,7 @@ def models_list(
     from visionserve.store.store import ModelStore
 
     settings = _settings(config, model_dir=model_dir)
-    store = ModelStore(settings.model_dir, settings.model_mirror)
+    store = ModelStore(_store_folder(settings), settings.model_mirror)
     # By folder: a version made by `models optimize` is listed as NAME@VERSION beside its model.
     broken: dict[str, ModelError] = {}
     installed = {m.folder.name if m.folder else m.name: m for m in store.installed(broken=broken.__setitem__)}
@@ -423,13 +431,13 @@ def models_verify(
     from visionserve.store.store import FileCheck, ModelStore
 
     settings = _settings(config, model_dir=model_dir)
-    store = ModelStore(settings.model_dir, settings.model_mirror)
+    store = ModelStore(_store_folder(settings), settings.model_mirror)
     broken: dict[str, ModelError] = {}
     targets = names or [m.folder.name if m.folder else m.name for m in store.installed(broken=broken.__setitem__)]
     if not targets and not broken:
         err.print("no models installed")
         raise typer.Exit(1)
-    out = Console()
+    out = Console(soft_wrap=True)  # a line per file, however narrow the terminal, for grep and scripts
     bad = 0
     for name in sorted(targets + list(broken)):
         try:
