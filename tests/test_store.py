@@ -256,6 +256,19 @@ def test_a_broken_manifest_says_what_is_wrong_without_naming_server_files(tmp_pa
     assert str(folder / "manifest.json") in e.value.detail  # the log and the CLI name the file
 
 
+@pytest.mark.parametrize("manifest", ["{bad", '{"name": "yolox-nano"}'])
+def test_a_plain_pull_repairs_a_broken_manifest_and_keeps_the_intact_file(tmp_path, mirror, manifest):
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    path = store.pull("yolox-nano").path
+    inode = path.stat().st_ino
+    (path.parent / "manifest.json").write_text(manifest)
+    with pytest.raises(ModelError, match="is broken") as e:
+        store.manifest("yolox-nano")
+    assert "\n" not in e.value.message + e.value.detail  # one line each, for the CLI too
+    assert store.pull("yolox-nano").path == path and store.manifest("yolox-nano") is not None
+    assert path.stat().st_ino == inode  # the model file was intact: not fetched again
+
+
 def test_installed_hands_broken_manifests_over_or_raises(tmp_path, mirror):
     store = ModelStore(tmp_path / "store", mirror=str(mirror))
     store.pull("yolox-nano")

@@ -129,7 +129,7 @@ class ModelStore:
             # The message can reach HTTP clients (the load API, model status): no path in it.
             raise ModelError(
                 f"the {MANIFEST_NAME} of {name!r} is broken: {_manifest_problem(e)}",
-                detail=f"{folder / MANIFEST_NAME}: {type(e).__name__}: {e}",
+                detail=f"in {folder / MANIFEST_NAME}",  # the problem is in the message, on one line
             ) from None
         return manifest if manifest.path.is_file() else None
 
@@ -154,8 +154,13 @@ class ModelStore:
         entry = get_entry(name)
         # Installed and intact: nothing to do. Installed but altered (a file truncated or
         # changed since): the files that fail their sha256 are fetched again below.
-        if not force and (existing := self.manifest(name)) is not None and all(c.ok for c in self.verify(name)):
-            return existing
+        if not force:
+            try:
+                existing = self.manifest(name)
+            except ModelError:  # a broken manifest: installed again below (intact files are kept)
+                existing = None
+            if existing is not None and all(c.ok for c in self.verify(name)):
+                return existing
         folder = self.folder(name)
         existed = folder.exists()
         for f in entry.files:
