@@ -121,3 +121,17 @@ def test_a_variable_that_names_no_setting_is_refused(monkeypatch):
     monkeypatch.delenv("VISIONSERVE_LOG_LEVL")
     monkeypatch.setenv("VISIONSERVE_CONFIG", "/nonexistent.toml")  # the CLI's, not a setting
     assert load_settings().log_level == "info"
+
+
+def test_a_bad_json_variable_is_named_by_the_variable(monkeypatch):
+    monkeypatch.setenv("VISIONSERVE_RUNTIME", "{bad")
+    with pytest.raises(ConfigError) as e:
+        load_settings()
+    assert "VISIONSERVE_RUNTIME: not a valid JSON value" in str(e.value) and "EnvSettingsSource" not in str(e.value)
+
+
+def test_a_config_file_with_a_byte_order_mark_says_so(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_bytes(b"\xef\xbb\xbfport = 9131\n")
+    with pytest.raises(ConfigError, match="starts with a UTF-8 byte-order mark"):
+        load_settings(cfg)

@@ -255,7 +255,19 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as e:
         raise ConfigError(format_validation_error(e, config_file)) from None
     except ValueError as e:  # TOML syntax errors and JSON in env vars
-        raise ConfigError(f"invalid configuration{f' in {config_file}' if config_file else ''}: {e}") from None
+        raise ConfigError(f"invalid configuration{f' in {config_file}' if config_file else ''}: {_described(e, config_file)}") from None
+
+
+def _described(e: ValueError, config_file: Path | None) -> str:
+    """A TOML or environment fault in the user's terms: pydantic-settings names its own class
+    ("from source EnvSettingsSource"), and tomllib does not see a byte-order mark as one."""
+    env_field = re.search(r'error parsing value for field "(\w+)" from source "EnvSettingsSource"', str(e))
+    if env_field:
+        name = f"VISIONSERVE_{env_field.group(1).upper()}"
+        return f"{name}: not a valid JSON value (a section's variable holds a JSON object, or set {name}__KEY)"
+    if config_file is not None and config_file.read_bytes().startswith(b"\xef\xbb\xbf"):
+        return f"{e} (the file starts with a UTF-8 byte-order mark: save it without one)"
+    return str(e)
 
 
 # Read by others than Settings: the CLI's --config, compose.yaml's host port.
