@@ -235,3 +235,13 @@ def test_header_forms(version, header_bytes):
 def test_64bit_seen_is_read_whole():
     data = np.array([0, 2, 0], "<i4").tobytes() + np.array([2**40 + 3], "<u8").tobytes()
     assert parse_weights(data).seen == 2**40 + 3
+
+
+def test_a_binary_file_given_as_the_cfg_is_said_to_be_one(tmp_path):
+    from visionserve.darknet.cfg import parse_cfg
+
+    weights = tmp_path / "model.weights"
+    weights.write_bytes(encode_header(0, 2, 0, 0) + np.zeros(64, np.float32).tobytes())
+    with pytest.raises(DarknetError) as e:
+        parse_cfg(weights)
+    assert "is not a darknet cfg" in str(e.value) and "\\x00" not in str(e.value) and len(str(e.value)) < 200

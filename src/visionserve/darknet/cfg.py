@@ -129,7 +129,9 @@ def parse_cfg_text(text: str) -> list[Section]:
 
 def parse_cfg(path: Path) -> list[Section]:
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        data = Path(path).read_bytes()
     except OSError as e:
         raise DarknetError(f"cannot read cfg {path}: {e}") from None
-    return parse_cfg_text(text)
+    if b"\x00" in data[:4096]:  # a .weights file (or any binary) given as the cfg
+        raise DarknetError(f"{path} is not a darknet cfg: a cfg is text ([net], then key=value lines); this is binary")
+    return parse_cfg_text(data.decode("utf-8", errors="replace"))
