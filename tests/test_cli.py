@@ -471,14 +471,18 @@ def test_a_folder_that_cannot_be_listed_is_named_and_the_exit_is_1(model_dir, mi
         prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
     env = {**os.environ, "VISIONSERVE_MODEL_DIR": str(model_dir), "VISIONSERVE_MODEL_MIRROR": str(mirror),
            "PYTHONPATH": str(REPO / "src")}
+    detect = [*prefix, sys.executable, "-m", "visionserve", "detect"]
+    ok, locked = tmp_path / "imgs" / "ok" / "dog.jpg", tmp_path / "imgs" / "locked"
     try:
-        r = subprocess.run([*prefix, sys.executable, "-m", "visionserve", "detect", str(tmp_path / "imgs")],
-                           capture_output=True, text=True, env=env, timeout=120)
+        below = subprocess.run([*detect, str(tmp_path / "imgs")], capture_output=True, text=True, env=env, timeout=120)
+        # Given itself: the same line, not a usage error that stops the other images.
+        given = subprocess.run([*detect, str(locked), str(ok)], capture_output=True, text=True, env=env, timeout=120)
     finally:
-        (tmp_path / "imgs" / "locked").chmod(0o755)
-    assert r.returncode == 1, r.stderr
-    assert [json.loads(line)["file"] for line in r.stdout.splitlines()] == [str(tmp_path / "imgs" / "ok" / "dog.jpg")]
-    assert f"{tmp_path / 'imgs' / 'locked'}: cannot list this folder (Permission denied)" in r.stderr
+        locked.chmod(0o755)
+    for r in (below, given):
+        assert r.returncode == 1, r.stderr
+        assert [json.loads(line)["file"] for line in r.stdout.splitlines()] == [str(ok)]
+        assert f"{locked}: cannot list this folder (Permission denied)" in r.stderr
 
 
 def test_an_annotate_folder_that_cannot_take_drawings_fails_before_any_work(model_dir, mirror, images, tmp_path):

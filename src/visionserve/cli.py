@@ -182,7 +182,9 @@ def healthcheck(
 
 @app.command()
 def detect(
-    paths: Annotated[list[Path], typer.Argument(help="images or folders of images")],
+    # readable=False: one unreadable path is that image's error (or the folder's line), as a
+    # missing one is, not a usage error that stops every other image.
+    paths: Annotated[list[Path], typer.Argument(help="images or folders of images", readable=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="model name", show_default="the configured default")] = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="jsonl or csv")] = "jsonl",
     annotate_dir: Annotated[Optional[Path], typer.Option("--annotate", help="write images with boxes drawn here")] = None,
