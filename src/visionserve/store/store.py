@@ -129,7 +129,8 @@ class ModelStore:
             # The message can reach HTTP clients (the load API, model status): no path in it.
             raise ModelError(
                 f"the {MANIFEST_NAME} of {name!r} is broken: {_manifest_problem(e)}",
-                detail=f"in {folder / MANIFEST_NAME}",  # the problem is in the message, on one line
+                # One line (a ValidationError's text runs to many): the message has the problem.
+                detail=f"{folder / MANIFEST_NAME}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}",
             ) from None
         return manifest if manifest.path.is_file() else None
 
