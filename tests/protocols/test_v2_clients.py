@@ -285,6 +285,12 @@ def test_repository_unload_and_load(server_factory):
         ready = raw.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["error"]["message"] == f"model {MODEL!r} is unloaded", ready.text
+        # Lists of what serves leave it out until it is loaded again.
+        assert raw.get("/v1/vision/custom/list").json()["models"] == []
+        nope = raw.post("/predict/nope", content=b"x", headers={"content-type": "image/jpeg"})
+        assert nope.status_code == 404 and nope.json()["error"]["message"] == "no model named 'nope'; served: none now"
+        raw.post(f"/v2/repository/models/{MODEL}/load")
+        assert raw.get("/v1/vision/custom/list").json()["models"] == [MODEL]
 
 
 # -- KServe's client, from its own virtual environment ---------------------------------------

@@ -191,7 +191,7 @@ async def custom_list(request: Request) -> dict[str, Any]:
         check_api_key(form.get("api_key", request.query_params.get("api_key")), request.app.state.settings.deepstack)
     finally:
         await form.close()
-    names = request.app.state.registry.names()
+    names = request.app.state.registry.serving()  # those a detection can be sent to now
     return {"success": True, "models": names, "count": len(names), "moduleId": MODULE_ID,
             "command": "list-custom", "code": 200}
 

@@ -99,6 +99,10 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return list(dict.fromkeys([*self._configs, *self._models, *self._failures]))
 
+    def serving(self) -> list[str]:
+        """The models that answer detections now (loaded and ready), in ``names`` order."""
+        return [n for n in self.names() if (m := self._models.get(n)) is not None and m.state is ModelState.READY]
+
     def get(self, name: str | None = None) -> ServedModel:
         """The ready model by name (default model for None)."""
         name = name or self.default_name
@@ -108,7 +112,7 @@ class ModelRegistry:
                 raise ModelNotReady(f"model {name!r} failed to load: {self._failures[name]}")
             if name in self._configs:
                 raise ModelNotReady(f"model {name!r} is still loading")
-            raise ModelNotFound(f"no model named {name!r}; served: {', '.join(self.names())}")
+            raise ModelNotFound(f"no model named {name!r}; served: {', '.join(self.serving()) or 'none now'}")
         if model.state is ModelState.FAILED:
             raise ModelNotReady(f"model {name!r} failed to load: {model.error}")
         if model.state is not ModelState.READY:
