@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Literal, Mapping, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -64,21 +64,21 @@ class FamilyOptions(BaseModel):
 INPUT_OPTION_KEYS = tuple(FamilyOptions.model_fields)
 
 
-def checked_options(options_type: type[FamilyOptions], manifest: ModelManifest) -> FamilyOptions:
-    """``manifest.options`` as ``options_type``; ModelError naming each bad key."""
+def checked_options(options_type: type[FamilyOptions], options: Mapping[str, Any], model: str) -> FamilyOptions:
+    """``options`` (a manifest's) as ``options_type``; ModelError naming each bad key."""
     try:
-        return options_type.model_validate(manifest.options)
+        return options_type.model_validate(options)
     except ValidationError as e:
         problems = "; ".join(f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ModelError(f"model {manifest.name!r}: {problems}") from None
+        raise ModelError(f"model {model!r}: {problems}") from None
 
 
 def input_spec_from(manifest: ModelManifest, **defaults: object) -> InputSpec:
     """The family's input defaults, overridden by any input keys in the manifest's options."""
-    given = checked_options(FamilyOptions, manifest.model_copy(
-        update={"options": {k: v for k, v in manifest.options.items() if k in INPUT_OPTION_KEYS}}
-    ))
-    overrides = {k: v for k, v in given.model_dump().items() if v is not None}
+    given = checked_options(
+        FamilyOptions, {k: v for k, v in manifest.options.items() if k in INPUT_OPTION_KEYS}, manifest.name
+    )
+    overrides = given.model_dump(exclude_none=True)
     return InputSpec(
         width=manifest.input_width, height=manifest.input_height, **{**defaults, **overrides}
     )
@@ -110,7 +110,7 @@ class ModelFamily(ABC):
 
     def __init__(self, manifest: ModelManifest) -> None:
         self.manifest = manifest
-        self.options = checked_options(self.Options, manifest)
+        self.options = checked_options(self.Options, manifest.options, manifest.name)
         self.labels: list[str] = list(manifest.labels)
         self.input = self.input_spec(manifest)
 
