@@ -459,3 +459,33 @@ def test_a_lingering_connection_whose_client_stops_sending_is_closed(srv):
         s.sendall(head.encode() + bytes(100_000))  # then nothing more
         answer = read_until_closed(s, CLOSED_WITHIN_S)
     assert answer is not None and answer.startswith(b"HTTP/1.1 413")
+
+
+# -- an unreadable request after readable ones ----------------------------------------------
+
+@pytest.mark.parametrize("garbage", [b"\x00\x01 NOT HTTP\r\n\r\n", b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n"])
+def test_requests_pipelined_before_an_unreadable_one_are_answered_first_then_its_400(srv, images, garbage):
+    # uvicorn wrote its 400 and closed at once, and the answers to the requests before it,
+    # still running, were lost.
+    head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+    with connect(srv.url) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" + head + payload + garbage)
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None, "still open"
+    first, second, third = read_answers(answer)
+    assert json.loads(_split(first)[1]) == {"status": "alive"}
+    assert {"dog", "bicycle", "car"} <= _labels(second)
+    third_head, third_body = _split(third)
+    assert third_head.startswith(b"http/1.1 400 ") and b"connection: close" in third_head, third[:300]
+    assert json.loads(third_body)["error"]["code"] == "bad_request"
+
+
+def read_answers(data: bytes) -> list[bytes]:
+    """The answers (each with a Content-Length) in everything read from one connection."""
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+        answers.append(head + b"\r\n\r\n" + rest[:length])
+        data = rest[length:]
+    return answers

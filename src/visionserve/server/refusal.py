@@ -22,7 +22,8 @@ parser; anything unusual (HTTP/1.0,
 the ordinary path, where the gate middleware refuses it.
 
 The same protocol answers a request the parser cannot read with a JSON 400 in the error
-shape of its path's protocol, not uvicorn's plain text, bounds the time a request's headers
+shape of its path's protocol, not uvicorn's plain text (after the answers to requests
+pipelined before it, which uvicorn's immediate close lost), bounds the time a request's headers
 may take and their size, and serves requests with ``Upgrade`` as plain HTTP/1.1
 (server/connection.py).
 """
@@ -287,7 +288,36 @@ def refusing_protocol(
                 error: VisionServeError = URITooLong(f"the request's URL exceeds {MAX_URL_BYTES} bytes")
             else:
                 error = BadRequest("malformed HTTP request")
-            self.transport.write(self._closing_answer(error))
+            answer = self._closing_answer(error)
+            if self._answers_pending():
+                # Requests read before the unreadable one (pipelined in the same packets) are
+                # answered first, in order; uvicorn closed at once, and their answers were lost.
+                if self._deferred_400 is None:
+                    self._deferred_400 = answer
+                self.flow.pause_reading()  # the parser cannot go on: read nothing more
+                return
+            self.transport.write(answer)
+            self.transport.close()
+
+        _deferred_400: bytes | None = None  # the 400 that closes the connection, once the answers before it are out
+
+        def _answers_pending(self) -> bool:
+            """Whether requests read in full before the unreadable one await their answers.
+            (One whose body the parser failed on is the unreadable one: its answer is the 400.)"""
+            cycle = self.cycle  # the latest request whose headers were read
+            if cycle is None or getattr(cycle, "more_body", False):
+                return False
+            return bool(self.pipeline) or not cycle.response_complete
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self._deferred_400 is None or self.transport.is_closing():
+                return
+            if self._answers_pending():  # the next pipelined request has started
+                self.flow.pause_reading()
+                return
+            self._unset_keepalive_if_required()
+            self.transport.write(self._deferred_400)
             self.transport.close()
 
     class RefusingHttpToolsProtocol(HeaderLimit, EarlyRefusal):  # type: ignore[misc]
