@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
@@ -101,33 +102,109 @@ def test_clients_that_give_up_are_counted_as_cancelled_not_as_deadlines(server_f
     assert sum(metric(text, "visionserve_deadline_exceeded_total", stage=s) for s in DEADLINE_STAGES) == 0
 
 
-def test_stalled_uploads_get_408_and_give_their_places_back(server_factory, images):
+STALLED_RAW = "Content-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\nab"
+STALLED_FORM = "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+
+
+def stall(url: str, path: str, rest: str) -> socket.socket:
+    """A connection that sends a detection request's headers and the start of its body, then stops."""
+    s = connect(url, timeout=10)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{rest}".encode())
+    return s
+
+
+def test_stalled_uploads_get_408_and_hold_no_place_once_others_need_it(server_factory, images):
     # Detection requests are admitted from their headers on. Clients that send headers
-    # and then stall must not keep the places: the server had answered everyone else 503.
-    server = server_factory(env={"VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "1"})
-    stalled = []
-    raw = "Content-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\nab"
-    form = "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
-    for path, rest in (("/predict", raw), ("/predict", form), ("/v1/vision/detection", form), ("/predict", raw)):
-        s = connect(server.url, timeout=10)
-        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\n{rest}".encode())
-        stalled.append(s)  # one more than the three places
+    # and then stall once held every place until the body timeout, and the server answered
+    # everyone else 503: now an upload still arriving after queue.upload_hold_ms gives its
+    # place to a newer request.
+    server = server_factory(env={"VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "5", "VISIONSERVE_QUEUE__UPLOAD_HOLD_MS": "1000"})
+    stalled = [stall(server.url, path, rest) for path, rest in (
+        ("/predict", STALLED_RAW), ("/predict", STALLED_FORM), ("/v1/vision/detection", STALLED_FORM),
+    )]  # the three places
     try:
+        wait_in_flight(server.url, 3)
+        # Within the hold, an upload keeps its place: a newer request is refused.
+        assert post_image(server.url, images / "dog.jpg").status_code == 503
+        time.sleep(1.2)  # past the hold
+        stalled.append(stall(server.url, "/predict", STALLED_RAW))
+        time.sleep(0.1)
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "visionserve_requests_in_flight") == 3  # the fourth took a place given up
+        assert metric(text, "visionserve_slow_uploads_in_progress") == 1
+        time.sleep(1.0)  # the fourth too is past the hold now
+        responses = concurrent_posts(server.url, [images / "dog.jpg"] * 3)
+        assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "visionserve_slow_uploads_in_progress") == 4
+        assert metric(text, "visionserve_slow_upload_places_given_up_total") == 4
         answers = []
-        for s in stalled[:3]:
+        for s in stalled:
             head, _, body = read_response(s).partition(b"\r\n\r\n")
             answers.append((head.split(b" ")[1], head.lower(), body))
-        assert [status for status, _, _ in answers] == [b"408"] * 3
+        assert [status for status, _, _ in answers] == [b"408"] * 4
         assert all(b"connection: close" in head for _, head, _ in answers)
-        assert b'"code":"request_timeout"' in answers[0][2] and b"within 1 s" in answers[0][2]
+        assert b'"code":"request_timeout"' in answers[0][2] and b"within 5 s" in answers[0][2]
         assert b'"success":false' in answers[2][2]  # DeepStack's error shape
-        # The fourth was refused at once (full); the places are free again now.
-        assert read_response(stalled[3]).split(b" ")[1] == b"503"
-        r = post_image(server.url, images / "dog.jpg")
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "visionserve_slow_uploads_in_progress") == 0
+        assert metric(text, "visionserve_requests_in_flight") == 0
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_with_no_slow_uploads_allowed_stalled_uploads_keep_their_places_until_408(server_factory, images):
+    server = server_factory(env={
+        "VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "1", "VISIONSERVE_QUEUE__UPLOAD_HOLD_MS": "0",
+        "VISIONSERVE_QUEUE__MAX_SLOW_UPLOADS": "0",
+    })
+    stalled = [stall(server.url, "/predict", STALLED_RAW) for _ in range(3)]
+    try:
+        wait_in_flight(server.url, 3)
+        assert post_image(server.url, images / "dog.jpg").status_code == 503
+        assert [read_response(s).split(b" ")[1] for s in stalled] == [b"408"] * 3
+        r = post_image(server.url, images / "dog.jpg")  # the places are free again
         assert r.status_code == 200, r.text
     finally:
         for s in stalled:
             s.close()
+
+
+def test_a_slow_upload_that_gave_its_place_up_is_served_when_one_is_free_and_refused_when_none_is(
+    server_factory, images
+):
+    server = server_factory(env={
+        "VISIONSERVE_QUEUE__UPLOAD_HOLD_MS": "300", **ONE_WORKER_NO_QUEUE,  # one place
+    })
+    head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+    slow = connect(server.url)
+    slow.sendall(head + payload[:1000])
+    held = connect(server.url)
+    try:
+        wait_in_flight(server.url, 1)
+        time.sleep(0.4)
+        held.sendall(head + payload[:1000])  # takes the place the slow upload gives up
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "visionserve_slow_uploads_in_progress") == 1
+        slow.sendall(payload[1000:])  # complete while the place is taken: refused
+        answer = read_response(slow)
+        assert answer.split(b" ")[1] == b"503" and b"retry-after:" in answer.lower(), answer[:300]
+        assert b'"code":"overloaded"' in answer
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "visionserve_slow_uploads_in_progress") == 0
+        assert metric(text, "visionserve_requests_in_flight") == 1
+        # The connection stays open (the body was read) and the place frees up soon.
+        held.sendall(payload[1000:])
+        assert read_response(held).split(b" ")[1] == b"200"
+        slow.sendall(head + payload[:1000])
+        time.sleep(0.4)  # past the hold, but no other request needs the place: it keeps it
+        slow.sendall(payload[1000:])
+        answer = read_response(slow)
+        assert answer.split(b" ")[1] == b"200" and b'"label":"dog"' in answer, answer[:300]
+    finally:
+        slow.close()
+        held.close()
 
 
 @pytest.mark.parametrize("value", ["soon", "0", "-5", "nan", "inf", "-inf", "1e400"])
@@ -261,6 +338,71 @@ def test_a_request_of_several_images_holds_the_free_places_it_needs():
         with pytest.raises(Overloaded):
             scheduler.admit(images=2)
         assert scheduler.admitted == 3 and all(t.places == 1 for t in two)
+    finally:
+        scheduler.shutdown()
+
+
+def test_slow_uploads_give_their_places_up_oldest_first_within_their_bounds():
+    queue = QueueSettings(max_queue=0, upload_hold_ms=0, max_slow_uploads=2, slow_upload_bytes=1000)
+    scheduler = Scheduler(RuntimeSettings(inference_workers=2, worker_mode="threads"), queue)
+    try:
+        first, second = scheduler.admit(), scheduler.admit()
+        scheduler.receiving(first)
+        scheduler.receiving(second)
+        asyncio.run(scheduler.receive_more(first, 300))  # holding its place: never waits
+        third = scheduler.admit()  # full: the oldest upload gives its place up
+        assert (first.aside, second.aside, scheduler.admitted, scheduler.aside) == (True, False, 2, 1)
+        assert scheduler.aside_bytes == 300 and not scheduler.idle
+        fourth = scheduler.admit()  # third is not receiving: second gives its place up
+        assert (second.aside, scheduler.aside) == (True, 2)
+        with pytest.raises(Overloaded):  # max_slow_uploads reached
+            scheduler.receiving(third)
+            scheduler.admit()
+        # first's body is complete: third, receiving longer than the hold, gives it its place.
+        scheduler.received(first)
+        assert (first.aside, third.aside, scheduler.aside, scheduler.admitted) == (False, True, 2, 2)
+        assert scheduler.aside_bytes == 0
+        with pytest.raises(Overloaded):  # second's too, and no upload holds a place: refused
+            scheduler.received(second)
+        assert (second.aside, scheduler.aside, scheduler.admitted) == (False, 1, 2)
+        second.release()  # it holds nothing
+        assert scheduler.admitted == 2
+        fourth.release()
+        scheduler.received(third)  # a place is free: it takes it
+        assert (third.aside, scheduler.aside, scheduler.admitted) == (False, 0, 2)
+        first.release()
+        third.release()
+        assert scheduler.idle and scheduler.aside_bytes == 0 and not scheduler._receiving
+    finally:
+        scheduler.shutdown()
+
+
+def test_slow_uploads_read_no_more_while_together_they_hold_more_than_slow_upload_bytes():
+    queue = QueueSettings(max_queue=0, upload_hold_ms=0, slow_upload_bytes=1000)
+    scheduler = Scheduler(RuntimeSettings(inference_workers=2, worker_mode="threads"), queue)
+
+    async def scenario() -> None:
+        a, b = scheduler.admit(), scheduler.admit()
+        scheduler.receiving(a)
+        scheduler.receiving(b)
+        newer = [scheduler.admit(), scheduler.admit()]  # both give their places up
+        for ticket in newer:
+            ticket.release()
+        assert scheduler.aside == 2
+        await scheduler.receive_more(a, 900)  # within the bytes: goes on
+        await asyncio.wait_for(scheduler.receive_more(b, 50), 1)
+        waiting = asyncio.ensure_future(scheduler.receive_more(b, 200))  # 1150 > 1000: waits
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        a.release()  # its 900 bytes are gone
+        await asyncio.wait_for(waiting, 1)
+        alone = asyncio.ensure_future(scheduler.receive_more(b, 5000))  # alone over it: goes on
+        await asyncio.wait_for(alone, 1)
+        b.release()
+        assert scheduler.idle and scheduler.aside_bytes == 0
+
+    try:
+        asyncio.run(scenario())
     finally:
         scheduler.shutdown()
 

@@ -18,7 +18,12 @@ from engine_helpers import (
     connect, metric, post_image, read_response, read_until_closed, start_upload, wait_in_flight,
 )
 
-ONE_PLACE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
+# One place, which a half-sent upload keeps however long it takes (no slow upload gives its
+# place up): these tests hold the server full that way.
+ONE_PLACE = {
+    "VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0",
+    "VISIONSERVE_QUEUE__MAX_SLOW_UPLOADS": "0",
+}
 KEEP_ALIVE_S = Limits().keep_alive_s  # the default, which these servers keep
 
 

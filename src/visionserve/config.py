@@ -90,8 +90,7 @@ class Limits(BaseModel):
     body_timeout_s: float = Field(
         default=10.0, gt=0,
         description="a request body not fully received this many seconds after the request began to read it "
-        "gets 408: an admitted detection request holds its place while its body arrives, so clients that "
-        "stall must not keep it",
+        "gets 408: a slow upload holds memory, and until queue.upload_hold_ms a place too",
     )
     max_image_pixels: int = Field(default=50_000_000, gt=0, description="images above this many pixels get 413")
 
@@ -115,6 +114,25 @@ class QueueSettings(BaseModel):
         "much later (the 503 itself goes out at once): clients that re-send at once, ignoring Retry-After, "
         "then cannot make refusing them most of what the server does. 0 = off; measured under such a "
         "storm at 16 connections: 85-90 instead of 34-45 answers a second (docs/benchmarks.md)",
+    )
+    upload_hold_ms: float = Field(
+        default=250.0, ge=0, le=60_000,
+        description="an admitted detection request keeps its place while its body arrives for at most this "
+        "long once the server is full; a slower upload then gives the place up and goes on arriving outside "
+        "the capacity (see max_slow_uploads), and needs a free place again when its body is complete (else "
+        "503). So clients that send headers and stall cannot hold every place: they would need to open "
+        "capacity / upload_hold_ms connections a second",
+    )
+    max_slow_uploads: int = Field(
+        default=256, ge=0, le=100_000,
+        description="requests whose bodies arrive outside the capacity at once (see upload_hold_ms); past "
+        "it, a slow upload keeps its place. 0 = every upload keeps its place until its body is complete",
+    )
+    slow_upload_bytes: int = Field(
+        default=64 * 2**20, ge=1,
+        description="bytes the slow uploads (see upload_hold_ms) may have received together; past it, their "
+        "bodies are read only as others finish, so they cannot fill the memory (each is also held to "
+        "limits.max_body_bytes and limits.body_timeout_s)",
     )
     max_batch_size: int = Field(
         default=1, ge=1, le=256,

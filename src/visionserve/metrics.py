@@ -65,13 +65,26 @@ class Metrics:
         self.queue_depth = Gauge("visionserve_queue_depth", "Requests waiting for a worker", registry=r)
         self.in_flight = Gauge("visionserve_requests_in_flight", "Detection requests admitted and not yet answered", registry=r)
         self.capacity = Gauge("visionserve_capacity", "Detection requests admitted at most at once (beyond: 503)", registry=r)
+        self.slow_uploads = Counter(
+            "visionserve_slow_upload_places_given_up",
+            "Uploads still arriving after queue.upload_hold_ms that gave their place to a newer request", registry=r,
+        )
+        self.slow_uploads_now = Gauge(
+            "visionserve_slow_uploads_in_progress",
+            "Uploads arriving outside the capacity, having given their place up (not in requests_in_flight)",
+            registry=r,
+        )
         for reason in ("queue_full", "draining"):
             self.rejected.labels(reason)
 
-    def watch(self, queue_depth: Callable[[], float], in_flight: Callable[[], float], capacity: float) -> None:
+    def watch(
+        self, queue_depth: Callable[[], float], in_flight: Callable[[], float], capacity: float,
+        slow_uploads: Callable[[], float] = lambda: 0,
+    ) -> None:
         """Gauges read from the scheduler's live state at scrape time."""
         self.queue_depth.set_function(queue_depth)
         self.in_flight.set_function(in_flight)
+        self.slow_uploads_now.set_function(slow_uploads)
         self.capacity.set(capacity)
 
     def child(self, metric: Counter | Histogram, *labels: str) -> Any:

@@ -5,7 +5,9 @@ Policy (measured in docs/benchmarks.md):
 
 * A request is *admitted* before its body is read; at most ``workers + max_queue`` are
   admitted at once, and the next one gets 503 with Retry-After at once, so accepted
-  requests never wait behind an unbounded queue.
+  requests never wait behind an unbounded queue. An upload still arriving after
+  ``upload_hold_ms`` gives its place up when another request needs it, and takes one
+  again once its body is complete: slow or stalled clients cannot hold every place.
 * Each job runs decode, pre-processing, inference and post-processing on one worker, so
   while one image is in the model the next one decodes on the other core. Workers are
   threads of this process by default, or run in inference processes
@@ -51,7 +53,7 @@ class Ticket:
     """One admitted request. Releasing it (once) frees its places: one, or more for a
     request of several images (``Scheduler.admit(images=...)``)."""
 
-    __slots__ = ("_scheduler", "_released", "_token", "claimed", "places")
+    __slots__ = ("_scheduler", "_released", "_token", "claimed", "places", "receiving_since", "aside", "received")
 
     def __init__(self, scheduler: "Scheduler") -> None:
         self._scheduler = scheduler
@@ -59,11 +61,14 @@ class Ticket:
         self._token = None
         self.claimed = False  # a reserved ticket taken by the request's handler
         self.places = 1
+        self.receiving_since: float | None = None  # time.monotonic() its body began to be awaited
+        self.aside = False  # a slow upload that gave its places up (Scheduler.receiving)
+        self.received = 0  # body bytes so far, while it is receiving
 
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._scheduler.admitted -= self.places
+            self._scheduler._leave(self)
 
     def __enter__(self) -> "Ticket":
         self._token = _current_ticket.set(self)
@@ -142,8 +147,15 @@ class Scheduler:
         self._stuck_logged = False
         self.admitted = 0
         self.running = 0
+        # Uploads still arriving: those holding their places (oldest first), and how many
+        # gave them up (``receiving``), with the bytes those have received.
+        self._receiving: dict[Ticket, None] = {}
+        self.aside = 0
+        self.aside_bytes = 0
+        self._room = asyncio.Event()  # set while aside_bytes is within slow_upload_bytes
+        self._room.set()
         self.draining = False
-        self.metrics.watch(lambda: len(self._queue), lambda: self.admitted, self.capacity)
+        self.metrics.watch(lambda: len(self._queue), lambda: self.admitted, self.capacity, lambda: self.aside)
 
     def start(self) -> None:
         """Connects the inference process(es) (worker_mode "processes"), starting them unless
@@ -170,11 +182,14 @@ class Scheduler:
         if self.draining:
             self.metrics.child(self.metrics.rejected, "draining").inc()
             raise Overloaded("the server is shutting down")
-        if self.admitted >= self.capacity:
-            self.metrics.child(self.metrics.rejected, "queue_full").inc()
-            raise Overloaded(f"server at capacity ({self.capacity} requests in progress); retry shortly")
+        if self.admitted >= self.capacity and not self._free_places_of_slow_uploads():
+            raise self._refusal()
         self.admitted += 1
         return self._widen(Ticket(self), images)
+
+    def _refusal(self) -> Overloaded:
+        self.metrics.child(self.metrics.rejected, "queue_full").inc()
+        return Overloaded(f"server at capacity ({self.capacity} requests in progress); retry shortly")
 
     def _widen(self, ticket: Ticket, images: int) -> Ticket:
         more = min(images - ticket.places, self.capacity - self.admitted)
@@ -183,14 +198,93 @@ class Scheduler:
             ticket.places += more
         return ticket
 
-    @property
-    def full(self) -> bool:
-        """Whether ``admit`` would refuse now."""
-        return self.draining or self.admitted >= self.capacity
+    def _leave(self, ticket: Ticket) -> None:
+        """A released ticket's places (or its slot among the slow uploads) are free."""
+        if ticket.aside:
+            ticket.aside = False
+            self._uncharge(ticket)
+        else:
+            self.admitted -= ticket.places
+        if ticket.receiving_since is not None:
+            ticket.receiving_since = None
+            self._receiving.pop(ticket, None)
+
+    # -- uploads that arrive slowly ----------------------------------------------------
+    # A request is admitted from its headers on, so that refusing costs nothing. But then
+    # a client that sends headers and stalls holds a place until limits.body_timeout_s: a
+    # few such clients would keep every place and the server would refuse everyone else.
+    # So, only when the server is full, an upload that has been arriving for longer than
+    # queue.upload_hold_ms gives its place to the newcomer and goes on arriving "aside",
+    # bounded in number and bytes; with its body complete, it needs a free place again.
+
+    def receiving(self, ticket: Ticket) -> None:
+        """``ticket``'s request is about to read its body (the admission gate calls this)."""
+        if not ticket._released and ticket.receiving_since is None:
+            ticket.receiving_since = time.monotonic()
+            self._receiving[ticket] = None
+
+    def received(self, ticket: Ticket) -> None:
+        """``ticket``'s body is complete. An upload that went aside takes a place again, or
+        raises ``Overloaded`` (the request holds none then)."""
+        if ticket.receiving_since is None:
+            return
+        ticket.receiving_since = None
+        self._receiving.pop(ticket, None)
+        if not ticket.aside:
+            return
+        ticket.aside = False
+        self._uncharge(ticket)
+        # Admitted before any drain began: it may finish like the others in progress.
+        if self.admitted >= self.capacity and not self._free_places_of_slow_uploads():
+            ticket._released = True
+            raise self._refusal()
+        ticket.places = 1
+        self.admitted += 1
+
+    async def receive_more(self, ticket: Ticket, size: int) -> None:
+        """Counts ``size`` more body bytes of ``ticket``; a slow upload waits here while the
+        slow uploads together hold more than ``slow_upload_bytes`` (and others hold some)."""
+        ticket.received += size
+        if not ticket.aside:
+            return
+        self._charge(size)
+        limit = self.settings.slow_upload_bytes
+        while ticket.aside and self.aside_bytes > limit and self.aside_bytes > ticket.received:
+            await self._room.wait()
+
+    def _free_places_of_slow_uploads(self) -> bool:
+        """Moves uploads arriving for longer than ``upload_hold_ms`` aside, oldest first, as
+        far as ``max_slow_uploads`` allows; whether a place is free now."""
+        if not self._receiving or self.aside >= self.settings.max_slow_uploads:
+            return False
+        since = time.monotonic() - self.settings.upload_hold_ms / 1e3
+        for ticket in list(self._receiving):
+            if ticket.receiving_since > since or self.aside >= self.settings.max_slow_uploads:  # type: ignore[operator]
+                break  # the rest began later
+            del self._receiving[ticket]
+            ticket.aside = True
+            self.admitted -= ticket.places
+            self.aside += 1
+            self._charge(ticket.received)
+            self.metrics.slow_uploads.inc()
+            if self.admitted < self.capacity:
+                return True
+        return self.admitted < self.capacity
+
+    def _charge(self, size: int) -> None:
+        self.aside_bytes += size
+        if self.aside_bytes > self.settings.slow_upload_bytes:
+            self._room.clear()
+
+    def _uncharge(self, ticket: Ticket) -> None:
+        self.aside -= 1
+        self.aside_bytes -= ticket.received
+        if self.aside_bytes <= self.settings.slow_upload_bytes:
+            self._room.set()
 
     @property
     def idle(self) -> bool:
-        return self.admitted == 0 and self.running == 0
+        return self.admitted == 0 and self.running == 0 and self.aside == 0
 
     @property
     def queue_depth(self) -> int:

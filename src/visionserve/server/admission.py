@@ -6,6 +6,8 @@ handler's ``admit()``. So a full server refuses for nearly free, and when a plac
 only one of the requests that arrived meanwhile goes on (the others are refused here, not
 after reading their bodies). The HTTP protocol of ``visionserve serve`` takes the place even
 earlier, right after the headers (server/refusal.py), and passes it in the scope's state.
+The gate also tells the scheduler when the body is complete: until then a slow upload may
+give its place up to a newer request (runtime/scheduler.py, ``receiving``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 from typing import Callable, Iterable, TypeVar
 
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visionserve.errors import Overloaded
 from visionserve.protocols import ErrorRenderer
@@ -93,8 +95,26 @@ class AdmissionGateMiddleware:
             await self.app(scope, receive, send)
             return
         token = reserve(ticket)
+        self.scheduler.receiving(ticket)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, self._body_receiver(ticket, receive), send)
         finally:
             unreserve(token)
             ticket.release()
+
+    def _body_receiver(self, ticket: Ticket, receive: Receive) -> Receive:
+        """``receive``, telling the scheduler how the body arrives: a slow upload may give its
+        place up meanwhile, and needs one again when the body is complete (which may refuse
+        it: the error goes to the handler reading the body, and becomes its 503)."""
+        scheduler = self.scheduler
+
+        async def receive_body() -> Message:
+            message = await receive()
+            if ticket.receiving_since is not None and message["type"] == "http.request":
+                if message.get("more_body", False):
+                    await scheduler.receive_more(ticket, len(message.get("body", b"")))
+                else:
+                    scheduler.received(ticket)
+            return message
+
+        return receive_body

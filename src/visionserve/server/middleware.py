@@ -107,9 +107,8 @@ class BodyLimitMiddleware:
     """Rejects bodies over ``max_bytes`` (at once from Content-Length, or while streaming) and
     bodies not in ``timeout_s`` after the request began to read them (408).
 
-    The time limit matters because a detection request is admitted, and holds one of the
-    few places, from its headers on (server/refusal.py): without it, a few clients that send
-    headers and then stall would keep every place, and every other request would get 503.
+    The time limit bounds what a stalled upload holds: its connection and memory, and a
+    detection request's place for up to ``queue.upload_hold_ms`` (runtime/scheduler.py).
     """
 
     def __init__(
