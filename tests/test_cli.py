@@ -90,12 +90,16 @@ def test_detect_reports_bad_files_and_exits_1(model_dir, mirror, images, tmp_pat
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not really a jpeg")
     (empty := tmp_path / "empty.jpg").write_bytes(b"")
-    r = run("detect", str(images / "dog.jpg"), str(bad), str(empty), "--classes", "dog", model_dir=model_dir, mirror=mirror)
+    missing = tmp_path / "missing.jpg"
+    r = run("detect", str(images / "dog.jpg"), str(bad), str(empty), str(missing), "--classes", "dog",
+            model_dir=model_dir, mirror=mirror)
     assert r.returncode == 1
-    good, broken, nothing = (json.loads(line) for line in r.stdout.splitlines())
+    good, broken, nothing, absent = (json.loads(line) for line in r.stdout.splitlines())
     assert [d["label"] for d in good["detections"]] == ["dog"]
     assert broken["error"]["code"] == "invalid_image"
     assert nothing["error"] == {"code": "missing_image", "message": "the file is empty"}
+    # Not the image's fault: a file it cannot read is not an invalid image.
+    assert absent["error"] == {"code": "input_error", "message": f"cannot read {missing}: No such file or directory"}
 
 
 def test_models_list_pull_verify(mirror, tmp_path):

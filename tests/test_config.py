@@ -99,7 +99,7 @@ def test_readme_error_table_lists_every_error_code():
     rows = set(re.findall(r"^\| (\d{3}) \| `([a-z_]+)` \|", readme, re.M))
     kinds = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.VisionServeError)]
     # The client has gone: no answer reaches it; `visionserve detect`'s own, never served.
-    unseen = {errors.ClientDisconnected, errors.OutputError}
+    unseen = {errors.ClientDisconnected, errors.InputError, errors.OutputError}
     expected = {(str(c.status), c.code) for c in kinds if c not in unseen}
     assert expected <= rows, f"missing from README's error table: {sorted(expected - rows)}"
 

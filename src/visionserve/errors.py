@@ -96,6 +96,13 @@ class ModelError(VisionServeError):
     code, status = "model_error", 500
 
 
+class InputError(VisionServeError):
+    """``visionserve detect`` could not read an image file (missing, a folder, no permission):
+    not the image's fault, so not ``invalid_image``."""
+
+    code, status = "input_error", 400
+
+
 class OutputError(VisionServeError):
     """``visionserve detect`` could not write an output file (an annotated image)."""
 

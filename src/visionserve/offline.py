@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionserve.config import ModelConfig, Settings
-from visionserve.errors import InvalidImage, MissingImage, OutputError
+from visionserve.errors import InputError, MissingImage, OutputError
 from visionserve.imaging.decode import decode_image
 from visionserve.imaging.draw import render_annotated
 from visionserve.protocols.native import prediction_json
@@ -34,7 +34,7 @@ class OfflineDetector:
         try:
             data = path.read_bytes()
         except OSError as e:
-            raise InvalidImage(f"cannot read {path}: {e.strerror}") from None
+            raise InputError(f"cannot read {path}: {e.strerror or e}") from None
         if not data:  # decode_image would speak of an upload
             raise MissingImage("the file is empty")
         t0 = time.perf_counter()
