@@ -162,6 +162,15 @@ def test_refused_connections_are_bounded_in_time_and_size(server_factory, images
         assert _closed_by(idle, idle_since + KEEP_ALIVE_S + 1.5)
 
 
+def test_a_refused_request_whose_body_cannot_be_parsed_gets_its_503_and_no_second_answer(server_factory, images):
+    with _full_server(server_factory, images) as srv:
+        with connect(srv.url) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            answer = read_until_closed(s, 8)
+    assert answer is not None, "still open"
+    assert answer.startswith(b"HTTP/1.1 503 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+
+
 def test_a_refused_connection_is_read_again_only_after_the_pause(server_factory, images):
     """A client that re-sends at once after its 503, ignoring Retry-After, gets its next
     answer only after ``queue.refusal_pause_ms``: a refusal storm costs one refusal per pause

@@ -139,6 +139,7 @@ class _Refused:
 
     def __init__(self) -> None:
         self.discarded = 0  # body bytes thrown away so far
+        self.body_done = False
 
 
 def refusing_protocol(
@@ -178,6 +179,7 @@ def refusing_protocol(
 
         def on_message_complete(self) -> None:
             if isinstance(self.cycle, _Refused):
+                self.cycle.body_done = True
                 # The refused body is done: the connection idles until the next request,
                 # under uvicorn's keep-alive timeout and the header deadline like any other.
                 self._cancel_body_timer()
@@ -288,36 +290,54 @@ def refusing_protocol(
                 error: VisionServeError = URITooLong(f"the request's URL exceeds {MAX_URL_BYTES} bytes")
             else:
                 error = BadRequest("malformed HTTP request")
-            answer = self._closing_answer(error)
-            if self._answers_pending():
-                # Requests read before the unreadable one (pipelined in the same packets) are
-                # answered first, in order; uvicorn closed at once, and their answers were lost.
-                if self._deferred_400 is None:
-                    self._deferred_400 = answer
-                self.flow.pause_reading()  # the parser cannot go on: read nothing more
+            cycle = self.cycle
+            if isinstance(cycle, _Refused) and not cycle.body_done:
+                self.transport.close()  # its body is unreadable, and its answer (503) is out already
+                return
+            self.close_after_answers(self._closing_answer(error))
+
+        _closing: bytes | None = None  # the answer that closes the connection, once those before it are out
+
+        def close_after_answers(self, answer: bytes) -> None:
+            """Writes ``answer`` and closes the connection once the requests read in full before
+            the one it answers have their answers. uvicorn closed at once, and those answers
+            were lost."""
+            if self._unanswered_before_failure():
+                if self._closing is None:
+                    self._closing = answer
+                self.flow.pause_reading()  # the request cannot be read on: read nothing more
                 return
             self.transport.write(answer)
             self.transport.close()
 
-        _deferred_400: bytes | None = None  # the 400 that closes the connection, once the answers before it are out
+        def _unanswered_before_failure(self) -> bool:
+            """Whether requests read before the one that failed still await their answers.
 
-        def _answers_pending(self) -> bool:
-            """Whether requests read in full before the unreadable one await their answers.
-            (One whose body the parser failed on is the unreadable one: its answer is the 400.)"""
-            cycle = self.cycle  # the latest request whose headers were read
-            if cycle is None or getattr(cycle, "more_body", False):
+            The latest request (``self.cycle``) failed itself when it is still receiving its
+            body: the one running, whose answer is then the error, or one pipelined behind
+            others, which is dropped so that it never starts. Otherwise the failure is in a
+            head read after it, and it is the latest of those awaiting answers."""
+            cycle = self.cycle
+            if cycle is None or isinstance(cycle, _Refused):
+                return bool(self.pipeline)
+            if cycle.more_body:
+                for entry in self.pipeline:
+                    if entry[0] is cycle:
+                        self.pipeline.remove(entry)
+                        return True  # behind a request still running
                 return False
             return bool(self.pipeline) or not cycle.response_complete
 
         def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if self._deferred_400 is None or self.transport.is_closing():
+            started_next = bool(self.pipeline)
+            super().on_response_complete()  # starts the next pipelined request, if any
+            if self._closing is None or self.transport.is_closing():
                 return
-            if self._answers_pending():  # the next pipelined request has started
+            if started_next:  # its answer comes first
                 self.flow.pause_reading()
                 return
             self._unset_keepalive_if_required()
-            self.transport.write(self._deferred_400)
+            self.transport.write(self._closing)
             self.transport.close()
 
     class RefusingHttpToolsProtocol(HeaderLimit, EarlyRefusal):  # type: ignore[misc]
