@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import struct
@@ -342,6 +341,38 @@ def test_a_request_of_several_images_holds_the_free_places_it_needs():
         scheduler.shutdown()
 
 
+def test_a_slow_upload_going_past_slow_upload_bytes_gets_its_503_at_once(server_factory, images):
+    server = server_factory(env={
+        "VISIONSERVE_QUEUE__UPLOAD_HOLD_MS": "100", "VISIONSERVE_QUEUE__SLOW_UPLOAD_BYTES": "100000",
+        "VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "30", **ONE_WORKER_NO_QUEUE,
+    })
+    body = (images / "dog.jpg").read_bytes().ljust(200_000, b"\0")
+    head = f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}\r\n\r\n"
+    upload = connect(server.url, timeout=10)  # a 408 would come after 30 s: the read times out first
+    upload.sendall(head.encode() + body[:60_000])
+    filler = None
+    try:
+        wait_in_flight(server.url, 1)
+        time.sleep(0.2)
+        filler = stall(server.url, "/predict", STALLED_RAW)  # takes the place; the upload goes aside
+        wait_in_flight(server.url, 1)
+        assert metric(httpx.get(server.url + "/metrics").text, "visionserve_slow_uploads_in_progress") == 1
+        try:
+            upload.sendall(body[60_000:])  # past 100,000 bytes while aside
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        head_in, _, answer = read_response(upload).partition(b"\r\n\r\n")
+        assert head_in.split(b" ")[1] == b"503" and b"connection: close" in head_in.lower(), head_in
+        assert json.loads(answer)["error"] == {"code": "overloaded", "message": "too many slow uploads at once; retry shortly"}
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "visionserve_rejected_requests_total", reason="slow_uploads") == 1
+        assert metric(text, "visionserve_slow_uploads_in_progress") == 0
+    finally:
+        upload.close()
+        if filler is not None:
+            filler.close()
+
+
 def test_slow_uploads_give_their_places_up_oldest_first_within_their_bounds():
     queue = QueueSettings(max_queue=0, upload_hold_ms=0, max_slow_uploads=2, slow_upload_bytes=1000)
     scheduler = Scheduler(RuntimeSettings(inference_workers=2, worker_mode="threads"), queue)
@@ -349,7 +380,7 @@ def test_slow_uploads_give_their_places_up_oldest_first_within_their_bounds():
         first, second = scheduler.admit(), scheduler.admit()
         scheduler.receiving(first)
         scheduler.receiving(second)
-        asyncio.run(scheduler.receive_more(first, 300))  # holding its place: never waits
+        scheduler.receive_more(first, 300)
         third = scheduler.admit()  # full: the oldest upload gives its place up
         assert (first.aside, second.aside, scheduler.admitted, scheduler.aside) == (True, False, 2, 1)
         assert scheduler.aside_bytes == 300 and not scheduler.idle
@@ -377,32 +408,31 @@ def test_slow_uploads_give_their_places_up_oldest_first_within_their_bounds():
         scheduler.shutdown()
 
 
-def test_slow_uploads_read_no_more_while_together_they_hold_more_than_slow_upload_bytes():
+def test_slow_uploads_that_would_hold_more_than_slow_upload_bytes_together_are_refused():
+    # Held back rather than refused, uploads over the bound waited for each other, and
+    # stalled ones never finish: every one of them ended in a 408 (found by a probe).
     queue = QueueSettings(max_queue=0, upload_hold_ms=0, slow_upload_bytes=1000)
     scheduler = Scheduler(RuntimeSettings(inference_workers=2, worker_mode="threads"), queue)
-
-    async def scenario() -> None:
+    try:
         a, b = scheduler.admit(), scheduler.admit()
         scheduler.receiving(a)
         scheduler.receiving(b)
-        newer = [scheduler.admit(), scheduler.admit()]  # both give their places up
-        for ticket in newer:
-            ticket.release()
-        assert scheduler.aside == 2
-        await scheduler.receive_more(a, 900)  # within the bytes: goes on
-        await asyncio.wait_for(scheduler.receive_more(b, 50), 1)
-        waiting = asyncio.ensure_future(scheduler.receive_more(b, 200))  # 1150 > 1000: waits
-        await asyncio.sleep(0.05)
-        assert not waiting.done()
-        a.release()  # its 900 bytes are gone
-        await asyncio.wait_for(waiting, 1)
-        alone = asyncio.ensure_future(scheduler.receive_more(b, 5000))  # alone over it: goes on
-        await asyncio.wait_for(alone, 1)
+        scheduler.receive_more(a, 900)
+        scheduler.receive_more(b, 200)
+        newer = scheduler.admit()  # a's 900 bytes fit among the slow uploads': it gives its place up
+        assert (a.aside, b.aside, scheduler.aside_bytes) == (True, False, 900)
+        with pytest.raises(Overloaded):  # b's 200 do not fit: it keeps its place
+            scheduler.admit()
+        assert not b.aside and scheduler.admitted == 2
+        scheduler.receive_more(a, 100)  # 1000: within the bound
+        with pytest.raises(Overloaded) as refused:  # past it
+            scheduler.receive_more(a, 1)
+        assert refused.value.headers["Connection"] == "close"  # its body is not read to the end
+        a.release()
+        assert (scheduler.aside, scheduler.aside_bytes, scheduler.admitted) == (0, 0, 2)
+        newer.release()
         b.release()
-        assert scheduler.idle and scheduler.aside_bytes == 0
-
-    try:
-        asyncio.run(scenario())
+        assert scheduler.idle and scheduler.in_progress == 0
     finally:
         scheduler.shutdown()
 

@@ -130,9 +130,10 @@ class QueueSettings(BaseModel):
     )
     slow_upload_bytes: int = Field(
         default=64 * 2**20, ge=1,
-        description="bytes the slow uploads (see upload_hold_ms) may have received together; past it, their "
-        "bodies are read only as others finish, so they cannot fill the memory (each is also held to "
-        "limits.max_body_bytes and limits.body_timeout_s)",
+        description="bytes the slow uploads (see upload_hold_ms) may have received together, so that they "
+        "cannot fill the memory: an upload whose bytes do not fit keeps its place, and one that goes past "
+        "it while aside gets 503 and its connection closes (each is also held to limits.max_body_bytes "
+        "and limits.body_timeout_s)",
     )
     max_batch_size: int = Field(
         default=1, ge=1, le=256,

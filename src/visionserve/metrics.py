@@ -47,7 +47,7 @@ class Metrics:
             ["model", "mode"], registry=r,
         )
         self.rejected = Counter(
-            "visionserve_rejected_requests", "Requests refused with 503 before any work: queue full or draining",
+            "visionserve_rejected_requests", "Requests refused with 503 before any work: queue full, draining, or too many slow uploads",
             ["reason"], registry=r,
         )
         self.deadline_exceeded = Counter(
@@ -74,7 +74,7 @@ class Metrics:
             "Uploads arriving outside the capacity, having given their place up (not in requests_in_flight)",
             registry=r,
         )
-        for reason in ("queue_full", "draining"):
+        for reason in ("queue_full", "draining", "slow_uploads"):
             self.rejected.labels(reason)
 
     def watch(

@@ -152,8 +152,6 @@ class Scheduler:
         self._receiving: dict[Ticket, None] = {}
         self.aside = 0
         self.aside_bytes = 0
-        self._room = asyncio.Event()  # set while aside_bytes is within slow_upload_bytes
-        self._room.set()
         self.draining = False
         self.metrics.watch(lambda: len(self._queue), lambda: self.admitted, self.capacity, lambda: self.aside)
 
@@ -241,16 +239,19 @@ class Scheduler:
         ticket.places = 1
         self.admitted += 1
 
-    async def receive_more(self, ticket: Ticket, size: int) -> None:
-        """Counts ``size`` more body bytes of ``ticket``; a slow upload waits here while the
-        slow uploads together hold more than ``slow_upload_bytes`` (and others hold some)."""
+    def receive_more(self, ticket: Ticket, size: int) -> None:
+        """Counts ``size`` more body bytes of ``ticket``. A slow upload whose bytes take the
+        slow uploads together past ``slow_upload_bytes`` is refused (``Overloaded``, and the
+        connection closes: its body is not read to the end). Refused, not held back: held,
+        uploads over the bound would wait for each other, and stalled ones never finish."""
         ticket.received += size
-        if not ticket.aside:
-            return
-        self._charge(size)
-        limit = self.settings.slow_upload_bytes
-        while ticket.aside and self.aside_bytes > limit and self.aside_bytes > ticket.received:
-            await self._room.wait()
+        if ticket.aside:
+            self.aside_bytes += size
+            if self.aside_bytes > self.settings.slow_upload_bytes:
+                self.metrics.child(self.metrics.rejected, "slow_uploads").inc()
+                raise Overloaded(
+                    "too many slow uploads at once; retry shortly", headers={"Connection": "close"}
+                )
 
     def _free_places_of_slow_uploads(self) -> bool:
         """Moves uploads arriving for longer than ``upload_hold_ms`` aside, oldest first, as
@@ -261,26 +262,26 @@ class Scheduler:
         for ticket in list(self._receiving):
             if ticket.receiving_since > since or self.aside >= self.settings.max_slow_uploads:  # type: ignore[operator]
                 break  # the rest began later
+            if self.aside_bytes + ticket.received > self.settings.slow_upload_bytes:
+                continue  # its bytes do not fit among the slow uploads': it keeps its place
             del self._receiving[ticket]
             ticket.aside = True
             self.admitted -= ticket.places
             self.aside += 1
-            self._charge(ticket.received)
+            self.aside_bytes += ticket.received
             self.metrics.slow_uploads.inc()
             if self.admitted < self.capacity:
                 return True
         return self.admitted < self.capacity
 
-    def _charge(self, size: int) -> None:
-        self.aside_bytes += size
-        if self.aside_bytes > self.settings.slow_upload_bytes:
-            self._room.clear()
-
     def _uncharge(self, ticket: Ticket) -> None:
         self.aside -= 1
         self.aside_bytes -= ticket.received
-        if self.aside_bytes <= self.settings.slow_upload_bytes:
-            self._room.set()
+
+    @property
+    def in_progress(self) -> int:
+        """Requests admitted and not answered: those holding places and the slow uploads."""
+        return self.admitted + self.aside
 
     @property
     def idle(self) -> bool:

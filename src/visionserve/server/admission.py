@@ -112,7 +112,7 @@ class AdmissionGateMiddleware:
             message = await receive()
             if ticket.receiving_since is not None and message["type"] == "http.request":
                 if message.get("more_body", False):
-                    await scheduler.receive_more(ticket, len(message.get("body", b"")))
+                    scheduler.receive_more(ticket, len(message.get("body", b"")))
                 else:
                     scheduler.received(ticket)
             return message

@@ -42,7 +42,7 @@ class DrainingServer(uvicorn.Server):
         self.scheduler.draining = True
         log.info(
             "%s: draining (%d requests in progress, up to %.0fs)",
-            signal.Signals(sig).name, self.scheduler.admitted, self.drain_timeout_s,
+            signal.Signals(sig).name, self.scheduler.in_progress, self.drain_timeout_s,
         )
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -56,7 +56,7 @@ class DrainingServer(uvicorn.Server):
             waited = time.monotonic() - self._drain_started
             if self.scheduler.idle or waited >= self.drain_timeout_s:
                 if not self.scheduler.idle:
-                    log.warning("drain timeout: %d requests still in progress", self.scheduler.admitted)
+                    log.warning("drain timeout: %d requests still in progress", self.scheduler.in_progress)
                 self.should_exit = True
         return await super().on_tick(counter)
 
