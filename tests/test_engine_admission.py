@@ -373,13 +373,19 @@ def test_a_slow_upload_going_past_slow_upload_bytes_gets_its_503_at_once(server_
             filler.close()
 
 
+def uploads_under_way(scheduler: Scheduler, n: int) -> list:
+    """``n`` requests admitted, as the admission gate admits them, and receiving their bodies."""
+    tickets = [scheduler.admit() for _ in range(n)]
+    for ticket in tickets:
+        scheduler.receiving(ticket)
+    return tickets
+
+
 def test_slow_uploads_give_their_places_up_oldest_first_within_their_bounds():
     queue = QueueSettings(max_queue=0, upload_hold_ms=0, max_slow_uploads=2, slow_upload_bytes=1000)
     scheduler = Scheduler(RuntimeSettings(inference_workers=2, worker_mode="threads"), queue)
     try:
-        first, second = scheduler.admit(), scheduler.admit()
-        scheduler.receiving(first)
-        scheduler.receiving(second)
+        first, second = uploads_under_way(scheduler, 2)
         scheduler.receive_more(first, 300)
         third = scheduler.admit()  # full: the oldest upload gives its place up
         assert (first.aside, second.aside, scheduler.admitted, scheduler.aside) == (True, False, 2, 1)
@@ -414,9 +420,7 @@ def test_slow_uploads_that_would_hold_more_than_slow_upload_bytes_together_are_r
     queue = QueueSettings(max_queue=0, upload_hold_ms=0, slow_upload_bytes=1000)
     scheduler = Scheduler(RuntimeSettings(inference_workers=2, worker_mode="threads"), queue)
     try:
-        a, b = scheduler.admit(), scheduler.admit()
-        scheduler.receiving(a)
-        scheduler.receiving(b)
+        a, b = uploads_under_way(scheduler, 2)
         scheduler.receive_more(a, 900)
         scheduler.receive_more(b, 200)
         newer = scheduler.admit()  # a's 900 bytes fit among the slow uploads': it gives its place up
