@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import struct
@@ -168,6 +169,29 @@ def test_with_no_slow_uploads_allowed_stalled_uploads_keep_their_places_until_40
     finally:
         for s in stalled:
             s.close()
+
+
+def test_a_slow_upload_complete_while_full_gets_the_next_place_freed(server_factory, images):
+    server = server_factory(env={"VISIONSERVE_QUEUE__UPLOAD_HOLD_MS": "1000", **ONE_WORKER_NO_QUEUE})
+    head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+    slow, held = connect(server.url), connect(server.url)
+    try:
+        slow.sendall(head + payload[:1000])
+        wait_in_flight(server.url, 1)
+        time.sleep(1.1)
+        held.sendall(head + payload[:1000])  # takes the place the slow upload gives up
+        wait_in_flight(server.url, 1)
+        slow.sendall(payload[1000:])  # complete, while the place is held: it waits
+        time.sleep(0.2)
+        assert metric(httpx.get(server.url + "/metrics").text, "visionserve_rejected_requests_total",
+                      reason="queue_full") == 0
+        held.sendall(payload[1000:])
+        assert read_response(held).split(b" ")[1] == b"200"
+        answer = read_response(slow)  # the place held freed: its own, ahead of anyone else
+        assert answer.split(b" ")[1] == b"200" and b'"label":"dog"' in answer, answer[:300]
+    finally:
+        slow.close()
+        held.close()
 
 
 def test_a_slow_upload_that_gave_its_place_up_is_served_when_one_is_free_and_refused_when_none_is(
@@ -396,20 +420,70 @@ def test_slow_uploads_give_their_places_up_oldest_first_within_their_bounds():
             scheduler.receiving(third)
             scheduler.admit()
         # first's body is complete: third, receiving longer than the hold, gives it its place.
-        scheduler.received(first)
+        asyncio.run(scheduler.received(first))
         assert (first.aside, third.aside, scheduler.aside, scheduler.admitted) == (False, True, 2, 2)
         assert scheduler.aside_bytes == 0
-        with pytest.raises(Overloaded):  # second's too, and no upload holds a place: refused
-            scheduler.received(second)
+        with pytest.raises(Overloaded):  # second's too, no upload holds a place, none frees: refused
+            asyncio.run(scheduler.received(second))
         assert (second.aside, scheduler.aside, scheduler.admitted) == (False, 1, 2)
         second.release()  # it holds nothing
         assert scheduler.admitted == 2
         fourth.release()
-        scheduler.received(third)  # a place is free: it takes it
+        asyncio.run(scheduler.received(third))  # a place is free: it takes it
         assert (third.aside, scheduler.aside, scheduler.admitted) == (False, 0, 2)
         first.release()
         third.release()
         assert scheduler.idle and scheduler.aside_bytes == 0 and not scheduler._receiving
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_complete_slow_upload_gets_the_next_place_freed_before_any_new_request():
+    queue = QueueSettings(max_queue=0, upload_hold_ms=5000)
+    scheduler = Scheduler(RuntimeSettings(inference_workers=1, worker_mode="threads"), queue)
+
+    async def scenario() -> None:
+        (slow,) = uploads_under_way(scheduler, 1)
+        slow.receiving_since -= 10  # long past the hold
+        newer = scheduler.admit()  # takes the place the slow upload gives up
+        rejoining = asyncio.ensure_future(scheduler.received(slow))
+        await asyncio.sleep(0.01)
+        assert not rejoining.done()  # waiting for a place
+        with pytest.raises(Overloaded):  # a new request does not go ahead of it
+            scheduler.admit()
+        newer.release()
+        await asyncio.wait_for(rejoining, 1)  # the freed place is its own
+        assert scheduler.admitted == 1 and not slow.aside
+        with pytest.raises(Overloaded):
+            scheduler.admit()
+        slow.release()
+        assert scheduler.idle
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.shutdown()
+
+
+def test_a_complete_slow_upload_that_waits_in_vain_is_refused_and_holds_nothing():
+    queue = QueueSettings(max_queue=0, upload_hold_ms=50)
+    scheduler = Scheduler(RuntimeSettings(inference_workers=1, worker_mode="threads"), queue)
+
+    async def scenario() -> None:
+        (slow,) = uploads_under_way(scheduler, 1)
+        slow.receiving_since -= 10
+        newer = scheduler.admit()
+        with pytest.raises(Overloaded):
+            await scheduler.received(slow)  # no place frees within the hold
+        slow.release()  # holds nothing
+        assert scheduler.admitted == 1
+        newer.release()
+        assert scheduler.idle and not scheduler._rejoining
+        (again,) = uploads_under_way(scheduler, 1)  # and a place is free for anyone
+        again.release()
+
+    try:
+        asyncio.run(scenario())
     finally:
         scheduler.shutdown()
 

@@ -119,9 +119,10 @@ class QueueSettings(BaseModel):
         default=250.0, ge=0, le=60_000,
         description="an admitted detection request keeps its place while its body arrives for at most this "
         "long once the server is full; a slower upload then gives the place up and goes on arriving outside "
-        "the capacity (see max_slow_uploads), and needs a free place again when its body is complete (else "
-        "503). So clients that send headers and stall cannot hold every place: they would need to open "
-        "capacity / upload_hold_ms connections a second",
+        "the capacity (see max_slow_uploads). With its body complete it needs a place again: a free one, or "
+        "the next one freed (before any new request) if that comes within this long, else 503. So clients "
+        "that send headers and stall cannot hold every place: they would need to open capacity / "
+        "upload_hold_ms connections a second",
     )
     max_slow_uploads: int = Field(
         default=256, ge=0, le=100_000,

@@ -150,6 +150,7 @@ class Scheduler:
         # Uploads still arriving: those holding their places (oldest first), and how many
         # gave them up (``receiving``), with the bytes those have received.
         self._receiving: dict[Ticket, None] = {}
+        self._rejoining: deque[asyncio.Future[None]] = deque()  # complete slow uploads waiting for a place
         self.aside = 0
         self.aside_bytes = 0
         self.draining = False
@@ -180,8 +181,8 @@ class Scheduler:
         if self.draining:
             self.metrics.child(self.metrics.rejected, "draining").inc()
             raise Overloaded("the server is shutting down")
-        if self.admitted >= self.capacity and not self._free_places_of_slow_uploads():
-            raise self._refusal()
+        if self._rejoining or (self.admitted >= self.capacity and not self._free_places_of_slow_uploads()):
+            raise self._refusal()  # (complete slow uploads waiting for a place come first)
         self.admitted += 1
         return self._widen(Ticket(self), images)
 
@@ -197,12 +198,18 @@ class Scheduler:
         return ticket
 
     def _leave(self, ticket: Ticket) -> None:
-        """A released ticket's places (or its slot among the slow uploads) are free."""
+        """A released ticket's places (or its slot among the slow uploads) are free: first
+        for the complete slow uploads waiting for one (``received``)."""
         if ticket.aside:
             ticket.aside = False
             self._uncharge(ticket)
         else:
             self.admitted -= ticket.places
+            while self._rejoining and self.admitted < self.capacity:
+                place = self._rejoining.popleft()
+                if not place.done():
+                    self.admitted += 1
+                    place.set_result(None)
         if ticket.receiving_since is not None:
             ticket.receiving_since = None
             self._receiving.pop(ticket, None)
@@ -213,7 +220,8 @@ class Scheduler:
     # few such clients would keep every place and the server would refuse everyone else.
     # So, only when the server is full, an upload that has been arriving for longer than
     # queue.upload_hold_ms gives its place to the newcomer and goes on arriving "aside",
-    # bounded in number and bytes; with its body complete, it needs a free place again.
+    # bounded in number and bytes; with its body complete, it needs a place again, and
+    # gets the next one freed before any new request does.
 
     def receiving(self, ticket: Ticket) -> None:
         """``ticket``'s request is about to read its body (the admission gate calls this)."""
@@ -221,9 +229,11 @@ class Scheduler:
             ticket.receiving_since = time.monotonic()
             self._receiving[ticket] = None
 
-    def received(self, ticket: Ticket) -> None:
-        """``ticket``'s body is complete. An upload that went aside takes a place again, or
-        raises ``Overloaded`` (the request holds none then)."""
+    async def received(self, ticket: Ticket) -> None:
+        """``ticket``'s body is complete. An upload that went aside takes a place again: a
+        free one, or, while the server is full, the next one freed, ahead of new requests, if
+        that comes within ``upload_hold_ms``. Else it raises ``Overloaded`` (the request
+        holds no place then)."""
         if ticket.receiving_since is None:
             return
         ticket.receiving_since = None
@@ -232,13 +242,26 @@ class Scheduler:
             return
         ticket.aside = False
         self._uncharge(ticket)
-        # Admitted before any drain began: it may finish like the others in progress.
-        if self.admitted >= self.capacity and not self._free_places_of_slow_uploads():
-            ticket._released = True
-            raise self._refusal()
         ticket.places = 1
-        self.admitted += 1
-
+        # Admitted before any drain began: it may finish like the others in progress.
+        if self.admitted < self.capacity or self._free_places_of_slow_uploads():
+            self.admitted += 1
+            return
+        place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._rejoining.append(place)
+        handed = False
+        try:
+            async with asyncio.timeout(self.settings.upload_hold_ms / 1e3):
+                await place
+        except TimeoutError:
+            pass
+        finally:
+            handed = place.done() and not place.cancelled()
+            if not handed:
+                place.cancel()  # _hand_over passes it by
+                ticket._released = True  # it holds no place
+        if not handed:
+            raise self._refusal()
     def receive_more(self, ticket: Ticket, size: int) -> None:
         """Counts ``size`` more body bytes of ``ticket``. A slow upload whose bytes take the
         slow uploads together past ``slow_upload_bytes`` is refused (``Overloaded``, and the

@@ -114,7 +114,7 @@ class AdmissionGateMiddleware:
                 if message.get("more_body", False):
                     scheduler.receive_more(ticket, len(message.get("body", b"")))
                 else:
-                    scheduler.received(ticket)
+                    await scheduler.received(ticket)
             return message
 
         return receive_body
