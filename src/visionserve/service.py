@@ -53,9 +53,6 @@ class DetectionService:
             failed = self.registry.failed()
             if failed:  # not a wait: loading has ended for these, and only a fix will do
                 return ModelNotReady("; ".join(f"model {n!r} failed to load: {why}" for n, why in failed.items()))
-            unloaded = sorted(n for n, state in self.registry.unready().items() if state == "unloaded")
-            if unloaded:  # by a repository call: loading it again is up to a client too
-                return ModelNotReady("; ".join(f"model {n!r} is unloaded" for n in unloaded))
             return ModelNotReady("models are still loading")
         return None
 

@@ -170,6 +170,12 @@ def test_json_bytes_plain_and_base64():
     assert parse_infer_request(req_level, memoryview(b"")).inputs[0].data == [jpeg]
     text = {"name": "IMAGE", "datatype": "BYTES", "shape": [2], "data": ["héllo", "x"]}
     assert parse_infer_request({"inputs": [text]}, memoryview(b"")).inputs[0].data == ["héllo".encode(), b"x"]
+    # Line-wrapped (MIME) base64, as `base64 file` writes it without -w0.
+    wrapped = {**b64, "data": [base64.encodebytes(jpeg * 10).decode()]}
+    assert "\n" in wrapped["data"][0]
+    assert parse_infer_request({"inputs": [wrapped]}, memoryview(b"")).inputs[0].data == [jpeg * 10]
+    crlf = {**b64, "data": [base64.encodebytes(jpeg * 10).decode().replace("\n", "\r\n")]}
+    assert parse_infer_request({"inputs": [crlf]}, memoryview(b"")).inputs[0].data == [jpeg * 10]
 
 
 @pytest.mark.parametrize(

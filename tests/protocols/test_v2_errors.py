@@ -161,14 +161,19 @@ def test_invalid_image_bytes_is_400(client):
     ({"classes": "dog,unicorn"}, "unicorn"),
     ({"classes": []}, "classes names no label"),
     ({"classes": " , "}, "classes names no label"),
-    ({"timeout": 0}, "timeout"),
+    ({"timeout": -1}, "timeout"),
+    ({"timeout": False}, "timeout"),
     ({"timeout": float("nan")}, "timeout"),
     # Infinity is a bare token Python's JSON reader accepts; an integer can have any length
     # (once an OverflowError, 500). A deadline must be finite.
-    ({"timeout": float("inf")}, "parameter timeout must be a finite number of microseconds above 0"),
-    ({"timeout": 10**400}, "parameter timeout must be a finite number of microseconds above 0, got 1000000000"),
+    ({"timeout": float("inf")}, "parameter timeout must be a finite number of microseconds (0: none)"),
+    ({"timeout": 10**400}, "parameter timeout must be a finite number of microseconds (0: none), got 1000000000"),
     ({"timeout": "5"}, "parameter timeout must be a finite number"),
     ({"min_confidence": float("nan")}, "min_confidence"),
+    # JSON true is not a number (pydantic's lax mode read it as 1), nor a string one.
+    ({"min_confidence": True}, "min_confidence"),
+    ({"max_detections": True}, "max_detections"),
+    ({"iou": "0.5"}, "iou"),
 ])
 def test_bad_parameters_are_400_not_422(client, dog, parameters, fragment):
     # json.dumps writes NaN as the bare token NaN, which the server's JSON parser accepts.
@@ -187,9 +192,26 @@ def test_an_error_quoting_a_lone_surrogate_is_still_a_json_400(client, dog):
 def test_bad_requested_outputs(client, dog):
     r = client.post(INFER, json={"inputs": [_image_input(dog)], "outputs": [{"name": "MASKS"}]})
     _assert_error(r, 400, "unknown output 'MASKS'")
-    r = client.post(INFER, json={"inputs": [_image_input(dog)],
-                                 "outputs": [{"name": "LABELS", "parameters": {"class_count": 3}}]})
-    _assert_error(r, 400, "classification extension")
+    # tritonclient's InferRequestedOutput(class_count=3) sends "classification": 3.
+    for key in ("classification", "class_count"):
+        r = client.post(INFER, json={"inputs": [_image_input(dog)],
+                                     "outputs": [{"name": "LABELS", "parameters": {key: 3}}]})
+        _assert_error(r, 400, f"the classification extension ({key}) is not supported")
+    # An output to a shared-memory region this server does not have: the client would read
+    # the region, not the answer.
+    r = client.post(INFER, json={"inputs": [_image_input(dog)], "outputs": [
+        {"name": "SCORES", "parameters": {"shared_memory_region": "out0", "shared_memory_byte_size": 64}}]})
+    _assert_error(r, 400, "the shared-memory extensions (shared_memory_region) is not supported")
+
+
+def test_timeout_0_is_no_timeout_and_an_empty_output_list_means_all_outputs(client, dog):
+    # Both as in Triton: 0 microseconds is its default (none), and with no output named
+    # every output comes back.
+    r = client.post(INFER, json={"inputs": [_image_input(dog)], "parameters": {"timeout": 0}, "outputs": []})
+    assert r.status_code == 200, r.text
+    names = [o["name"] for o in r.json()["outputs"]]
+    assert names == ["BOXES", "SCORES", "CLASS_IDS", "LABELS", "NUM_DETECTIONS"]
+    assert "dog" in r.json()["outputs"][3]["data"]
 
 
 def test_batch_limit(client):

@@ -125,16 +125,15 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        """Whether every configured model is loaded and warm (the workers' own state is the
-        scheduler's: DetectionService.not_ready combines both)."""
-        return all(
-            (m := self._models.get(n)) is not None and m.state is ModelState.READY for n in self._configs
-        )
+        """Whether every configured model is loaded and warm, or was unloaded on purpose (the
+        workers' own state is the scheduler's: DetectionService.not_ready combines both).
 
-    def unready(self) -> dict[str, str]:
-        """Configured models that are not ready, with their state ("loading", "unloaded",
-        "failed")."""
-        return {e["name"]: e["state"] for e in self.status() if e["name"] in self._configs and not e["ready"]}
+        A model unloaded by a repository call does not count, as in Triton: unready, the
+        server would be taken out of service, and no client could reach it to load it again."""
+        return all(
+            (m := self._models.get(n)) is not None and m.state in (ModelState.READY, ModelState.UNLOADED)
+            for n in self._configs
+        )
 
     def failed(self) -> dict[str, str]:
         """Configured models that failed to load, with why (as ``status`` tells them); each

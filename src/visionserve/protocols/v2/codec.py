@@ -218,6 +218,9 @@ def unpack_bytes(buf: bytes | memoryview, expected: int | None = None) -> list[b
 
 
 def decode_base64(text: str) -> bytes:
+    # Line breaks are allowed (MIME base64, as `base64` writes it without -w0); nothing else.
+    if "\n" in text:
+        text = text.replace("\r\n", "").replace("\n", "")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -196,9 +196,10 @@ class InferParameters(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    min_confidence: float | None = Field(None, ge=0, le=1)
-    iou: float | None = Field(None, ge=0, le=1)
-    max_detections: int | None = Field(None, ge=1, le=10_000)
+    # Strict: JSON true is not 1 here (pydantic's lax mode reads it so), nor "0.5" a number.
+    min_confidence: float | None = Field(None, ge=0, le=1, strict=True)
+    iou: float | None = Field(None, ge=0, le=1, strict=True)
+    max_detections: int | None = Field(None, ge=1, le=10_000, strict=True)
     classes: str | list[str] | None = None
 
     def params(self) -> PredictParams:
@@ -306,14 +307,14 @@ def _cooperatively(decode: Callable[[bool], T]) -> T:
 
 
 def _timeout_ms(parameters: Mapping[str, Any] | None) -> float | None:
-    """The ``timeout`` request parameter (microseconds) in milliseconds."""
+    """The ``timeout`` request parameter (microseconds) in milliseconds; 0 is none, as in Triton."""
     raw = (parameters or {}).get("timeout")
-    if raw is None:
+    if raw is None or (raw == 0 and not isinstance(raw, bool)):
         return None
     value = None if isinstance(raw, bool) or not isinstance(raw, (int, float)) else positive_finite(raw)
     if value is None:
         shown = repr(raw) if len(repr(raw)) <= 40 else repr(raw)[:40] + "..."  # a JSON integer can be any length
-        raise BadRequest(f"parameter timeout must be a finite number of microseconds above 0, got {shown}")
+        raise BadRequest(f"parameter timeout must be a finite number of microseconds (0: none), got {shown}")
     return value / 1e3
 
 
@@ -327,16 +328,28 @@ def _predict_params(parameters: Mapping[str, Any]) -> PredictParams:
         ) from None
 
 
+# Output parameters of extensions this server does not have: refused, not ignored, or a
+# client would read results it did not ask for (scores for classes) or none at all (a region).
+_UNSUPPORTED_OUTPUT_PARAMETERS = {
+    "classification": "the classification extension",  # Triton's; tritonclient's class_count
+    "class_count": "the classification extension",
+    "shared_memory_region": "the shared-memory extensions",
+    "shared_memory_byte_size": "the shared-memory extensions",
+    "shared_memory_offset": "the shared-memory extensions",
+}
+
+
 def _requested_outputs(req: InferRequest) -> list[tuple[str, Mapping[str, Any] | None]]:
-    if req.outputs is None:
+    if not req.outputs:  # none named (or an empty list, as Triton reads it): all of them
         return [(n, None) for n in OUTPUT_NAMES]
     chosen = []
     for out in req.outputs:
         if out["name"] not in OUTPUT_NAMES:
             raise BadRequest(f"unknown output {out['name']!r}; this model has {', '.join(OUTPUT_NAMES)}")
         params = out.get("parameters") or {}
-        if params.get("class_count"):
-            raise BadRequest("the classification extension (class_count) is not supported")
+        for key in params:
+            if key in _UNSUPPORTED_OUTPUT_PARAMETERS:
+                raise BadRequest(f"output {out['name']!r}: {_UNSUPPORTED_OUTPUT_PARAMETERS[key]} ({key}) is not supported")
         chosen.append((out["name"], params))
     return chosen
 
