@@ -230,8 +230,22 @@ def test_api_key(server_factory, dog):
                         "Incorrect api key")
         _assert_failure(c.post("/v1/vision/custom/list"), 401, "Incorrect api key")
         assert c.get("/v1/vision/custom/list", params={"api_key": "s3cret"}).json()["success"] is True
+        # An empty form field is no key: the query's counts (Frigate sends api_key="" without one).
+        ok = c.post(DETECTION, files={"image": ("d.jpg", dog)}, data={"api_key": ""}, params={"api_key": "s3cret"})
+        assert ok.json()["success"] is True, ok.text
         # other protocols are not affected by DeepStack's key
         assert c.post("/predict", files={"image": ("d.jpg", dog)}).status_code == 200
+
+
+def test_fields_come_from_the_form_first_then_the_query_and_the_first_image_counts(client, dog, images):
+    # As Go's FormValue / FormFile read them in DeepStack.
+    strict = client.post(DETECTION, files={"image": ("d.jpg", dog)}, params={"min_confidence": "0.85"}).json()
+    assert [p["label"] for p in strict["predictions"]] == ["dog"], strict
+    form_wins = client.post(DETECTION, files={"image": ("d.jpg", dog)}, data={"min_confidence": "0.4"},
+                            params={"min_confidence": "0.85"}).json()
+    assert len(form_wins["predictions"]) == 3, form_wins
+    two = client.post(DETECTION, files=[("image", ("d.jpg", dog)), ("image", ("h.jpg", (images / "horses.jpg").read_bytes()))])
+    assert {p["label"] for p in two.json()["predictions"]} >= {"dog", "bicycle", "car"}, two.text
 
 
 def test_detection_honours_the_timeout_header(client, dog):

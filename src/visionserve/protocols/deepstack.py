@@ -154,14 +154,21 @@ async def _detect(request: Request, model: str | None, command: str) -> Response
         deadline = service.deadline(header_timeout_ms(request), received_at(request))
         form = await _read_form(request)
         try:
-            check_api_key(form.get("api_key", request.query_params.get("api_key")), settings)
-            upload = form.get("image")
+            # Fields as Go's FormValue (DeepStack's) reads them: the form's first, else the
+            # query's; an empty form field (Frigate sends api_key="" when it has none) counts
+            # as absent.
+            query = request.query_params
+            check_api_key(form.get("api_key") or query.get("api_key"), settings)
+            uploads = form.getlist("image")
+            upload = uploads[0] if uploads else None
             if not isinstance(upload, UploadFile):
                 raise MissingImage("No valid image file found")
             data = await upload.read()
             if not data:
                 raise MissingImage("No valid image file found")
-            min_confidence = parse_min_confidence(form.get("min_confidence"), settings.min_confidence)
+            confidence = form.get("min_confidence")
+            confidence = confidence if isinstance(confidence, str) and confidence.strip() else query.get("min_confidence")
+            min_confidence = parse_min_confidence(confidence, settings.min_confidence)
         finally:
             await form.close()
         params = PredictParams(min_confidence=min_confidence, max_detections=settings.max_detections)
@@ -188,7 +195,7 @@ async def detection(request: Request) -> Response:
 async def custom_list(request: Request) -> dict[str, Any]:
     form = await _read_form(request)
     try:
-        check_api_key(form.get("api_key", request.query_params.get("api_key")), request.app.state.settings.deepstack)
+        check_api_key(form.get("api_key") or request.query_params.get("api_key"), request.app.state.settings.deepstack)
     finally:
         await form.close()
     names = request.app.state.registry.serving()  # those a detection can be sent to now
