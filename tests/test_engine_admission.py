@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import struct
@@ -299,8 +300,6 @@ def test_a_v2_batch_whose_client_disconnects_is_dropped_without_an_error_in_the_
 
 
 def _v2_body(image_bytes: bytes, **parameters: object) -> dict:
-    import base64
-
     return {
         "parameters": parameters,
         "inputs": [{
@@ -316,6 +315,22 @@ def test_v2_timeout_parameter_is_a_deadline(client, images):
     assert late.status_code == 504, late.text
     ok = client.post("/v2/models/yolox-nano/infer", json=_v2_body(body, timeout=60_000_000))
     assert ok.status_code == 200, ok.text
+
+
+def test_a_v2_batch_past_its_deadline_is_one_504_and_counted_once(client, images):
+    # Its images are jobs of their own, and each used to count.
+    encoded = base64.b64encode((images / "dog.jpg").read_bytes()).decode()
+    batch = {"parameters": {"timeout": 1}, "inputs": [{
+        "name": "IMAGE", "datatype": "BYTES", "shape": [3, 1], "parameters": {"content_type": "base64"},
+        "data": [encoded] * 3}]}
+
+    def counted() -> float:
+        text = client.get("/metrics").text
+        return sum(metric(text, "visionserve_deadline_exceeded_total", stage=s) for s in DEADLINE_STAGES)
+
+    before = counted()
+    assert client.post("/v2/models/yolox-nano/infer", json=batch).status_code == 504
+    assert counted() == before + 1
 
 
 def test_default_capacity_is_the_workers_and_one_queued_per_two(server_factory, images):

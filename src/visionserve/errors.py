@@ -89,6 +89,14 @@ class Unhealthy(VisionServeError):
 class DeadlineExceeded(VisionServeError):
     code, status = "deadline_exceeded", 504
 
+    def __init__(
+        self, message: str, *, stage: str = "worker", headers: dict[str, str] | None = None, detail: str | None = None
+    ) -> None:
+        """``stage``: where the request was when its deadline passed (the metrics' label);
+        the worker's by default, as an error made in an inference process comes back with it."""
+        super().__init__(message, headers=headers, detail=detail)
+        self.stage = stage
+
 
 class ModelError(VisionServeError):
     """A model file, manifest or catalog entry is unusable."""

@@ -378,8 +378,7 @@ class Scheduler:
         if deadline is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                self.metrics.deadline_exceeded.labels("admission").inc()
-                raise DeadlineExceeded("the request's deadline passed before it could be queued")
+                raise DeadlineExceeded("the request's deadline passed before it could be queued", stage="admission")
             job.timer = loop.call_later(remaining, self._expire, job)
         self._queue.append(job)
         self._dispatch()
@@ -507,10 +506,6 @@ class Scheduler:
             if job.timer is not None:
                 job.timer.cancel()
             if job.future is not None and not job.future.done():
-                # Counted once per answer: a job dropped for its deadline (_expire) or its
-                # client (_drop) was counted there, and the worker's skip is no new one.
-                if isinstance(outcome.error, DeadlineExceeded) and not job.cancelled:
-                    self.metrics.deadline_exceeded.labels("worker").inc()
                 job.future.set_result(outcome)
         self._dispatch()
 
@@ -526,8 +521,7 @@ class Scheduler:
         else:
             self._queue.remove(job)
             stage, message = "queue", "the request's deadline passed while it waited; it was dropped before inference"
-        self.metrics.deadline_exceeded.labels(stage).inc()
-        job.future.set_result(Outcome(error=DeadlineExceeded(message)))
+        job.future.set_result(Outcome(error=DeadlineExceeded(message, stage=stage)))
         self._dispatch()
 
     def _drop(self, job: Job) -> None:

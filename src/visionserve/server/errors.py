@@ -11,7 +11,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.routing import Match
 
-from visionserve.errors import ClientDisconnected, VisionServeError
+from visionserve.errors import ClientDisconnected, DeadlineExceeded, VisionServeError
 from visionserve.protocols import ErrorRenderer
 
 _HTTP_CODES = {
@@ -51,6 +51,11 @@ def allowed_methods(app: FastAPI, request: Request) -> str:
 def install_error_handlers(app: FastAPI, renderer_for: Callable[[str], ErrorRenderer]) -> None:
     async def service_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, VisionServeError)
+        if isinstance(exc, DeadlineExceeded):
+            # Counted here, once per answer: a request of several images is several jobs.
+            metrics = getattr(request.app.state, "metrics", None)
+            if metrics is not None:
+                metrics.child(metrics.deadline_exceeded, exc.stage).inc()
         return renderer_for(request.url.path)(exc.status, exc.code, exc.message, exc.headers)
 
     async def http_error(request: Request, exc: Exception) -> Response:
