@@ -49,6 +49,23 @@ def test_metrics_count_requests_by_route_and_status_and_time_each_stage(client, 
     assert "visionserve_rejected_requests_total" in text and "visionserve_deadline_exceeded_total" in text
 
 
+def test_starlette_routes_are_counted_under_their_own_path_not_as_unmatched(client):
+    # /metrics and /openapi.json are Starlette routes, which do not name themselves in the
+    # request's scope: they were counted with the 404s, as "unmatched".
+    before = client.get("/metrics").text
+    client.get("/openapi.json")
+    assert client.get("/no-such-page").status_code == 404
+    text = client.get("/metrics").text
+
+    def added(**labels: str) -> float:
+        return metric(text, "visionserve_http_requests_total", **labels) - metric(before, "visionserve_http_requests_total", **labels)
+
+    assert added(route="/metrics", method="GET", status="200") == 1  # the first scrape
+    assert added(route="/openapi.json", method="GET", status="200") == 1
+    assert added(route="unmatched", method="GET", status="200") == 0
+    assert added(route="unmatched", method="GET", status="404") == 1
+
+
 def test_a_kept_series_is_the_one_its_labels_name_and_metrics_do_not_share_them():
     from visionserve.metrics import Metrics
 

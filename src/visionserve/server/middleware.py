@@ -27,6 +27,20 @@ def safe_request_id(incoming: str) -> str:
     return incoming if _VALID_ID.fullmatch(incoming) else uuid.uuid4().hex
 
 
+def route_label(scope: Scope) -> str:
+    """The template of the route that served the request (not the raw path, which would make
+    the metrics' label set unbounded), or "unmatched". FastAPI's routes put themselves in the
+    scope; Starlette's (``/metrics``, ``/openapi.json``) only their endpoint, looked up here."""
+    route = scope.get("route")
+    if route is not None:
+        return getattr(route, "path", None) or "unmatched"
+    endpoint = scope.get("endpoint")
+    app = scope.get("app")
+    if endpoint is None or app is None:
+        return "unmatched"
+    return next((r.path for r in app.routes if getattr(r, "endpoint", None) is endpoint), "unmatched")
+
+
 class RequestContextMiddleware:
     """Outermost layer: assigns ``X-Request-ID``, logs one line per request, and turns any
     unhandled exception into the protocol's JSON 500."""
@@ -86,9 +100,7 @@ class RequestContextMiddleware:
         finally:
             seconds = time.perf_counter() - start
             if self.metrics is not None:
-                # The route template (not the raw path) keeps the label set bounded.
-                route = getattr(scope.get("route"), "path", None) or "unmatched"
-                self.metrics.observe_request(route, scope["method"], status, seconds)
+                self.metrics.observe_request(route_label(scope), scope["method"], status, seconds)
             if self.access:
                 ms = seconds * 1e3
                 client = scope.get("client")
