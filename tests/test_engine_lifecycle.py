@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -11,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from engine_helpers import connect, metric, post_image, read_until_closed
+from engine_helpers import children, connect, metric, post_image, read_until_closed, wait_in_flight
 from visionserve.config import Settings
 from visionserve.errors import ModelNotReady
 from visionserve.runtime.model import ServedModel
@@ -112,3 +113,34 @@ def test_a_second_sigterm_stops_at_once_and_the_request_cut_short_gets_a_json_an
     assert srv.process.wait(15) == 0
     out = srv.output()
     assert "second SIGTERM: stopping without waiting" in out and "Traceback" not in out
+
+
+def test_a_drain_held_by_a_stuck_inference_process_ends_drain_timeout_s_after_sigterm(server_factory, images):
+    """The drain's limit once counted twice (uvicorn's graceful shutdown got it again) and
+    closing the inference processes added 5 s: 2 x drain_timeout_s + 5 s in all, past a
+    Kubernetes grace period of drain_timeout_s + a little."""
+    drain_s = 3
+    srv = server_factory(env={
+        "VISIONSERVE_RUNTIME__WORKER_MODE": "processes", "VISIONSERVE_QUEUE__DRAIN_TIMEOUT_S": str(drain_s),
+    })
+    (child,) = children(srv.process.pid)
+    os.kill(child, signal.SIGSTOP)  # a job will never finish
+    answers: list[httpx.Response] = []
+    try:
+        sender = threading.Thread(target=lambda: answers.append(post_image(srv.url, images / "dog.jpg")))
+        sender.start()
+        wait_in_flight(srv.url, 1)
+        start = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.process.wait(30) == 0
+        took = time.monotonic() - start
+        sender.join(10)
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    # The drain's 3 s, then at most 1 s for answers under way and 2 s for the processes.
+    assert drain_s <= took < drain_s + 3.5, took
+    assert answers and answers[0].status_code == 503, answers
+    assert answers[0].json()["error"]["message"] == "the server stopped before answering"

@@ -148,7 +148,9 @@ class QueueSettings(BaseModel):
         description="deadline for requests that set none; past it a request is dropped and answered 504",
     )
     drain_timeout_s: float = Field(
-        default=30.0, ge=0, description="on SIGTERM, how long in-flight requests may take to finish"
+        default=30.0, ge=0,
+        description="on SIGTERM, how long in-flight requests may take to finish; those still running then get "
+        "503, and the process exits within about 3 s more (set a Kubernetes grace period above the sum)",
     )
 
 

@@ -82,7 +82,9 @@ def serve(app, sock: socket.socket, drain_timeout_s: float) -> bool:  # type: ig
         log_config=None,
         access_log=False,
         timeout_keep_alive=settings.limits.keep_alive_s,  # type: ignore[arg-type]  # a float works
-        timeout_graceful_shutdown=max(1, int(drain_timeout_s)),
+        # The drain (on_tick) has had its drain_timeout_s already: then uvicorn only lets the
+        # answers under way finish writing, and cancels what is left (their 503s).
+        timeout_graceful_shutdown=1,
         server_header=False,
     )
     server = DrainingServer(config, app.state.scheduler, drain_timeout_s)
