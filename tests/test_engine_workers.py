@@ -188,6 +188,32 @@ def test_a_killed_inference_process_starts_again_with_its_models(server_factory,
     assert "Traceback" not in out
 
 
+def test_while_the_only_inference_process_loads_its_models_again_requests_get_503_at_once(server_factory, images):
+    """Jobs were written to the restarted process's pipe, behind the loading of its models,
+    and waited for as long as that took: forever, for a process stopped while loading."""
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"})
+    (first,) = children(srv.process.pid)
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not (kids := [k for k in children(srv.process.pid) if k != first]):
+        assert time.monotonic() < deadline, "no inference process started again"
+        time.sleep(0.002)
+    (second,) = kids
+    os.kill(second, signal.SIGSTOP)  # while it loads the model (it takes most of a second)
+    try:
+        with httpx.Client(timeout=10) as c:
+            r = c.post(srv.url + "/predict", files={"image": ("dog.jpg", (images / "dog.jpg").read_bytes())})
+        assert r.status_code == 503 and "retry-after" in r.headers, r.text
+        assert "starting again" in r.json()["error"]["message"]
+    finally:
+        os.kill(second, signal.SIGCONT)
+    deadline = time.monotonic() + 30
+    while httpx.get(srv.url + "/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "not ready again within 30 s"
+        time.sleep(0.05)
+    assert post_image(srv.url, images / "dog.jpg").status_code == 200
+
+
 def test_a_model_whose_load_the_lost_process_took_down_loads_again(server_factory, images):
     """Killed as the server starts: whether the model's load was under way in it, sent to it
     dead, or sent after it was back, the server becomes ready (the pool-level test below

@@ -40,7 +40,7 @@ from visionserve.metrics import Metrics
 from visionserve.runtime.execute import Job, Outcome, execute_jobs
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.cpus import cpu_count, cpu_policy_in_force
-from visionserve.runtime.workers import WorkerPool, unpack_image
+from visionserve.runtime.workers import WorkerLost, WorkerPool, unpack_image
 from visionserve.types import DecodedImage, Detections, Thresholds
 
 T = TypeVar("T")
@@ -461,7 +461,13 @@ class Scheduler:
         else:
             # Not to a worker whose process is starting again: a job sent there fails at once,
             # which would free that worker first and draw every job to it.
-            ready = [i for i in range(self.workers) if pool.up(i)] or range(self.workers)
+            ready = [i for i in range(self.workers) if pool.up(i)]
+            if not ready:
+                # Every process is starting again: a job written to one now would wait behind
+                # the loading of its models, however long that takes. Answered now (503).
+                error = WorkerLost(f"the inference workers are starting again ({pool.broken or 'their process exited'})")
+                asyncio.get_running_loop().call_soon(self._complete, jobs, slots, [Outcome(error=error) for _ in jobs])
+                return
             index = min(ready, key=self._load.__getitem__)
         self._load[index] += 1
         for j in jobs:

@@ -296,18 +296,24 @@ class WorkerPool:
 
     def _watch(self) -> None:
         """Stops an inference process whose worker has spent longer than worker_timeout_s on
-        one job (stuck in a native library, say): its pipes' end starts it again."""
-        timeout = self.runtime.worker_timeout_s
+        one job (stuck in a native library, say), or longer than LOAD_TIMEOUT_S loading its
+        models again after a restart (a load takes longer than a job, and one asked by a
+        client has that limit already): its pipes' end starts it again."""
         now = time.monotonic()
         for w in self._workers:
             host = w.host
-            if not w.alive or host.down or host.hung is not None or not w.pending or not w.pending[0][1]:
+            if not w.alive or host.down or host.hung is not None or not w.pending:
                 continue
+            job = w.pending[0][1]
+            if not job and w.ready:
+                continue  # a load by a client, not the restart's
+            timeout = self.runtime.worker_timeout_s if job else LOAD_TIMEOUT_S
             if now - w.head_since > timeout and host.process is not None:
                 host.hung = w.index
                 log.error(
-                    "inference worker %d has spent %.0f s on one job (runtime.worker_timeout_s = %g): stopping "
-                    "its process %d, which starts again", w.index, now - w.head_since, timeout, host.process.pid,
+                    "inference worker %d has spent %.0f s on %s (limit %g s): stopping its process %d, which "
+                    "starts again", w.index, now - w.head_since, "one job" if job else "loading its models again",
+                    timeout, host.process.pid,
                 )
                 host.process.kill()
         assert self._loop is not None
