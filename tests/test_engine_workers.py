@@ -23,7 +23,7 @@ from visionserve.store.manifest import ModelManifest
 from visionserve.store.store import ModelStore
 from visionserve.types import Thresholds
 
-from engine_helpers import children, concurrent_posts, mapped_libraries, metric, post_image, thread_policies
+from engine_helpers import children, concurrent_posts, copy_model, mapped_libraries, metric, post_image, thread_policies
 
 
 def alive(pid: int) -> bool:
@@ -212,6 +212,38 @@ def test_while_the_only_inference_process_loads_its_models_again_requests_get_50
         assert time.monotonic() < deadline, "not ready again within 30 s"
         time.sleep(0.05)
     assert post_image(srv.url, images / "dog.jpg").status_code == 200
+
+
+def test_a_model_a_restarted_process_cannot_load_again_fails_alone(server_factory, images, model_dir, tmp_path):
+    """Its process was killed and started again, in a loop, and every model got 503 while
+    /status said them all ready; now the others serve on and it is marked failed."""
+    store = tmp_path / "store"
+    store.mkdir()
+    copy_model(store, model_dir / "yolox-nano", "yolox-nano")
+    spare = copy_model(store, model_dir / "yolox-nano", "spare")
+    srv = server_factory(env={
+        "VISIONSERVE_RUNTIME__WORKER_MODE": "processes", "VISIONSERVE_MODEL_DIR": str(store),
+        "VISIONSERVE_MODELS": '[{"name": "yolox-nano"}, {"name": "spare"}]',
+    })
+    assert post_image(srv.url, images / "dog.jpg", path="/predict/spare").status_code == 200
+    (first,) = children(srv.process.pid)
+    for onnx in spare.glob("*.onnx"):
+        onnx.rename(onnx.with_suffix(".gone"))
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while (status := httpx.get(srv.url + "/status").json())["workers"]["down"] is not None or first in status[
+        "workers"]["processes"]:
+        assert time.monotonic() < deadline, f"not back within 30 s:\n{srv.output()}"
+        time.sleep(0.05)
+    models = {m["name"]: m for m in status["models"]}
+    assert models["yolox-nano"]["state"] == "ready" and models["spare"]["state"] == "failed", models
+    assert status["status"] == "degraded" and status["workers"]["restarts"] == 1
+    assert answer(post_image(srv.url, images / "dog.jpg"))  # the default model serves on
+    lost = post_image(srv.url, images / "dog.jpg", path="/predict/spare")
+    assert lost.status_code == 503 and "lost when its inference process started again" in lost.text, lost.text
+    time.sleep(1.5)  # no restart loop
+    assert children(srv.process.pid) == status["workers"]["processes"]
+    assert srv.stop(signal.SIGTERM) == 0
 
 
 def test_a_model_whose_load_the_lost_process_took_down_loads_again(server_factory, images):

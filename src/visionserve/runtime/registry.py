@@ -92,6 +92,8 @@ class ModelRegistry:
         self._models: dict[str, ServedModel] = {}
         self._failures: dict[str, str] = {}  # models whose manifest could not be resolved
         self._lock = threading.Lock()
+        if workers is not None:
+            workers.on_model_lost = self._lost_in_restart
         # One load or unload at a time: a load and an unload of one model that overlap would
         # otherwise leave it reported ready where it is gone, or loaded after an unload said 200.
         self._changing = threading.Lock()
@@ -210,6 +212,14 @@ class ModelRegistry:
             elif current is None:  # failed before it was a model (its manifest, its download)
                 self._failures[name] = reason
         return ModelLoadFailed(f"model {name!r} failed to load: {reason}")
+
+    def _lost_in_restart(self, name: str, reason: str) -> None:
+        """A restarted inference process could not load ``name`` again: it serves no more
+        (its requests get 503 with the reason) until a client loads it again."""
+        with self._lock:
+            model = self._models.get(name)
+            if model is not None and model.state is ModelState.READY:
+                model.state, model.error = ModelState.FAILED, f"lost when its inference process started again: {reason}"
 
     def load_configured(self) -> None:
         """Loads every configured model; a failing one is logged (by load) and stays failed."""

@@ -189,6 +189,9 @@ class WorkerPool:
         self.broken: str | None = None  # why some worker cannot take jobs now (None: all can)
         self.restarts = 0  # inference processes started again after they exited
         self.on_restart: Callable[[], None] = lambda: None  # told of each (the server counts them)
+        # Told of a model a restarted process could not load again (its name, why): the others
+        # serve on, and the registry marks that one failed until a client loads it again.
+        self.on_model_lost: Callable[[str, str], None] = lambda name, why: None
         self._healthy = threading.Event()  # clear from a lost process until it is back with its models
         self._healthy.set()
         # The models every worker holds, in the order they were loaded: a restarted process
@@ -442,15 +445,19 @@ class WorkerPool:
         waiting = len(loads) * len(workers)
         process = host.process
 
-        def loaded(reply: Reply) -> None:
+        def loaded(name: str, reply: Reply) -> None:
             nonlocal waiting
             if host.process is not process or host.down:
                 return  # that process is gone already
             status, value = reply
             if status != "ok":
-                log.error("inference process %d could not load its models again: %s", process.pid, value)
-                process.kill()  # its pipes' end-of-file starts it again, after a delay
-                return
+                if isinstance(value, (WorkerExited, WorkerLost)):
+                    return  # the process went while loading: it starts again anyway
+                # That model only (its file gone or changed, say): the others serve on.
+                why = getattr(value, "message", None) or str(value)
+                log.error("inference process %d could not load model %s again: %s", process.pid, name, why)
+                if self._loaded.pop(name, None) is not None:
+                    self.on_model_lost(name, why)
             waiting -= 1
             if waiting == 0:
                 for w in workers:
@@ -459,7 +466,7 @@ class WorkerPool:
 
         for w in workers:
             for manifest, max_batch_size in loads:
-                self._send(w, ("load", manifest, max_batch_size), loaded)
+                self._send(w, ("load", manifest, max_batch_size), partial(loaded, manifest.name))
 
     def _healed(self, host: _Host) -> None:
         assert host.process is not None
