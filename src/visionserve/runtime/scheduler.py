@@ -249,7 +249,6 @@ class Scheduler:
             return
         place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._rejoining.append(place)
-        handed = False
         try:
             async with asyncio.timeout(self.settings.upload_hold_ms / 1e3):
                 await place
@@ -258,10 +257,11 @@ class Scheduler:
         finally:
             handed = place.done() and not place.cancelled()
             if not handed:
-                place.cancel()  # _hand_over passes it by
+                place.cancel()  # _leave passes it by
                 ticket._released = True  # it holds no place
         if not handed:
             raise self._refusal()
+
     def receive_more(self, ticket: Ticket, size: int) -> None:
         """Counts ``size`` more body bytes of ``ticket``. A slow upload whose bytes take the
         slow uploads together past ``slow_upload_bytes`` is refused (``Overloaded``, and the
