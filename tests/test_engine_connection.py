@@ -5,6 +5,7 @@ before its request's body arrived."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Iterator
 
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ServerProcess, start_server
 from engine_helpers import connect, multipart_upload, read_response, read_responses, read_until_closed
@@ -495,3 +498,25 @@ def read_answers(data: bytes) -> list[bytes]:
         data = rest[length:]
     return answers
 
+
+
+def test_a_head_over_the_limit_pipelined_behind_a_request_still_running_gets_its_431_after_its_answer(srv):
+    # A 36-megapixel PNG of 105 kB: its decode keeps the request running for a few hundred
+    # ms, long after the oversized head that follows it has begun a read of its own.
+    png = io.BytesIO()
+    Image.fromarray(np.zeros((6000, 6000, 3), np.uint8)).save(png, format="PNG")
+    first = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+             f"Content-Length: {len(png.getvalue())}\r\n\r\n").encode() + png.getvalue()
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+    with connect(srv.url) as s:
+        s.sendall(first)
+        time.sleep(0.1)  # read in full, and decoding
+        s.sendall(big)
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None, "still open"
+    detections, refusal = read_answers(answer)  # uvicorn's immediate close lost the first
+    assert _split(detections)[0].startswith(b"http/1.1 200 "), detections[:300]
+    assert json.loads(_split(detections)[1])["image"] == {"width": 6000, "height": 6000}
+    head, body = _split(refusal)
+    assert head.startswith(b"http/1.1 431 ") and b"connection: close" in head, refusal[:300]
+    assert json.loads(body)["error"]["code"] == "header_too_large"

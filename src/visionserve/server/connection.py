@@ -212,10 +212,16 @@ class HeaderLimit:
                 self._in_head = False
                 log.debug("request headers over %d bytes: connection closed with 431", self.max_header_bytes)
                 error = HeaderTooLarge(f"the request's headers exceed the limit of {self.max_header_bytes} bytes")
-                transport.write(self._closing_answer(error))  # type: ignore[attr-defined]
-                # The client is likely still sending its head: read on and drop it, so
-                # that the answer is not lost to a reset (LingeringClose), where there is one.
-                getattr(self, "close_lingering", transport.close)()
+                answer = self._closing_answer(error)  # type: ignore[attr-defined]
+                # The client is likely still sending its head: read on and drop it, so that
+                # the answer is not lost to a reset (LingeringClose), and after the answers to
+                # requests pipelined before it (refusal.py), where there are both.
+                closer = getattr(self, "close_after_answers", None)
+                if closer is not None:
+                    closer(answer, lingering=True)
+                else:
+                    transport.write(answer)
+                    getattr(self, "close_lingering", transport.close)()
                 return
         if len(fed) < len(data):
             self.data_received(data[len(fed):])

@@ -296,19 +296,21 @@ def refusing_protocol(
                 return
             self.close_after_answers(self._closing_answer(error))
 
-        _closing: bytes | None = None  # the answer that closes the connection, once those before it are out
+        # The answer that closes the connection, once those before it are out, and whether to
+        # read on (and drop) what the client still sends before closing (LingeringClose).
+        _closing: tuple[bytes, bool] | None = None
 
-        def close_after_answers(self, answer: bytes) -> None:
+        def close_after_answers(self, answer: bytes, lingering: bool = False) -> None:
             """Writes ``answer`` and closes the connection once the requests read in full before
             the one it answers have their answers. uvicorn closed at once, and those answers
             were lost."""
             if self._unanswered_before_failure():
                 if self._closing is None:
-                    self._closing = answer
+                    self._closing = (answer, lingering)
                 self.flow.pause_reading()  # the request cannot be read on: read nothing more
                 return
             self.transport.write(answer)
-            self.transport.close()
+            self.close_lingering() if lingering else self.transport.close()
 
         def _unanswered_before_failure(self) -> bool:
             """Whether requests read before the one that failed still await their answers.
@@ -336,9 +338,10 @@ def refusing_protocol(
             if started_next:  # its answer comes first
                 self.flow.pause_reading()
                 return
+            answer, lingering = self._closing
             self._unset_keepalive_if_required()
-            self.transport.write(self._closing)
-            self.transport.close()
+            self.transport.write(answer)
+            self.close_lingering() if lingering else self.transport.close()
 
     class RefusingHttpToolsProtocol(HeaderLimit, EarlyRefusal):  # type: ignore[misc]
         """HeaderLimit comes first: it must see every request begin and end, and a refused
