@@ -144,3 +144,37 @@ def test_a_drain_held_by_a_stuck_inference_process_ends_drain_timeout_s_after_si
     assert drain_s <= took < drain_s + 3.5, took
     assert answers and answers[0].status_code == 503, answers
     assert answers[0].json()["error"]["message"] == "the server stopped before answering"
+
+
+
+def test_sigterm_while_the_model_loads_exits_0_at_once(server_factory):
+    srv = server_factory(wait_ready=False)
+    ready = httpx.get(srv.url + "/readyz")
+    if ready.status_code == 200:
+        pytest.skip("the model loaded before the signal could be sent")
+    srv.process.send_signal(signal.SIGTERM)
+    assert srv.process.wait(15) == 0
+    assert "Traceback" not in srv.output()
+
+
+def test_sigterm_while_an_inference_process_loads_the_model_exits_0_at_once(server_factory):
+    """The load waited for an answer the stopped inference process never gave: the exit
+    came LOAD_TIMEOUT_S (300 s) later, with a traceback. The process is stopped as soon as
+    the server listens, so that the load is under way, unanswered, when the signal comes."""
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__WORKER_MODE": "processes"}, wait_ready=False)
+    (child,) = children(srv.process.pid)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        time.sleep(0.3)
+        ready = httpx.get(srv.url + "/readyz")
+        if ready.status_code == 200:
+            pytest.skip("the model loaded before its process could be stopped")
+        assert "still loading" in ready.text, ready.text
+        srv.process.send_signal(signal.SIGTERM)
+        assert srv.process.wait(15) == 0
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert "Traceback" not in srv.output()

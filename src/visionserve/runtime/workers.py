@@ -592,6 +592,16 @@ class WorkerPool:
                     pass
             w.alive = False
             w.jobs.close()  # end-of-file: the worker's loop returns
+            # No reply will come: answer what waits for one, or a model load under way (the
+            # loader thread waits up to LOAD_TIMEOUT_S) would hold the exit until then.
+            with w.lock:
+                waiting = [callback for callback, _ in w.pending]
+                w.pending.clear()
+            for callback in waiting:
+                try:
+                    callback(("error", ModelError("the server is stopping")))
+                except Exception:
+                    log.debug("answering a request of inference worker %d at close failed", w.index, exc_info=True)
         deadline = time.monotonic() + timeout  # one wait for them all, not one each
         for host in self._hosts:
             if host.process is None:
