@@ -500,13 +500,33 @@ def read_answers(data: bytes) -> list[bytes]:
 
 
 
-def test_a_head_over_the_limit_pipelined_behind_a_request_still_running_gets_its_431_after_its_answer(srv):
-    # A 36-megapixel PNG of 105 kB: its decode keeps the request running for a few hundred
-    # ms, long after the oversized head that follows it has begun a read of its own.
+def slow_upload() -> bytes:
+    """A detection request that stays running for a few hundred ms after it is read: a
+    36-megapixel PNG of 105 kB, slow to decode."""
     png = io.BytesIO()
     Image.fromarray(np.zeros((6000, 6000, 3), np.uint8)).save(png, format="PNG")
-    first = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-             f"Content-Length: {len(png.getvalue())}\r\n\r\n").encode() + png.getvalue()
+    return (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            f"Content-Length: {len(png.getvalue())}\r\n\r\n").encode() + png.getvalue()
+
+
+def test_bytes_after_an_unreadable_pipelined_request_do_not_cut_the_answer_before_it(srv):
+    # The parser fails again on each read after its first failure: the 400 waits all the same.
+    broken = b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    with connect(srv.url) as s:
+        s.sendall(slow_upload() + broken)
+        time.sleep(0.15)
+        s.sendall(b"0\r\n\r\n")
+        answer = read_until_closed(s, CLOSED_WITHIN_S)
+    assert answer is not None, "still open"
+    detections, refusal = read_answers(answer)
+    assert _split(detections)[0].startswith(b"http/1.1 200 "), detections[:300]
+    assert _split(refusal)[0].startswith(b"http/1.1 400 "), refusal[:300]
+
+
+def test_a_head_over_the_limit_pipelined_behind_a_request_still_running_gets_its_431_after_its_answer(srv):
+    # The slow upload keeps running long after the oversized head that follows it has begun
+    # a read of its own.
+    first = slow_upload()
     big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
     with connect(srv.url) as s:
         s.sendall(first)

@@ -304,9 +304,11 @@ def refusing_protocol(
             """Writes ``answer`` and closes the connection once the requests read in full before
             the one it answers have their answers. uvicorn closed at once, and those answers
             were lost."""
+            if self._closing is not None:  # deferred already: the parser fails on what follows
+                self.flow.pause_reading()
+                return
             if self._unanswered_before_failure():
-                if self._closing is None:
-                    self._closing = (answer, lingering)
+                self._closing = (answer, lingering)
                 self.flow.pause_reading()  # the request cannot be read on: read nothing more
                 return
             self.transport.write(answer)
