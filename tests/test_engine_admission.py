@@ -481,6 +481,32 @@ def test_a_complete_slow_upload_gets_the_next_place_freed_before_any_new_request
         scheduler.shutdown()
 
 
+def test_a_complete_slow_upload_waiting_gets_the_place_of_an_upload_that_went_slow_meanwhile():
+    queue = QueueSettings(max_queue=0, upload_hold_ms=5000)
+    scheduler = Scheduler(RuntimeSettings(inference_workers=1, worker_mode="threads"), queue)
+
+    async def scenario() -> None:
+        (slow,) = uploads_under_way(scheduler, 1)
+        slow.receiving_since -= 10
+        (holder,) = uploads_under_way(scheduler, 1)  # takes the place the slow upload gives up
+        rejoining = asyncio.ensure_future(scheduler.received(slow))
+        await asyncio.sleep(0.01)
+        assert not rejoining.done()
+        holder.receiving_since -= 10  # now a slow upload itself
+        with pytest.raises(Overloaded):  # a newcomer: the holder gives its place, to the one waiting
+            scheduler.admit()
+        await asyncio.wait_for(rejoining, 1)
+        assert holder.aside and not slow.aside and scheduler.admitted == 1
+        slow.release()
+        holder.release()
+        assert scheduler.idle
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        scheduler.shutdown()
+
+
 def test_a_complete_slow_upload_that_waits_in_vain_is_refused_and_holds_nothing():
     queue = QueueSettings(max_queue=0, upload_hold_ms=50)
     scheduler = Scheduler(RuntimeSettings(inference_workers=1, worker_mode="threads"), queue)
@@ -491,6 +517,7 @@ def test_a_complete_slow_upload_that_waits_in_vain_is_refused_and_holds_nothing(
         newer = scheduler.admit()
         with pytest.raises(Overloaded):
             await scheduler.received(slow)  # no place frees within the hold
+        assert not scheduler._rejoining  # nor does anyone wait behind it now
         slow.release()  # holds nothing
         assert scheduler.admitted == 1
         newer.release()

@@ -181,8 +181,12 @@ class Scheduler:
         if self.draining:
             self.metrics.child(self.metrics.rejected, "draining").inc()
             raise Overloaded("the server is shutting down")
-        if self._rejoining or (self.admitted >= self.capacity and not self._free_places_of_slow_uploads()):
-            raise self._refusal()  # (complete slow uploads waiting for a place come first)
+        if self._rejoining:  # complete slow uploads waiting for a place come first
+            if self._free_places_of_slow_uploads():
+                self._hand_over()
+            raise self._refusal()
+        if self.admitted >= self.capacity and not self._free_places_of_slow_uploads():
+            raise self._refusal()
         self.admitted += 1
         return self._widen(Ticket(self), images)
 
@@ -205,14 +209,18 @@ class Scheduler:
             self._uncharge(ticket)
         else:
             self.admitted -= ticket.places
-            while self._rejoining and self.admitted < self.capacity:
-                place = self._rejoining.popleft()
-                if not place.done():
-                    self.admitted += 1
-                    place.set_result(None)
+            self._hand_over()
         if ticket.receiving_since is not None:
             ticket.receiving_since = None
             self._receiving.pop(ticket, None)
+
+    def _hand_over(self) -> None:
+        """Free places go to the complete slow uploads waiting for one, first come first."""
+        while self._rejoining and self.admitted < self.capacity:
+            place = self._rejoining.popleft()
+            if not place.done():
+                self.admitted += 1
+                place.set_result(None)
 
     # -- uploads that arrive slowly ----------------------------------------------------
     # A request is admitted from its headers on, so that refusing costs nothing. But then
@@ -244,11 +252,13 @@ class Scheduler:
         self._uncharge(ticket)
         ticket.places = 1
         # Admitted before any drain began: it may finish like the others in progress.
-        if self.admitted < self.capacity or self._free_places_of_slow_uploads():
+        if not self._rejoining and (self.admitted < self.capacity or self._free_places_of_slow_uploads()):
             self.admitted += 1
             return
         place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._rejoining.append(place)
+        self._rejoining.append(place)  # behind those waiting already
+        if self._free_places_of_slow_uploads():
+            self._hand_over()
         try:
             async with asyncio.timeout(self.settings.upload_hold_ms / 1e3):
                 await place
@@ -257,7 +267,9 @@ class Scheduler:
         finally:
             handed = place.done() and not place.cancelled()
             if not handed:
-                place.cancel()  # _leave passes it by
+                place.cancel()
+                if place in self._rejoining:  # else new requests would wait behind it
+                    self._rejoining.remove(place)
                 ticket._released = True  # it holds no place
         if not handed:
             raise self._refusal()
