@@ -178,3 +178,20 @@ def test_sigterm_while_an_inference_process_loads_the_model_exits_0_at_once(serv
         except ProcessLookupError:
             pass
     assert "Traceback" not in srv.output()
+
+
+def test_after_the_drain_other_requests_in_progress_get_what_is_left_of_drain_timeout_s(server_factory):
+    """The drain waits for detection requests only; uvicorn then waits for the others. Cut
+    after 1 s, a repository load whose body was still coming got 503 under a 30 s drain."""
+    srv = server_factory()
+    body = b'{"parameters": {}}'
+    with connect(srv.url, timeout=15) as s:
+        s.sendall(b"POST /v2/repository/models/yolox-nano/load HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+        time.sleep(0.3)
+        srv.process.send_signal(signal.SIGTERM)
+        time.sleep(2.5)
+        s.sendall(body[5:])
+        answer = read_until_closed(s, 15)
+    assert answer is not None and answer.startswith(b"HTTP/1.1 200 "), answer
+    assert srv.process.wait(15) == 0

@@ -149,8 +149,9 @@ class QueueSettings(BaseModel):
     )
     drain_timeout_s: float = Field(
         default=30.0, ge=0,
-        description="on SIGTERM, how long in-flight requests may take to finish; those still running then get "
-        "503, and the process exits within about 3 s more (set a Kubernetes grace period above the sum)",
+        description="on SIGTERM, how long in-flight requests may take to finish, all of them together; those "
+        "still running then get 503, and the process exits within about 3 s more (set a Kubernetes grace "
+        "period above the sum)",
     )
 
 

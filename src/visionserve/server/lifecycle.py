@@ -9,6 +9,7 @@ at once.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import socket
 import time
@@ -57,6 +58,9 @@ class DrainingServer(uvicorn.Server):
             if self.scheduler.idle or waited >= self.drain_timeout_s:
                 if not self.scheduler.idle:
                     log.warning("drain timeout: %d requests still in progress", self.scheduler.in_progress)
+                # The detection requests are done (or out of time): the others (repository
+                # calls, say) get what is left of the drain, at least 1 s, then their 503.
+                self.config.timeout_graceful_shutdown = max(1, math.ceil(self.drain_timeout_s - waited))
                 self.should_exit = True
         return await super().on_tick(counter)
 
@@ -82,9 +86,8 @@ def serve(app, sock: socket.socket, drain_timeout_s: float) -> bool:  # type: ig
         log_config=None,
         access_log=False,
         timeout_keep_alive=settings.limits.keep_alive_s,  # type: ignore[arg-type]  # a float works
-        # The drain (on_tick) has had its drain_timeout_s already: then uvicorn only lets the
-        # answers under way finish writing, and cancels what is left (their 503s).
-        timeout_graceful_shutdown=1,
+        # Set again when the drain ends (on_tick): what is left of drain_timeout_s.
+        timeout_graceful_shutdown=max(1, int(drain_timeout_s)),
         server_header=False,
     )
     server = DrainingServer(config, app.state.scheduler, drain_timeout_s)
