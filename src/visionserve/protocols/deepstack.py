@@ -154,9 +154,9 @@ async def _detect(request: Request, model: str | None, command: str) -> Response
         deadline = service.deadline(header_timeout_ms(request), received_at(request))
         form = await _read_form(request)
         try:
-            # Fields as Go's FormValue (DeepStack's) reads them: the form's first, else the
-            # query's; an empty form field (Frigate sends api_key="" when it has none) counts
-            # as absent.
+            # Each field from the form, as DeepStack reads it, or else from the query (which
+            # DeepStack does not read; a URL is where some clients put a key). An empty form
+            # field counts as absent: Frigate sends api_key="" when it has none.
             query = request.query_params
             check_api_key(form.get("api_key") or query.get("api_key"), settings)
             uploads = form.getlist("image")
