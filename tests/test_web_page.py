@@ -153,13 +153,13 @@ def test_the_slider_starts_from_each_models_own_threshold(browser, server_factor
     (tmp_path / "coco.names").write_text("\n".join(COCO_80) + "\n")
     config = tmp_path / "c.toml"
     config.write_text(
-        '[[models]]\nname = "yolox-nano"\nmin_confidence = 0.55\n'
+        '[[models]]\nname = "yolox-nano"\nmin_confidence = 0.33\n'
         f'[[models]]\nname = "second"\npath = "{model_dir / "yolox-nano" / "yolox_nano.onnx"}"\nfamily = "yolox"\n'
         f'labels = "{tmp_path / "coco.names"}"\nmin_confidence = 0.2\n'
     )
     srv = server_factory("--config", str(config))
     page, _ = _open(browser, srv.url)
-    assert page.input_value("#conf") == "0.55"
+    assert page.input_value("#conf") == "0.33"  # exactly: the slider once rounded it to 0.35
     page.select_option("#model", "second")
     assert page.input_value("#conf") == "0.2" and page.locator("#confv").inner_text() == "0.20"
 
@@ -206,3 +206,71 @@ def test_the_api_docs_render_with_no_request_off_the_server(browser, server, tmp
     assert {"/predict", "/v1/vision/detection"} <= {p.strip() for p in paths}
     page.screenshot(path=str(tmp_path / "docs.png"))
     assert elsewhere == []
+
+
+def test_a_request_that_never_answers_does_not_lock_the_form(browser, server, images):
+    page, problems = _open(browser, server.url)
+    held = []
+    page.route("**/predict/**", lambda route: held.append(route) if not held else route.continue_())
+    page.set_input_files("#file", str(images / "dog.jpg"))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('status').textContent === 'detecting…'")
+    assert page.is_enabled("#go")  # it was disabled until the answer, which never came
+    page.set_input_files("#file", str(images / "person.jpg"))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')")
+    assert "person" in page.locator("#results tbody tr td:first-child").all_inner_texts()
+    assert problems == []
+
+
+def test_a_status_that_fails_at_first_is_said_and_asked_again(browser, server):
+    page = browser.new_page()
+    calls = {"n": 0}
+
+    def status(route):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return route.fulfill(status=503, json={"error": {"code": "unavailable", "message": "busy"}})
+        route.continue_()
+
+    page.route("**/status", status)
+    page.goto(server.url + "/")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert "status is not available (503" in page.locator("#error").inner_text()
+    assert page.is_disabled("#go")  # no model to detect with
+    page.wait_for_selector("#model option[value='yolox-nano']:not([disabled])", state="attached", timeout=10_000)
+    assert page.is_enabled("#go") and page.locator("#error").inner_text() == ""
+
+
+def test_a_large_image_is_drawn_at_display_size_with_its_boxes_in_place(browser, server, images, tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"  # 48 megapixels: the canvas held them all, 870 MB in the page
+    Image.open(images / "dog.jpg").resize((8000, 6000)).save(big, quality=80)
+    page, problems = _open(browser, server.url)
+    page.set_input_files("#file", str(big))
+    page.click("#go")
+    page.wait_for_selector("#results tbody tr", timeout=60_000)
+    assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [2048, 1536]
+    # The dog's box, given in the image's pixels, is drawn at the canvas's scale.
+    edge, colour = page.evaluate("""() => {
+        const ctx = document.getElementById('canvas').getContext('2d');
+        const row = [...document.querySelectorAll('#results tbody tr')].find(r => r.cells[0].textContent === 'dog');
+        const [x1, y1, x2, y2] = row.cells[2].textContent.split(', ').map(Number).map(v => v * 2048 / 8000);
+        const hex = palette[16 % palette.length];
+        const colour = [1, 3, 5].map(i => parseInt(hex.slice(i, i + 2), 16));
+        return [Array.from(ctx.getImageData(Math.round(x1) + 1, Math.round((y1 + y2) / 2), 1, 1).data), colour];
+    }""")
+    assert all(abs(a - b) <= 8 for a, b in zip(edge[:3], colour)), (edge, colour)
+    assert problems == []
+
+
+def test_dropping_text_keeps_the_chosen_file(browser, server, images):
+    page, _ = _open(browser, server.url)
+    page.set_input_files("#file", str(images / "dog.jpg"))
+    page.evaluate("""() => {
+        const data = new DataTransfer();
+        data.setData('text/plain', 'not a file');
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
+    }""")
+    assert page.evaluate("document.getElementById('file').files.length") == 1
