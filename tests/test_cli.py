@@ -58,7 +58,7 @@ def test_detect_one_file_jsonl(model_dir, mirror, images):
     assert r.returncode == 0, r.stderr
     (line,) = r.stdout.splitlines()
     record = json.loads(line)
-    assert record["file"].endswith("dog.jpg") and record["image"] == {"width": 768, "height": 576}
+    assert record["file"].endswith("dog.jpg") and record["image"] == {"width": 768, "height": 576, "orientation": 1}
     assert {"dog", "bicycle", "car"} <= {d["label"] for d in record["detections"]}
     # The server's stages, but for the queue it does not have.
     assert list(record["timings_ms"]) == ["decode", "preprocess", "inference", "postprocess"]
@@ -250,7 +250,7 @@ def test_detect_decodes_like_the_server(model_dir, mirror, images, tmp_path, ser
     offline = json.loads(r.stdout)
     srv = server_factory()
     served = httpx.post(srv.url + "/predict", files={"image": (big.name, big.read_bytes(), "image/jpeg")}, timeout=60).json()
-    assert offline["image"] == served["image"] == {"width": 2704, "height": 1800}
+    assert offline["image"] == served["image"] == {"width": 2704, "height": 1800, "orientation": 1}
     assert offline["detections"] and offline["detections"] == served["detections"]
 
 

@@ -536,7 +536,7 @@ def test_a_head_over_the_limit_pipelined_behind_a_request_still_running_gets_its
     assert answer is not None, "still open"
     detections, refusal = read_answers(answer)  # uvicorn's immediate close lost the first
     assert _split(detections)[0].startswith(b"http/1.1 200 "), detections[:300]
-    assert json.loads(_split(detections)[1])["image"] == {"width": 6000, "height": 6000}
+    assert json.loads(_split(detections)[1])["image"] == {"width": 6000, "height": 6000, "orientation": 1}
     head, body = _split(refusal)
     assert head.startswith(b"http/1.1 431 ") and b"connection: close" in head, refusal[:300]
     assert json.loads(body)["error"]["code"] == "header_too_large"

@@ -100,7 +100,7 @@ def test_predict_multipart_dog(client, images):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["model"] == {"name": "yolox-nano", "version": "1"}
-    assert body["image"] == {"width": 768, "height": 576}
+    assert body["image"] == {"width": 768, "height": 576, "orientation": 1}
     dets = body["detections"]
     assert {"dog", "bicycle", "car"} <= {d["label"] for d in dets if d["confidence"] >= 0.6}
     assert [d["confidence"] for d in dets] == sorted((d["confidence"] for d in dets), reverse=True)
@@ -140,6 +140,22 @@ def test_parameters_from_query_and_form(client, images):
     assert len(r.json()["detections"]) >= 4  # with NMS barely active, overlapping boxes stay
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "WEBP", "PNG", "TIFF"])
+def test_the_answer_says_which_exif_orientation_was_applied(client, images, fmt):
+    # A client that draws the file itself (the web page) turns it the same way, or asks for
+    # the server's drawing: browsers do not turn every format.
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.open(images / "dog.jpg").transpose(Image.Transpose.ROTATE_90).save(buf, format=fmt, exif=exif.tobytes())
+    r = client.post("/predict", files={"image": ("x", buf.getvalue())})
+    assert r.status_code == 200, r.text
+    assert r.json()["image"] == {"width": 768, "height": 576, "orientation": 6}
+    assert {"dog", "bicycle", "car"} <= labels(r)
+
+
 @pytest.mark.parametrize("fmt,mode,save", [
     ("PNG", "RGB", {}), ("PNG", "RGBA", {}), ("PNG", "L", {}), ("PNG", "P", {}), ("WEBP", "RGB", {"quality": 95}),
     ("BMP", "RGB", {}), ("GIF", "P", {}), ("TIFF", "RGB", {}), ("TIFF", "CMYK", {}), ("JPEG", "CMYK", {}),
@@ -148,7 +164,7 @@ def test_parameters_from_query_and_form(client, images):
 def test_odd_formats_and_modes(client, images, fmt, mode, save):
     r = client.post("/predict", files={"image": ("x", converted(images, fmt, mode, **save))})
     assert r.status_code == 200, r.text
-    assert r.json()["image"] == {"width": 768, "height": 576}
+    assert r.json()["image"] == {"width": 768, "height": 576, "orientation": 1}
     if mode not in ("L",):
         assert "dog" in labels(r)
 
@@ -179,7 +195,7 @@ def test_an_annotated_big_jpeg_comes_back_at_its_own_size(client, images):
     assert r.status_code == 200, r.text
     assert Image.open(io.BytesIO(r.content)).size == (3072, 2304)
     r = client.post("/predict", files={"image": ("big.jpg", buf.getvalue())})
-    assert r.json()["image"] == {"width": 3072, "height": 2304} and "dog" in labels(r)
+    assert r.json()["image"] == {"width": 3072, "height": 2304, "orientation": 1} and "dog" in labels(r)
 
 
 # -- errors -----------------------------------------------------------------------------

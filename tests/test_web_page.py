@@ -274,3 +274,54 @@ def test_dropping_text_keeps_the_chosen_file(browser, server, images):
         document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true, cancelable: true}));
     }""")
     assert page.evaluate("document.getElementById('file').files.length") == 1
+
+
+_GRID = """() => {
+    // The canvas's colours averaged over a 16 x 12 grid: enough to tell a picture turned.
+    const c = document.getElementById('canvas'), data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+    const out = [];
+    for (let gy = 0; gy < 12; gy++) for (let gx = 0; gx < 16; gx++) {
+        const x0 = Math.floor(gx * c.width / 16), y0 = Math.floor(gy * c.height / 12);
+        const x1 = Math.floor((gx + 1) * c.width / 16), y1 = Math.floor((gy + 1) * c.height / 12);
+        const sum = [0, 0, 0];
+        for (let y = y0; y < y1; y++) for (let x = x0; x < x1; x++) for (let k = 0; k < 3; k++) sum[k] += data[(y * c.width + x) * 4 + k];
+        out.push(...sum.map(v => v / ((x1 - x0) * (y1 - y0))));
+    }
+    return out;
+}"""
+
+
+def _drawn(page, path) -> list[float]:
+    page.evaluate("document.getElementById('conf').value = 1")  # no boxes: the picture alone
+    page.set_input_files("#file", str(path))
+    page.evaluate("document.getElementById('status').textContent = ''")
+    page.click("#go")
+    page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')")
+    return page.evaluate(_GRID)
+
+
+@pytest.mark.parametrize("fmt, orientation", [("webp", 6), ("webp", 3), ("png", 8), ("jpeg", 6)])
+def test_a_photo_with_an_exif_orientation_is_drawn_turned_as_the_server_saw_it(
+    browser, server, images, tmp_path, fmt, orientation
+):
+    """Chromium does not turn a WebP (or a PNG whose orientation follows its pixels) by its
+    EXIF orientation; the server does, and the page drew the boxes of the turned picture on
+    the unturned one. The picture drawn must be the one the server saw."""
+    from PIL import Image
+
+    upright = Image.open(images / "dog.jpg").convert("RGB")
+    # Stored turned the other way, so that the orientation shows it upright again.
+    undo = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    turned = tmp_path / f"turned.{fmt}"
+    options = {"quality": 100} if fmt == "jpeg" else {"lossless": True} if fmt == "webp" else {}
+    upright.transpose(undo).save(turned, exif=exif.tobytes(), **options)
+    plain = tmp_path / f"plain.{fmt}"
+    upright.save(plain, **options)
+    page, problems = _open(browser, server.url)
+    expected = _drawn(page, plain)
+    drawn = _drawn(page, turned)
+    assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [768, 576]
+    assert max(abs(a - b) for a, b in zip(drawn, expected)) < 8
+    assert problems == []

@@ -25,6 +25,7 @@ class DecodedImage:
     width: int
     height: int
     format: str = "raw"
+    orientation: int = 1  # the EXIF orientation applied (1: none), for clients that draw the file
 
     @property
     def scale_x(self) -> float:

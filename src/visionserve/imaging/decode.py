@@ -202,7 +202,7 @@ def _decode_jpeg(
             raise InvalidImage(f"cannot decode JPEG image: {exc}") from exc
         return _decode_with_pillow(buf, "jpeg", max_pixels)
     true_w, true_h = oriented_size(width, height, orientation)
-    return DecodedImage(apply_orientation(pixels, orientation), true_w, true_h, "jpeg")
+    return DecodedImage(apply_orientation(pixels, orientation), true_w, true_h, "jpeg", orientation)
 
 
 def _stored_min_size(min_size: tuple[int, int] | None, orientation: int) -> tuple[int, int] | None:
@@ -228,17 +228,18 @@ def _decode_with_pillow(buf: bytes, fmt: str, max_pixels: int) -> DecodedImage:
     with Image.open(io.BytesIO(buf), formats=[_PILLOW_FORMATS[fmt]]) as image:
         width, height = image.size
         _check_pixels(width, height, max_pixels)
+        # Pillow's TIFF reader applies the orientation itself while loading, then drops
+        # the tag: read before, for the answer (the server draws TIFFs for browsers anyway).
+        applied = orientation_of(image) if fmt == "tiff" else None
         image.load()  # GIF/TIFF/WebP: the first frame; raises on truncated data
-        # Read after load(): Pillow's TIFF reader applies the orientation itself while
-        # loading and then drops the tag, so this is whatever is left to do.
-        orientation = orientation_of(image)
+        orientation = orientation_of(image)  # what is left to do
         pixels = to_rgb_array(image)
     pixels = apply_orientation(pixels, orientation)
     if not (pixels.flags.c_contiguous and pixels.flags.writeable):
         # Pillow's arrays are read-only views of its bytes; match the JPEG path's arrays.
         pixels = np.array(pixels, order="C")
     height, width = pixels.shape[:2]
-    return DecodedImage(pixels, width, height, fmt)
+    return DecodedImage(pixels, width, height, fmt, applied or orientation)
 
 
 def _probe_with_pillow(buf: bytes, fmt: str) -> tuple[str, int, int]:

@@ -235,7 +235,7 @@ def prediction_json(p: Prediction) -> dict[str, Any]:
     scores = d.scores.astype(np.float64).round(4).tolist()
     return {
         "model": {"name": p.model, "version": p.version},
-        "image": {"width": p.image.width, "height": p.image.height},
+        "image": {"width": p.image.width, "height": p.image.height, "orientation": p.image.orientation},
         "detections": [
             {"label": label, "class_id": cid, "confidence": s, "box": {"x1": b[0], "y1": b[1], "x2": b[2], "y2": b[3]}}
             for label, cid, s, b in zip(d.label_names(), d.class_ids.tolist(), scores, boxes)

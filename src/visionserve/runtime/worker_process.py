@@ -69,7 +69,7 @@ def pack(outcome: Any, timings: dict[str, float]) -> tuple:
         return (portable_error(outcome.error), None, None, None, timings)
     image: DecodedImage = outcome.image
     d = outcome.detections
-    meta = (image.width, image.height, image.format, image.pixels.shape)
+    meta = (image.width, image.height, image.format, image.pixels.shape, image.orientation)
     return (None, meta, (d.boxes, d.scores, d.class_ids), outcome.rendered, timings)
 
 

@@ -120,8 +120,8 @@ def _child_env() -> dict[str, str]:
 def unpack_image(meta: tuple) -> DecodedImage:
     """The worker's decoded image, with a zero-byte stand-in of the same shape for its pixels,
     which stay in the worker (callers use only the sizes)."""
-    width, height, fmt, shape = meta
-    return DecodedImage(np.broadcast_to(np.zeros((), np.uint8), shape), width, height, fmt)
+    width, height, fmt, shape, orientation = meta
+    return DecodedImage(np.broadcast_to(np.zeros((), np.uint8), shape), width, height, fmt, orientation)
 
 
 # -- in the HTTP process ----------------------------------------------------------------
