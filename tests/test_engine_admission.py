@@ -454,11 +454,17 @@ def test_slow_uploads_give_their_places_up_oldest_first_within_their_bounds():
         scheduler.shutdown()
 
 
-def test_a_complete_slow_upload_gets_the_next_place_freed_before_any_new_request():
-    queue = QueueSettings(max_queue=0, upload_hold_ms=5000)
+def run_with_one_place(queue: QueueSettings, scenario) -> None:  # type: ignore[no-untyped-def]
+    """Runs ``scenario(scheduler)`` on an event loop, the scheduler having one place."""
     scheduler = Scheduler(RuntimeSettings(inference_workers=1, worker_mode="threads"), queue)
+    try:
+        asyncio.run(scenario(scheduler))
+    finally:
+        scheduler.shutdown()
 
-    async def scenario() -> None:
+
+def test_a_complete_slow_upload_gets_the_next_place_freed_before_any_new_request():
+    async def scenario(scheduler: Scheduler) -> None:
         (slow,) = uploads_under_way(scheduler, 1)
         slow.receiving_since -= 10  # long past the hold
         newer = scheduler.admit()  # takes the place the slow upload gives up
@@ -475,17 +481,11 @@ def test_a_complete_slow_upload_gets_the_next_place_freed_before_any_new_request
         slow.release()
         assert scheduler.idle
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        scheduler.shutdown()
+    run_with_one_place(QueueSettings(max_queue=0, upload_hold_ms=5000), scenario)
 
 
 def test_a_complete_slow_upload_waiting_gets_the_place_of_an_upload_that_went_slow_meanwhile():
-    queue = QueueSettings(max_queue=0, upload_hold_ms=5000)
-    scheduler = Scheduler(RuntimeSettings(inference_workers=1, worker_mode="threads"), queue)
-
-    async def scenario() -> None:
+    async def scenario(scheduler: Scheduler) -> None:
         (slow,) = uploads_under_way(scheduler, 1)
         slow.receiving_since -= 10
         (holder,) = uploads_under_way(scheduler, 1)  # takes the place the slow upload gives up
@@ -501,17 +501,11 @@ def test_a_complete_slow_upload_waiting_gets_the_place_of_an_upload_that_went_sl
         holder.release()
         assert scheduler.idle
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        scheduler.shutdown()
+    run_with_one_place(QueueSettings(max_queue=0, upload_hold_ms=5000), scenario)
 
 
 def test_a_complete_slow_upload_that_waits_in_vain_is_refused_and_holds_nothing():
-    queue = QueueSettings(max_queue=0, upload_hold_ms=50)
-    scheduler = Scheduler(RuntimeSettings(inference_workers=1, worker_mode="threads"), queue)
-
-    async def scenario() -> None:
+    async def scenario(scheduler: Scheduler) -> None:
         (slow,) = uploads_under_way(scheduler, 1)
         slow.receiving_since -= 10
         newer = scheduler.admit()
@@ -525,10 +519,7 @@ def test_a_complete_slow_upload_that_waits_in_vain_is_refused_and_holds_nothing(
         (again,) = uploads_under_way(scheduler, 1)  # and a place is free for anyone
         again.release()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        scheduler.shutdown()
+    run_with_one_place(QueueSettings(max_queue=0, upload_hold_ms=50), scenario)
 
 
 def test_slow_uploads_that_would_hold_more_than_slow_upload_bytes_together_are_refused():
