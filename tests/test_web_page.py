@@ -325,3 +325,14 @@ def test_a_photo_with_an_exif_orientation_is_drawn_turned_as_the_server_saw_it(
     assert page.evaluate("[document.getElementById('canvas').width, document.getElementById('canvas').height]") == [768, 576]
     assert max(abs(a - b) for a, b in zip(drawn, expected)) < 8
     assert problems == []
+
+
+def test_an_answer_that_is_not_json_is_said_in_words(browser, server, images):
+    # The browser's own words were shown: Unexpected token '<', "<html>logi"... is not valid JSON.
+    page, _ = _open(browser, server.url)
+    page.route("**/predict/**", lambda route: route.fulfill(status=200, body="<html>login</html>", content_type="text/html"))
+    page.set_input_files("#file", str(images / "dog.jpg"))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert page.locator("#error").inner_text() == "the answer is not the server's JSON (a proxy in between?)"
+    assert page.locator("#status").inner_text() == ""
