@@ -53,7 +53,9 @@ class Ticket:
     """One admitted request. Releasing it (once) frees its places: one, or more for a
     request of several images (``Scheduler.admit(images=...)``)."""
 
-    __slots__ = ("_scheduler", "_released", "_token", "claimed", "places", "receiving_since", "aside", "received")
+    __slots__ = (
+        "_scheduler", "_released", "_token", "claimed", "places", "receiving_since", "aside", "received_bytes",
+    )
 
     def __init__(self, scheduler: "Scheduler") -> None:
         self._scheduler = scheduler
@@ -63,7 +65,7 @@ class Ticket:
         self.places = 1
         self.receiving_since: float | None = None  # time.monotonic() its body began to be awaited
         self.aside = False  # a slow upload that gave its places up (Scheduler.receiving)
-        self.received = 0  # body bytes so far, while it is receiving
+        self.received_bytes = 0  # body bytes so far, while it is receiving
 
     def release(self) -> None:
         if not self._released:
@@ -181,11 +183,8 @@ class Scheduler:
         if self.draining:
             self.metrics.child(self.metrics.rejected, "draining").inc()
             raise Overloaded("the server is shutting down")
-        if self._rejoining:  # complete slow uploads waiting for a place come first
-            if self._free_places_of_slow_uploads():
-                self._hand_over()
-            raise self._refusal()
-        if self.admitted >= self.capacity and not self._free_places_of_slow_uploads():
+        # (Complete slow uploads waiting for a place, if any, come first: the server is full.)
+        if (self.admitted >= self.capacity or self._rejoining) and not self._free_places_of_slow_uploads():
             raise self._refusal()
         self.admitted += 1
         return self._widen(Ticket(self), images)
@@ -252,13 +251,11 @@ class Scheduler:
         self._uncharge(ticket)
         ticket.places = 1
         # Admitted before any drain began: it may finish like the others in progress.
-        if not self._rejoining and (self.admitted < self.capacity or self._free_places_of_slow_uploads()):
+        if (self.admitted < self.capacity and not self._rejoining) or self._free_places_of_slow_uploads():
             self.admitted += 1
             return
         place: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._rejoining.append(place)  # behind those waiting already
-        if self._free_places_of_slow_uploads():
-            self._hand_over()
         try:
             async with asyncio.timeout(self.settings.upload_hold_ms / 1e3):
                 await place
@@ -279,7 +276,7 @@ class Scheduler:
         slow uploads together past ``slow_upload_bytes`` is refused (``Overloaded``, and the
         connection closes: its body is not read to the end). Refused, not held back: held,
         uploads over the bound would wait for each other, and stalled ones never finish."""
-        ticket.received += size
+        ticket.received_bytes += size
         if ticket.aside:
             self.aside_bytes += size
             if self.aside_bytes > self.settings.slow_upload_bytes:
@@ -290,28 +287,30 @@ class Scheduler:
 
     def _free_places_of_slow_uploads(self) -> bool:
         """Moves uploads arriving for longer than ``upload_hold_ms`` aside, oldest first, as
-        far as ``max_slow_uploads`` allows; whether a place is free now."""
+        far as ``max_slow_uploads`` allows, handing the places freed to the complete slow
+        uploads waiting for one; whether a place is free for one more request."""
         if not self._receiving or self.aside >= self.settings.max_slow_uploads:
             return False
         since = time.monotonic() - self.settings.upload_hold_ms / 1e3
         for ticket in list(self._receiving):
             if ticket.receiving_since > since or self.aside >= self.settings.max_slow_uploads:  # type: ignore[operator]
                 break  # the rest began later
-            if self.aside_bytes + ticket.received > self.settings.slow_upload_bytes:
+            if self.aside_bytes + ticket.received_bytes > self.settings.slow_upload_bytes:
                 continue  # its bytes do not fit among the slow uploads': it keeps its place
             del self._receiving[ticket]
             ticket.aside = True
             self.admitted -= ticket.places
             self.aside += 1
-            self.aside_bytes += ticket.received
+            self.aside_bytes += ticket.received_bytes
             self.metrics.slow_uploads.inc()
+            self._hand_over()
             if self.admitted < self.capacity:
                 return True
-        return self.admitted < self.capacity
+        return False
 
     def _uncharge(self, ticket: Ticket) -> None:
         self.aside -= 1
-        self.aside_bytes -= ticket.received
+        self.aside_bytes -= ticket.received_bytes
 
     @property
     def in_progress(self) -> int:
