@@ -117,6 +117,14 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys(path))}
 
 
+def _answer_error(worker: "_Worker", callback: Callable[[Reply], None], error: Exception) -> None:
+    """Answers a request sent to ``worker`` with ``error``: its process will not."""
+    try:
+        callback(("error", error))
+    except Exception:
+        log.exception("failing a request of inference worker %d failed", worker.index)
+
+
 def unpack_image(meta: tuple) -> DecodedImage:
     """The worker's decoded image, with a zero-byte stand-in of the same shape for its pixels,
     which stay in the worker (callers use only the sizes)."""
@@ -410,10 +418,7 @@ class WorkerPool:
                 else:
                     error = WorkerLost("the inference worker exited before this request's turn; it is starting again")
                 running = False
-                try:
-                    w.pending.popleft()[0](("error", error))
-                except Exception:
-                    log.exception("failing a job of inference worker %d failed", w.index)
+                _answer_error(w, w.pending.popleft()[0], error)
         if self._loop is not None:
             host.restart = self._loop.call_later(delay, self._restart, host)
 
@@ -598,10 +603,7 @@ class WorkerPool:
                 waiting = [callback for callback, _ in w.pending]
                 w.pending.clear()
             for callback in waiting:
-                try:
-                    callback(("error", ModelError("the server is stopping")))
-                except Exception:
-                    log.debug("answering a request of inference worker %d at close failed", w.index, exc_info=True)
+                _answer_error(w, callback, ModelError("the server is stopping"))
         deadline = time.monotonic() + timeout  # one wait for them all, not one each
         for host in self._hosts:
             if host.process is None:

@@ -41,7 +41,9 @@ h11 (uvicorn's other parser) refuse oversized heads.
 
 The protocol that mixes in ``HeaderDeadline`` or ``HeaderLimit`` provides
 ``_closing_answer(error) -> bytes``: the complete answer to the request under way, in its
-path's error shape, with ``Connection: close`` (server/refusal.py).
+path's error shape, with ``Connection: close``; and for ``HeaderLimit``,
+``close_after_answers(answer, lingering)``, which writes it once the requests before it are
+answered and then closes (server/refusal.py).
 """
 
 from __future__ import annotations
@@ -212,16 +214,10 @@ class HeaderLimit:
                 self._in_head = False
                 log.debug("request headers over %d bytes: connection closed with 431", self.max_header_bytes)
                 error = HeaderTooLarge(f"the request's headers exceed the limit of {self.max_header_bytes} bytes")
-                answer = self._closing_answer(error)  # type: ignore[attr-defined]
-                # The client is likely still sending its head: read on and drop it, so that
-                # the answer is not lost to a reset (LingeringClose), and after the answers to
-                # requests pipelined before it (refusal.py), where there are both.
-                closer = getattr(self, "close_after_answers", None)
-                if closer is not None:
-                    closer(answer, lingering=True)
-                else:
-                    transport.write(answer)
-                    getattr(self, "close_lingering", transport.close)()
+                # After the answers to requests pipelined before it; the client is likely
+                # still sending its head: read on and drop it, so that the answer is not lost
+                # to a reset (LingeringClose).
+                self.close_after_answers(self._closing_answer(error), lingering=True)  # type: ignore[attr-defined]
                 return
         if len(fed) < len(data):
             self.data_received(data[len(fed):])

@@ -311,6 +311,9 @@ def refusing_protocol(
                 self._closing = (answer, lingering)
                 self.flow.pause_reading()  # the request cannot be read on: read nothing more
                 return
+            self._write_and_close(answer, lingering)
+
+        def _write_and_close(self, answer: bytes, lingering: bool) -> None:
             self.transport.write(answer)
             self.close_lingering() if lingering else self.transport.close()
 
@@ -340,10 +343,8 @@ def refusing_protocol(
             if started_next:  # its answer comes first
                 self.flow.pause_reading()
                 return
-            answer, lingering = self._closing
             self._unset_keepalive_if_required()
-            self.transport.write(answer)
-            self.close_lingering() if lingering else self.transport.close()
+            self._write_and_close(*self._closing)
 
     class RefusingHttpToolsProtocol(HeaderLimit, EarlyRefusal):  # type: ignore[misc]
         """HeaderLimit comes first: it must see every request begin and end, and a refused
