@@ -115,12 +115,17 @@ def read_responses(s: socket.socket, n: int) -> list[bytes]:
     return answers
 
 
-def wait_in_flight(url: str, n: int) -> None:
+def wait_metric(url: str, name: str, value: float, **labels: str) -> None:
+    """Waits (up to about 4 s) until the server's metric ``name`` reads ``value``."""
     for _ in range(200):
-        if metric(httpx.get(url + "/metrics").text, "visionserve_requests_in_flight") == n:
+        if metric(httpx.get(url + "/metrics").text, name, **labels) == value:
             return
         time.sleep(0.02)
-    raise AssertionError(f"in-flight never reached {n}")
+    raise AssertionError(f"{name} never reached {value}")
+
+
+def wait_in_flight(url: str, n: int) -> None:
+    wait_metric(url, "visionserve_requests_in_flight", n)
 
 
 def children(pid: int) -> list[int]:

@@ -19,7 +19,9 @@ from visionserve.errors import Overloaded
 from visionserve.runtime.scheduler import Scheduler
 from visionserve.types import DecodedImage, Detections
 
-from engine_helpers import concurrent_posts, connect, metric, multipart_upload, post_image, read_response, wait_in_flight
+from engine_helpers import (
+    concurrent_posts, connect, metric, multipart_upload, post_image, read_response, wait_in_flight, wait_metric,
+)
 
 ONE_WORKER_NO_QUEUE = {"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "1", "VISIONSERVE_QUEUE__MAX_QUEUE": "0"}
 
@@ -129,10 +131,10 @@ def test_stalled_uploads_get_408_and_hold_no_place_once_others_need_it(server_fa
         assert post_image(server.url, images / "dog.jpg").status_code == 503
         time.sleep(1.2)  # past the hold
         stalled.append(stall(server.url, "/predict", STALLED_RAW))
-        time.sleep(0.1)
+        wait_metric(server.url, "visionserve_slow_uploads_in_progress", 1)  # the fourth took a place given up
         text = httpx.get(server.url + "/metrics").text
-        assert metric(text, "visionserve_requests_in_flight") == 3  # the fourth took a place given up
-        assert metric(text, "visionserve_slow_uploads_in_progress") == 1
+        assert metric(text, "visionserve_slow_upload_places_given_up_total") == 1
+        assert metric(text, "visionserve_requests_in_flight") == 3
         time.sleep(1.0)  # the fourth too is past the hold now
         responses = concurrent_posts(server.url, [images / "dog.jpg"] * 3)
         assert [r.status_code for r in responses] == [200] * 3, [r.text for r in responses]
@@ -182,9 +184,9 @@ def test_a_slow_upload_complete_while_full_gets_the_next_place_freed(server_fact
         wait_in_flight(server.url, 1)
         time.sleep(1.1)
         held.sendall(head + payload[:1000])  # takes the place the slow upload gives up
-        wait_in_flight(server.url, 1)
+        wait_metric(server.url, "visionserve_slow_uploads_in_progress", 1)
         slow.sendall(payload[1000:])  # complete, while the place is held: it waits
-        time.sleep(0.2)
+        wait_metric(server.url, "visionserve_slow_uploads_in_progress", 0)  # waiting for a place, not aside
         assert metric(httpx.get(server.url + "/metrics").text, "visionserve_rejected_requests_total",
                       reason="queue_full") == 0
         held.sendall(payload[1000:])
@@ -210,8 +212,7 @@ def test_a_slow_upload_that_gave_its_place_up_is_served_when_one_is_free_and_ref
         wait_in_flight(server.url, 1)
         time.sleep(0.4)
         held.sendall(head + payload[:1000])  # takes the place the slow upload gives up
-        text = httpx.get(server.url + "/metrics").text
-        assert metric(text, "visionserve_slow_uploads_in_progress") == 1
+        wait_metric(server.url, "visionserve_slow_uploads_in_progress", 1)
         slow.sendall(payload[1000:])  # complete while the place is taken: refused
         answer = read_response(slow)
         assert answer.split(b" ")[1] == b"503" and b"retry-after:" in answer.lower(), answer[:300]
@@ -224,6 +225,9 @@ def test_a_slow_upload_that_gave_its_place_up_is_served_when_one_is_free_and_ref
         assert read_response(held).split(b" ")[1] == b"200"
         slow.sendall(head + payload[:1000])
         time.sleep(0.4)  # past the hold, but no other request needs the place: it keeps it
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, "visionserve_slow_uploads_in_progress") == 0
+        assert metric(text, "visionserve_slow_upload_places_given_up_total") == 1  # the first time only
         slow.sendall(payload[1000:])
         answer = read_response(slow)
         assert answer.split(b" ")[1] == b"200" and b'"label":"dog"' in answer, answer[:300]
@@ -395,8 +399,7 @@ def test_a_slow_upload_going_past_slow_upload_bytes_gets_its_503_at_once(server_
         wait_in_flight(server.url, 1)
         time.sleep(0.2)
         filler = stall(server.url, "/predict", STALLED_RAW)  # takes the place; the upload goes aside
-        wait_in_flight(server.url, 1)
-        assert metric(httpx.get(server.url + "/metrics").text, "visionserve_slow_uploads_in_progress") == 1
+        wait_metric(server.url, "visionserve_slow_uploads_in_progress", 1)
         try:
             upload.sendall(body[60_000:])  # past 100,000 bytes while aside
         except (BrokenPipeError, ConnectionResetError):

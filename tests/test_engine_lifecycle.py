@@ -140,8 +140,9 @@ def test_a_drain_held_by_a_stuck_inference_process_ends_drain_timeout_s_after_si
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    # The drain's 3 s, then at most 1 s for answers under way and 2 s for the processes.
-    assert drain_s <= took < drain_s + 3.5, took
+    # The drain's 3 s, then at most 1 s for answers under way and 2 s for the processes, and
+    # some room for a busy machine: before, 2 x 3 + 5 = 11 s.
+    assert drain_s <= took < drain_s + 5, took
     assert answers and answers[0].status_code == 503, answers
     assert answers[0].json()["error"]["message"] == "the server stopped before answering"
 
@@ -150,8 +151,7 @@ def test_a_drain_held_by_a_stuck_inference_process_ends_drain_timeout_s_after_si
 def test_sigterm_while_the_model_loads_exits_0_at_once(server_factory):
     srv = server_factory(wait_ready=False)
     ready = httpx.get(srv.url + "/readyz")
-    if ready.status_code == 200:
-        pytest.skip("the model loaded before the signal could be sent")
+    assert ready.status_code == 503 and "still loading" in ready.text, ready.text  # the signal comes while it loads
     srv.process.send_signal(signal.SIGTERM)
     assert srv.process.wait(15) == 0
     assert "Traceback" not in srv.output()
@@ -167,9 +167,7 @@ def test_sigterm_while_an_inference_process_loads_the_model_exits_0_at_once(serv
     try:
         time.sleep(0.3)
         ready = httpx.get(srv.url + "/readyz")
-        if ready.status_code == 200:
-            pytest.skip("the model loaded before its process could be stopped")
-        assert "still loading" in ready.text, ready.text
+        assert ready.status_code == 503 and "still loading" in ready.text, ready.text
         srv.process.send_signal(signal.SIGTERM)
         assert srv.process.wait(15) == 0
     finally:
