@@ -136,6 +136,14 @@ async def _read_form(request: Request) -> FormData:
     return await request.form(max_files=4, max_fields=32)
 
 
+def _field(request: Request, form: FormData, name: str) -> str | None:
+    """A field from the form, as DeepStack reads it, or else from the query string (which
+    DeepStack does not read; a URL is where some clients put a key). An empty form field
+    counts as absent: Frigate sends api_key="" when it has none."""
+    value = form.get(name)
+    return value if isinstance(value, str) and value.strip() else request.query_params.get(name)
+
+
 def _provider(request: Request, model: str | None) -> str:
     served = request.app.state.registry.find(model or request.app.state.registry.default_name)
     session = getattr(served, "session", None)
@@ -154,11 +162,7 @@ async def _detect(request: Request, model: str | None, command: str) -> Response
         deadline = service.deadline(header_timeout_ms(request), received_at(request))
         form = await _read_form(request)
         try:
-            # Each field from the form, as DeepStack reads it, or else from the query (which
-            # DeepStack does not read; a URL is where some clients put a key). An empty form
-            # field counts as absent: Frigate sends api_key="" when it has none.
-            query = request.query_params
-            check_api_key(form.get("api_key") or query.get("api_key"), settings)
+            check_api_key(_field(request, form, "api_key"), settings)
             uploads = form.getlist("image")
             upload = uploads[0] if uploads else None
             if not isinstance(upload, UploadFile):
@@ -166,9 +170,7 @@ async def _detect(request: Request, model: str | None, command: str) -> Response
             data = await upload.read()
             if not data:
                 raise MissingImage("No valid image file found")
-            confidence = form.get("min_confidence")
-            confidence = confidence if isinstance(confidence, str) and confidence.strip() else query.get("min_confidence")
-            min_confidence = parse_min_confidence(confidence, settings.min_confidence)
+            min_confidence = parse_min_confidence(_field(request, form, "min_confidence"), settings.min_confidence)
         finally:
             await form.close()
         params = PredictParams(min_confidence=min_confidence, max_detections=settings.max_detections)
@@ -195,7 +197,7 @@ async def detection(request: Request) -> Response:
 async def custom_list(request: Request) -> dict[str, Any]:
     form = await _read_form(request)
     try:
-        check_api_key(form.get("api_key") or request.query_params.get("api_key"), request.app.state.settings.deepstack)
+        check_api_key(_field(request, form, "api_key"), request.app.state.settings.deepstack)
     finally:
         await form.close()
     names = request.app.state.registry.serving()  # those a detection can be sent to now
