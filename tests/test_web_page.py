@@ -236,7 +236,7 @@ def test_a_status_that_fails_at_first_is_said_and_asked_again(browser, server):
     page.route("**/status", status)
     page.goto(server.url + "/")
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
-    assert "status is not available (503" in page.locator("#error").inner_text()
+    assert page.locator("#error").inner_text() == "the server's status is not available: busy"
     assert page.is_disabled("#go")  # no model to detect with
     page.wait_for_selector("#model option[value='yolox-nano']:not([disabled])", state="attached", timeout=10_000)
     assert page.is_enabled("#go") and page.locator("#error").inner_text() == ""
@@ -337,3 +337,25 @@ def test_an_answer_that_is_not_json_is_said_in_words(browser, server, images):
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert page.locator("#error").inner_text() == "the answer is not the server's JSON (a proxy in between?)"
     assert page.locator("#status").inner_text() == ""
+
+
+def test_asking_for_the_status_again_leaves_a_detections_error_shown(browser, server, images):
+    """While a model loads the page asks /status every 2 s; each answer used to clear the
+    error line, a detection's error with it."""
+    def status_with_a_model_loading(route):
+        body = route.fetch().json()
+        loading = {**body["models"][0], "name": "later", "ready": False, "state": "loading", "default": False}
+        route.fulfill(json={**body, "models": [loading, *body["models"]]})
+
+    page = browser.new_page()
+    page.route("**/status", status_with_a_model_loading)
+    page.route("**/predict/**", lambda route: route.fulfill(status=400, json={"error": {"code": "invalid_image", "message": "no good"}}))
+    page.goto(server.url + "/")
+    page.wait_for_selector("#model option[value='yolox-nano']:not([disabled])", state="attached")
+    page.set_input_files("#file", str(images / "dog.jpg"))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('error').textContent === 'no good'")
+    with page.expect_request("**/status", timeout=10_000):  # the next poll
+        pass
+    page.wait_for_timeout(300)  # its answer handled
+    assert page.locator("#error").inner_text() == "no good"
