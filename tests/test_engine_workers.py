@@ -17,6 +17,7 @@ import pytest
 
 from visionserve.config import RuntimeSettings
 from visionserve.imaging.decode import decode_image
+from visionserve.runtime import workers
 from visionserve.runtime.shared_bytes import SLOT_BYTES
 from visionserve.runtime.workers import RESTART_DELAYS_S, WorkerPool, restart_delay
 from visionserve.store.manifest import ModelManifest
@@ -486,6 +487,41 @@ def test_a_job_that_outlasts_worker_timeout_s_stops_its_process_but_a_load_does_
             pool.close()
 
     asyncio.run(main())
+
+
+def test_a_restarts_reload_that_hangs_is_stopped_even_with_no_limit_on_jobs(
+    model_dir, mirror, tmp_path, monkeypatch, caplog
+):
+    """runtime.worker_timeout_s = 0 lifts the limit on one job, not the one on a restart's
+    reload (LOAD_TIMEOUT_S, here 0.5 s): it turned the watchdog off, and a reload stuck in
+    the restarted process (here reading a model file that became a FIFO nobody writes to)
+    left the worker down for good."""
+    store = tmp_path / "store"
+    store.mkdir()
+    copy_model(store, model_dir / "yolox-nano", "yolox-nano")
+    manifest = ModelStore(store, mirror).ensure("yolox-nano")
+
+    async def main() -> None:
+        pool = WorkerPool(1, RuntimeSettings(worker_mode="processes", worker_timeout_s=0))
+        pool.start()
+        try:
+            await asyncio.to_thread(pool.load, manifest, 1)
+            monkeypatch.setattr(workers, "LOAD_TIMEOUT_S", 0.5)  # after the client's load, which it limits too
+            onnx = store / "yolox-nano" / manifest.file
+            onnx.unlink()
+            os.mkfifo(onnx)
+            (pid,) = pool.pids
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 20
+            while pool.restarts < 2:  # the reload hung, its process was stopped, and started again
+                assert time.monotonic() < deadline, f"a hung reload was never stopped: {pool.restarts} restart(s)"
+                await asyncio.sleep(0.05)
+        finally:
+            pool.close()
+
+    with caplog.at_level(logging.ERROR, logger="visionserve.workers"):
+        asyncio.run(main())
+    assert any("loading its models again" in r.getMessage() for r in caplog.records)
 
 
 def test_restart_delays_grow_only_for_a_process_that_keeps_exiting():

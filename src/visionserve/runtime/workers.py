@@ -298,12 +298,14 @@ class WorkerPool:
         self.spawn()
         for worker in self._workers:
             self._loop.add_reader(worker.results.fileno(), self._on_reply, worker)
-        if self.runtime.worker_timeout_s > 0:
-            self._watchdog = self._loop.call_later(self._watch_period, self._watch)
+        # Always watched: worker_timeout_s = 0 lifts the limit on jobs, not on a restart's reload.
+        self._watchdog = self._loop.call_later(self._watch_period, self._watch)
 
     @property
     def _watch_period(self) -> float:
-        return min(1.0, self.runtime.worker_timeout_s / 4)
+        if self.runtime.worker_timeout_s > 0:
+            return min(1.0, self.runtime.worker_timeout_s / 4)
+        return 1.0
 
     def _watch(self) -> None:
         """Stops an inference process whose worker has spent longer than worker_timeout_s on
@@ -318,6 +320,8 @@ class WorkerPool:
             job = w.pending[0][1]
             if not job and w.ready:
                 continue  # a load by a client, not the restart's
+            if job and self.runtime.worker_timeout_s <= 0:
+                continue  # no limit on one job
             timeout = self.runtime.worker_timeout_s if job else LOAD_TIMEOUT_S
             if now - w.head_since > timeout and host.process is not None:
                 host.hung = w.index
