@@ -198,6 +198,34 @@ def test_a_slow_upload_complete_while_full_gets_the_next_place_freed(server_fact
         held.close()
 
 
+def test_a_complete_slow_upload_waiting_for_a_place_past_its_body_deadline_gets_503_not_408(
+    server_factory, images
+):
+    """Its body arrived in time: the wait for a place (queue.upload_hold_ms) ran under the
+    body's time limit too, and a wait crossing it ended in 408 and a closed connection."""
+    server = server_factory(env={
+        "VISIONSERVE_LIMITS__BODY_TIMEOUT_S": "2", "VISIONSERVE_QUEUE__UPLOAD_HOLD_MS": "1000", **ONE_WORKER_NO_QUEUE,
+    })
+    head, payload = multipart_upload((images / "dog.jpg").read_bytes())
+    slow, held = connect(server.url), connect(server.url)
+    try:
+        slow.sendall(head + payload[:1000])
+        wait_in_flight(server.url, 1)
+        started = time.monotonic()
+        time.sleep(1.1)
+        held.sendall(head + payload[:1000])  # takes the place the slow upload gives up
+        wait_metric(server.url, "visionserve_slow_uploads_in_progress", 1)
+        time.sleep(max(0.0, 1.5 - (time.monotonic() - started)))
+        slow.sendall(payload[1000:])  # complete at 1.5 s; waits for a place until 2.5 s
+        answer = read_response(slow)
+        assert answer.split(b" ")[1] == b"503" and b'"code":"overloaded"' in answer, answer[:300]
+        held.sendall(payload[1000:])
+        assert read_response(held).split(b" ")[1] == b"200"
+    finally:
+        slow.close()
+        held.close()
+
+
 def test_a_slow_upload_that_gave_its_place_up_is_served_when_one_is_free_and_refused_when_none_is(
     server_factory, images
 ):

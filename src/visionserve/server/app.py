@@ -85,14 +85,16 @@ def create_app(settings: Settings, workers: WorkerPool | None = None) -> FastAPI
     app.add_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
     install_error_handlers(app, pick)
     app.add_middleware(HeadAsGetMiddleware, routes=lambda: app.routes)
-    app.add_middleware(
-        BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick,
-        timeout_s=settings.limits.body_timeout_s,
-    )
     # From the protocols' own routers: since FastAPI 0.165 the app's route list holds each
     # included router as one opaque entry, so it shows no detection route to match.
     detection_routes = AdmittedRoutes(lambda: [route for proto in protocols for route in proto.router.routes])
     app.add_middleware(AdmissionGateMiddleware, scheduler=scheduler, routes=detection_routes, renderer_for=pick)
+    # Outside the gate: the body's time limit covers its bytes, not a complete slow upload's
+    # wait for a place again (which ends in 503 at queue.upload_hold_ms).
+    app.add_middleware(
+        BodyLimitMiddleware, max_bytes=settings.limits.max_body_bytes, renderer_for=pick,
+        timeout_s=settings.limits.body_timeout_s,
+    )
     # The same refusal, earlier still: in the HTTP parser (used by ``serve``).
     app.state.refusals = Refusals(
         scheduler, metrics, detection_routes, pick, settings.limits.max_body_bytes, settings.limits.body_timeout_s,
