@@ -359,3 +359,58 @@ def test_asking_for_the_status_again_leaves_a_detections_error_shown(browser, se
         pass
     page.wait_for_timeout(300)  # its answer handled
     assert page.locator("#error").inner_text() == "no good"
+
+
+def test_a_busy_server_is_asked_again_after_its_retry_after(browser, server, images):
+    """A full server answers 503 with Retry-After: the page said so and gave up."""
+    page, problems = _open(browser, server.url)
+    refused = []
+
+    def full_once(route):
+        if refused:
+            return route.continue_()
+        refused.append(route.request.url)
+        route.fulfill(status=503, headers={"Retry-After": "1"},
+                      json={"error": {"code": "overloaded", "message": "the server is at capacity"}})
+
+    page.route("**/predict/**", full_once)
+    page.set_input_files("#file", str(images / "dog.jpg"))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('status').textContent === 'the server is busy: trying again in 1 s…'")
+    page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')", timeout=10_000)
+    assert "dog" in page.locator("#results tbody tr td:first-child").all_inner_texts()
+    assert page.locator("#error").inner_text() == "" and len(refused) == 1
+    assert problems == ["Failed to load resource: the server responded with a status of 503 (Service Unavailable)"]
+
+
+def test_a_server_that_stays_busy_is_said_in_words_after_a_few_tries(browser, server, images):
+    page, _ = _open(browser, server.url)
+    tries = []
+
+    def full(route):
+        tries.append(route.request.url)
+        route.fulfill(status=503, headers={"Retry-After": "0"},
+                      json={"error": {"code": "overloaded", "message": "the server is at capacity"}})
+
+    page.route("**/predict/**", full)
+    page.set_input_files("#file", str(images / "dog.jpg"))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert page.locator("#error").inner_text() == "the server is at capacity"
+    assert len(tries) == 4  # the first, and asked again three times
+    assert page.locator("#status").inner_text() == ""
+
+
+def test_a_503_without_retry_after_is_not_asked_again(browser, server, images):
+    page, _ = _open(browser, server.url)
+    tries = []
+
+    def unavailable(route):
+        tries.append(route.request.url)
+        route.fulfill(status=503, json={"error": {"code": "unavailable", "message": "draining"}})
+
+    page.route("**/predict/**", unavailable)
+    page.set_input_files("#file", str(images / "dog.jpg"))
+    page.click("#go")
+    page.wait_for_function("document.getElementById('error').textContent.length > 0")
+    assert page.locator("#error").inner_text() == "draining" and len(tries) == 1
