@@ -135,3 +135,35 @@ def test_a_config_file_with_a_byte_order_mark_says_so(tmp_path):
     cfg.write_bytes(b"\xef\xbb\xbfport = 9131\n")
     with pytest.raises(ConfigError, match="starts with a UTF-8 byte-order mark"):
         load_settings(cfg)
+
+
+def test_an_empty_host_is_refused_not_every_interface(monkeypatch):
+    """Empty bound 0.0.0.0: an unset variable in a compose file opened the server to the network."""
+    monkeypatch.setenv("VISIONSERVE_HOST", "")
+    with pytest.raises(ConfigError, match="host: .*empty: give an address"):
+        load_settings()
+    with pytest.raises(ConfigError, match="host"):
+        load_settings(host=" ")
+
+
+def test_empty_store_and_mirror_variables_are_unset_not_the_current_folder(monkeypatch, tmp_path):
+    from visionserve.config import default_model_dir
+
+    monkeypatch.setenv("VISIONSERVE_MODEL_DIR", "")
+    monkeypatch.setenv("VISIONSERVE_MODEL_MIRROR", "")
+    s = load_settings()
+    assert s.model_dir == default_model_dir() and s.model_dir.is_absolute() and s.model_mirror is None
+
+
+def test_home_folders_are_expanded_and_an_unknown_users_is_refused(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.setenv("VISIONSERVE_MODEL_DIR", "~/models")
+    monkeypatch.setenv("VISIONSERVE_MODEL_MIRROR", "~/mirror")
+    s = load_settings()
+    assert s.model_dir == Path.home() / "models" and s.model_mirror == str(Path.home() / "mirror")
+    for key in ("VISIONSERVE_MODEL_DIR", "VISIONSERVE_MODEL_MIRROR"):
+        monkeypatch.setenv(key, "~no-such-user-here/x")
+        with pytest.raises(ConfigError, match="'~no-such-user-here': no such user's home folder here"):
+            load_settings()
+        monkeypatch.delenv(key)

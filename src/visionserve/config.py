@@ -31,6 +31,16 @@ DEFAULT_PORT = 9130
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def _expand_user(path: Any) -> Any:
+    """``path`` with a leading ``~`` or ``~user`` expanded; ValueError for a user unknown here."""
+    if isinstance(path, (str, Path)) and str(path).startswith("~"):
+        try:
+            return Path(path).expanduser()
+        except RuntimeError:  # ~nobody-here: Path's own error is a traceback's
+            raise ValueError(f"{str(path).split('/')[0]!r}: no such user's home folder here") from None
+    return path
+
+
 def default_model_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "visionserve" / "models"
@@ -52,6 +62,11 @@ class ModelConfig(BaseModel):
     min_confidence: float | None = Field(default=None, ge=0, le=1)
     iou: float | None = Field(default=None, ge=0, le=1)
     max_detections: int | None = Field(default=None, ge=1, le=10_000)
+
+    @field_validator("path", "labels", mode="before")
+    @classmethod
+    def _home(cls, value: Any) -> Any:
+        return _expand_user(value)
 
     @model_validator(mode="after")
     def _own_file_needs_family(self) -> "ModelConfig":
@@ -199,20 +214,35 @@ class Settings(BaseSettings):
     @field_validator("host")
     @classmethod
     def _bare_host(cls, value: str) -> str:
+        # Empty binds every interface: an unset variable (VISIONSERVE_HOST= in a compose
+        # file, say) must not open the server to the network. That takes 0.0.0.0, written.
+        if not value.strip():
+            raise ValueError("empty: give an address (127.0.0.1 for this machine, 0.0.0.0 for every interface)")
         # "[::1]" as written in URLs: the address is what is inside the brackets.
         return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _store_path(cls, value: Any) -> Any:
+        # Empty is unset (as an unset variable leaves it), not the current folder.
+        if isinstance(value, str) and not value.strip():
+            return default_model_dir()
+        return _expand_user(value)
 
     @field_validator("model_mirror")
     @classmethod
     def _mirror_url(cls, value: str | None) -> str | None:
-        if value and "://" in value:
-            try:
-                parts = urlsplit(value)
-                parts.port  # noqa: B018  # raises on a port that is not a number
-            except ValueError as e:
-                raise ValueError(f"not a valid URL ({e})") from None
-            if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.hostname):
-                raise ValueError("a mirror URL is http://, https:// or file:// (or give a folder)")
+        if value is None or not value.strip():
+            return None  # empty is unset: no mirror
+        if "://" not in value:
+            return str(_expand_user(value))  # a folder
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018  # raises on a port that is not a number
+        except ValueError as e:
+            raise ValueError(f"not a valid URL ({e})") from None
+        if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.hostname):
+            raise ValueError("a mirror URL is http://, https:// or file:// (or give a folder)")
         return value
 
     @field_validator("log_format", "log_level", mode="before")
