@@ -279,3 +279,102 @@ def test_installed_hands_broken_manifests_over_or_raises(tmp_path, mirror):
     broken: dict[str, str] = {}
     assert [m.name for m in store.installed(broken=lambda name, e: broken.update({name: e.message}))] == ["yolox-nano"]
     assert list(broken) == ["broken"] and "not valid JSON" in broken["broken"]
+
+
+@pytest.fixture()
+def with_unhashed_file(monkeypatch):
+    """A catalog entry like yolox-nano's plus a file with no published sha256, only a size,
+    that no source has (its URL refuses at once): as the darknet models' weights are."""
+    from dataclasses import replace
+
+    from visionserve.store import catalog
+    from visionserve.store.catalog import CatalogFile
+
+    extra = CatalogFile("extra.bin", "http://127.0.0.1:9/extra.bin", None, size=10)
+    entry = replace(get_entry("yolox-nano"), name="unhashed", files=(*get_entry("yolox-nano").files, extra))
+    monkeypatch.setitem(catalog.CATALOG, "unhashed", entry)
+    return entry
+
+
+def test_a_file_with_no_sha256_is_checked_by_its_size_and_kept_when_intact(tmp_path, mirror, with_unhashed_file):
+    """It was said "present" whatever its length, and a pull fetched it again even when
+    intact: a repair failed for want of a file that was there whole."""
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    folder = tmp_path / "store" / "unhashed"
+    folder.mkdir(parents=True)
+    (folder / "extra.bin").write_bytes(b"0123456789")
+    manifest = store.pull("unhashed")  # only the ONNX file is fetched
+    assert {(c.name, c.ok, c.detail) for c in store.verify("unhashed")} == {
+        ("extra.bin", True, "size ok (no published sha256)"), ("yolox_nano.onnx", True, "sha256 ok"),
+    }
+    manifest.path.write_bytes(b"damaged")
+    assert store.pull("unhashed").path == manifest.path  # repaired, the intact extra kept
+    assert all(c.ok for c in store.verify("unhashed"))
+    (folder / "extra.bin").write_bytes(b"0123")
+    assert ("extra.bin", False, "size 4 != 10 bytes") in {(c.name, c.ok, c.detail) for c in store.verify("unhashed")}
+    with pytest.raises(ModelError, match="could not get extra.bin"):
+        store.pull("unhashed")
+
+
+def test_verify_checks_a_model_file_outside_its_folder_and_one_that_is_gone(tmp_path, mirror):
+    """A manifest may name an absolute file: it was not checked at all. A model whose file
+    was deleted was not installed as far as verify knew, and went unreported."""
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    installed = store.pull("yolox-nano")
+    outside = tmp_path / "elsewhere" / "mine.onnx"
+    outside.parent.mkdir()
+    shutil.copy(installed.path, outside)
+    (tmp_path / "store" / "mine").mkdir()
+    installed.model_copy(update={"name": "mine", "file": str(outside)}).save(tmp_path / "store" / "mine")
+    assert [(c.name, c.ok) for c in store.verify("mine")] == [(str(outside), True)]
+    outside.write_bytes(outside.read_bytes()[:10])
+    assert [(c.name, c.ok) for c in store.verify("mine")] == [(str(outside), False)]
+    installed.path.unlink()
+    assert store.manifest("yolox-nano") is None and store.written() == ["mine", "yolox-nano"]
+    assert [(c.name, c.ok, c.detail) for c in store.verify("yolox-nano")] == [("yolox_nano.onnx", False, "missing")]
+
+
+def test_a_killed_pulls_temporary_file_is_removed_by_the_next_pull(tmp_path, mirror):
+    import os
+    import time
+
+    store = ModelStore(tmp_path / "store", mirror=str(mirror))
+    store.pull("yolox-nano").path.unlink()
+    folder = tmp_path / "store" / "yolox-nano"
+    stale, fresh = folder / ".yolox_nano.onnx.old1.part", folder / ".yolox_nano.onnx.new2.part"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"being written")  # another pull's, under way
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    store.pull("yolox-nano")
+    assert not stale.exists() and fresh.exists()
+
+
+def test_an_unreadable_mirror_file_is_a_fetch_error_and_the_next_source_is_tried(tmp_path, monkeypatch):
+    from visionserve.store import fetch as fetch_module
+    from visionserve.store.catalog import CatalogFile
+    from visionserve.store.fetch import FetchError, fetch
+
+    root = tmp_path / "mirror" / "x"
+    root.mkdir(parents=True)
+    (root / "f.bin").write_bytes(b"data")
+    real_open = Path.open
+
+    def failing_open(self, *args, **kwargs):  # a disk error, as /proc/self/mem gives
+        if self.name == "f.bin":
+            raise OSError(5, "Input/output error")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(fetch_module.Path, "open", failing_open)
+    with pytest.raises(FetchError) as e:
+        fetch(CatalogFile("f.bin", "http://127.0.0.1:9/f.bin", None, size=4), "x", tmp_path / "out" / "f.bin",
+              str(tmp_path / "mirror"))
+    assert f"{root / 'f.bin'}: cannot read it: Input/output error" in str(e.value)
+    assert "http://127.0.0.1:9/f.bin: ConnectError" in str(e.value)  # tried next
+
+
+def test_a_file_url_mirror_may_be_percent_encoded(tmp_path, mirror):
+    spaced = tmp_path / "a mirror"
+    shutil.copytree(mirror / "yolox_nano", spaced / "yolox_nano")
+    store = ModelStore(tmp_path / "store", mirror="file://" + str(spaced).replace(" ", "%20"))
+    assert store.pull("yolox-nano").path.is_file()

@@ -11,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 from visionserve import __version__
 from visionserve.store.catalog import CatalogFile
@@ -104,15 +104,18 @@ def _read(src: str, progress: Progress | None):
         except httpx.HTTPError as e:
             raise FetchError(f"{type(e).__name__}: {e}") from None
         return
-    path = Path(parsed.path if parsed.scheme == "file" else src).expanduser()
+    path = Path(unquote(parsed.path) if parsed.scheme == "file" else src)  # "~" expanded by the settings
     if not path.is_file():
         raise FetchError("no such file")
-    total = path.stat().st_size
-    done = 0
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            done += len(chunk)
-            if progress:
-                progress(done, total)
-            yield chunk
+    try:
+        total = path.stat().st_size
+        done = 0
+        with path.open("rb") as f:
+            for chunk in iter(lambda: f.read(_CHUNK), b""):
+                done += len(chunk)
+                if progress:
+                    progress(done, total)
+                yield chunk
+    except OSError as e:  # unreadable (permissions, a disk error): the next source is tried
+        raise FetchError(f"cannot read it: {e.strerror or type(e).__name__}") from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,8 @@ from visionserve.store.manifest import MANIFEST_NAME, ModelManifest, write_atomi
 VERSION_SEP = "@"
 
 
+# A folder of the store: a model's name, or a version's "<name>@<version>"; never a path.
+STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -120,6 +123,12 @@ class ModelStore:
 
     def manifest(self, name: str) -> ModelManifest | None:
         """The installed model's manifest, or None when it is not (completely) installed."""
+        manifest = self.written_manifest(name)
+        return manifest if manifest is not None and manifest.path.is_file() else None
+
+    def written_manifest(self, name: str) -> ModelManifest | None:
+        """The manifest in the model's folder, or None where there is none; whether its model
+        file is there too is not checked (``verify`` says it is missing)."""
         folder = self.folder(name)
         if not (folder / MANIFEST_NAME).is_file():
             return None
@@ -132,7 +141,13 @@ class ModelStore:
                 # One line (a ValidationError's text runs to many): the message has the problem.
                 detail=f"{folder / MANIFEST_NAME}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}",
             ) from None
-        return manifest if manifest.path.is_file() else None
+        return manifest
+
+    def written(self) -> list[str]:
+        """The names of the store's folders that hold a manifest, installed whole or not."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if (p / MANIFEST_NAME).is_file())
 
     def installed(self, broken: Callable[[str, ModelError], None] | None = None) -> list[ModelManifest]:
         """The installed models' manifests. A broken manifest raises its ModelError, or with
@@ -164,9 +179,10 @@ class ModelStore:
                 return existing
         folder = self.folder(name)
         existed = folder.exists()
+        _remove_stale_parts(folder)
         for f in entry.files:
             target = folder / f.name
-            if not force and target.is_file() and f.sha256 and sha256_file(target) == f.sha256:
+            if not force and intact(target, f.sha256, f.size):
                 continue
             try:
                 fetch(f, entry.folder, target, self.mirror, progress(f.name) if progress else None)
@@ -249,23 +265,57 @@ class ModelStore:
         return ModelManifest.load(folder)
 
     def verify(self, name: str) -> list[FileCheck]:
-        """Re-hashes an installed model's files against the catalog (or its manifest)."""
+        """Re-hashes an installed model's files against the catalog (or its manifest); a file
+        with no published sha256 is checked for its size where the catalog gives one."""
         folder = self.folder(name)
-        checks: list[FileCheck] = []
         entry = CATALOG.get(name)
-        expected = {f.name: f.sha256 for f in entry.files} if entry else {}
-        manifest = self.manifest(name)
+        manifest = self.written_manifest(name)
         if manifest is None:
             return [FileCheck(name, False, f"not installed in {folder}")]
-        if manifest.path.parent == folder:
-            expected.setdefault(manifest.path.name, manifest.sha256)
-        for fname, sha in sorted(expected.items()):
-            path = folder / fname
+        # path -> (name shown, sha256, size)
+        expected = {folder / f.name: (f.name, f.sha256, f.size) for f in entry.files} if entry else {}
+        shown = manifest.path.name if manifest.path.parent == folder else str(manifest.path)  # absolute in the manifest
+        expected.setdefault(manifest.path, (shown, manifest.sha256, None))
+        checks: list[FileCheck] = []
+        for path, (fname, sha, size) in sorted(expected.items(), key=lambda item: item[1][0]):
             if not path.is_file():
                 checks.append(FileCheck(fname, False, "missing"))
-            elif sha is None:
-                checks.append(FileCheck(fname, True, "present (no published sha256)"))
-            else:
+            elif sha is not None:
                 got = sha256_file(path)
                 checks.append(FileCheck(fname, got == sha, "sha256 ok" if got == sha else f"sha256 {got} != {sha}"))
+            elif size is not None:
+                got_size = path.stat().st_size
+                ok = got_size == size
+                checks.append(FileCheck(
+                    fname, ok, "size ok (no published sha256)" if ok else f"size {got_size} != {size} bytes",
+                ))
+            else:
+                checks.append(FileCheck(fname, True, "present (no published sha256 or size)"))
         return checks
+
+
+def intact(path: Path, sha256: str | None, size: int | None) -> bool:
+    """Whether ``path`` is the file described: by its sha256, else by its size (catalog
+    files with neither do not exist: see the catalog's tests)."""
+    if not path.is_file():
+        return False
+    if sha256:
+        return sha256_file(path) == sha256
+    return size is not None and path.stat().st_size == size
+
+
+STALE_PART_S = 600.0  # a download's temporary file unwritten this long was left by a killed pull
+
+
+def _remove_stale_parts(folder: Path) -> None:
+    """Deletes the temporary files of pulls that were killed (a pull under way writes to its
+    own file every moment, so it is left alone)."""
+    if not folder.is_dir():
+        return
+    now = time.time()
+    for part in folder.glob(".*.part"):
+        try:
+            if now - part.stat().st_mtime > STALE_PART_S:
+                part.unlink()
+        except OSError:
+            pass  # gone already, or not ours to delete
