@@ -336,7 +336,7 @@ def test_broken_manifests_are_reported_not_raised(mirror, tmp_path, model_dir):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "FAIL junk/manifest.json" in r.stdout and "ok yolox-nano/yolox_nano.onnx" in r.stdout
     r = run("models", "verify", "[/x]", model_dir=store, mirror=mirror)  # printed as written, not as markup
-    assert r.returncode == 1 and "FAIL [/x]/[/x]: not installed" in r.stdout
+    assert r.returncode == 1 and "FAIL [/x]/[/x]: not a model name" in r.stdout
 
 
 def test_the_machines_errors_are_one_line_not_a_traceback(model_dir, mirror, images, tmp_path):
@@ -498,3 +498,22 @@ def test_an_annotate_folder_that_cannot_take_drawings_fails_before_any_work(mode
     # Missing folders are made, as before.
     r = run("detect", str(images / "dog.jpg"), "--annotate", str(tmp_path / "new" / "sub"), model_dir=model_dir, mirror=mirror)
     assert r.returncode == 0 and (tmp_path / "new" / "sub" / "dog.jpg").is_file(), r.stderr
+
+
+def test_verify_of_every_model_fails_on_one_whose_file_is_gone_and_refuses_paths(mirror, tmp_path):
+    """A model whose file was deleted was left out of "every installed model" and the exit
+    was 0; a path given as a name checked a folder outside the store."""
+    store = tmp_path / "store"
+    assert run("models", "pull", "yolox-nano", model_dir=store, mirror=mirror).returncode == 0
+    (store / "yolox-nano" / "yolox_nano.onnx").unlink()
+    r = run("models", "verify", model_dir=store, mirror=mirror)
+    assert r.returncode == 1 and r.stdout.splitlines() == ["FAIL yolox-nano/yolox_nano.onnx: missing"], r.stdout
+    r = run("models", "verify", "../store/yolox-nano", model_dir=store / "sub", mirror=mirror)
+    assert r.returncode == 1 and "not a model name" in r.stdout, r.stdout
+
+
+def test_pulling_several_models_tries_each_and_fails_at_the_end(mirror, tmp_path):
+    store = tmp_path / "store"
+    r = run("models", "pull", "no-such-model", "yolox-nano", model_dir=store, mirror=mirror)
+    assert r.returncode == 1 and "no-such-model" in r.stderr and "yolox-nano: installed" in r.stderr, r.stderr
+    assert (store / "yolox-nano" / "yolox_nano.onnx").is_file()

@@ -139,8 +139,8 @@ def serve(
 
     store = ModelStore(settings.model_dir, settings.model_mirror)
     for m in settings.models:  # pull missing catalog models before listening
-        if m.path is None and not _installed(store, m.name):
-            _pull(store, m.name)
+        if m.path is None and not _installed(store, m.name) and not _pull(store, m.name):
+            raise typer.Exit(1)
     if not serve_app(create_app(settings, workers), sock, settings.queue.drain_timeout_s):
         raise typer.Exit(3)
 
@@ -225,7 +225,8 @@ def detect(
         raise typer.Exit(2)
     settings = _settings_for_model(config, model, model_dir=model_dir, model_mirror=mirror)
     try:
-        detector = OfflineDetector(settings, model, progress=lambda name: _progress_bar(name))
+        with _download_bars() as bars:
+            detector = OfflineDetector(settings, model, progress=bars)
         detector.model.thresholds(params)  # an unknown label is a mistake in the arguments, not in each image
     except InvalidParameter as e:
         _error(f"--classes: {e.message.removeprefix('classes: ')}")
@@ -382,8 +383,9 @@ def models_pull(
 
     settings = _settings(config, model_dir=model_dir, model_mirror=mirror)
     store = ModelStore(settings.model_dir, settings.model_mirror)
-    for name in names:
-        _pull(store, name, force=force)
+    failed = [name for name in names if not _pull(store, name, force=force)]  # each is tried
+    if failed:
+        raise typer.Exit(1)
 
 
 def _installed(store, name: str) -> bool:  # type: ignore[no-untyped-def]
@@ -395,31 +397,55 @@ def _installed(store, name: str) -> bool:  # type: ignore[no-untyped-def]
         return True
 
 
-def _pull(store, name: str, force: bool = False) -> None:  # type: ignore[no-untyped-def]
-    try:
-        manifest = store.pull(name, force=force, progress=_progress_bar)
-    except VisionServeError as e:
-        _error(_described(e))
-        raise typer.Exit(1) from None
+def _pull(store, name: str, force: bool = False) -> bool:  # type: ignore[no-untyped-def]
+    """Pulls one model, saying how it went; False when it failed."""
+    with _download_bars() as bars:
+        try:
+            manifest = store.pull(name, force=force, progress=bars)
+        except VisionServeError as e:
+            bars.stop()  # before the error: a bar drawn after it would hide it
+            _error(_described(e))
+            return False
     _note(f"{name}: installed in {manifest.folder} (verified)")
+    return True
 
 
-def _progress_bar(filename: str):  # type: ignore[no-untyped-def]
-    progress = Progress(TextColumn(filename), BarColumn(), DownloadColumn(), console=err, transient=True,
-                        disable=not err.is_terminal)
-    task = progress.add_task(filename, total=None)
-    started = False
+class _DownloadBars:
+    """A progress bar per file downloaded (on a terminal only); ``stop`` clears them all."""
 
-    def update(done: int, total: int | None) -> None:
-        nonlocal started
-        if not started:
-            progress.start()
-            started = True
-        progress.update(task, completed=done, total=total)
-        if total is not None and done >= total:
+    def __init__(self) -> None:
+        self._shown: list[Progress] = []
+
+    def __call__(self, filename: str):  # type: ignore[no-untyped-def]
+        progress = Progress(TextColumn(filename), BarColumn(), DownloadColumn(), console=err, transient=True,
+                            disable=not err.is_terminal)
+        self._shown.append(progress)
+        task = progress.add_task(filename, total=None)
+        started = False
+
+        def update(done: int, total: int | None) -> None:
+            nonlocal started
+            if not started:
+                progress.start()
+                started = True
+            progress.update(task, completed=done, total=total)
+            if total is not None and done >= total:
+                progress.stop()
+
+        return update
+
+    def stop(self) -> None:
+        for progress in self._shown:
             progress.stop()
 
-    return update
+
+@contextlib.contextmanager
+def _download_bars() -> Iterator[_DownloadBars]:
+    bars = _DownloadBars()
+    try:
+        yield bars
+    finally:
+        bars.stop()
 
 
 @models_app.command("verify")
@@ -430,22 +456,25 @@ def models_verify(
 ) -> None:
     """Re-hash installed models' files against the catalog; exit 1 on any mismatch."""
     from visionserve.store.manifest import MANIFEST_NAME
-    from visionserve.store.store import FileCheck, ModelStore
+    from visionserve.store.store import STORE_NAME, FileCheck, ModelStore
 
     settings = _settings(config, model_dir=model_dir)
     store = ModelStore(_store_folder(settings), settings.model_mirror)
-    broken: dict[str, ModelError] = {}
-    targets = names or [m.folder.name if m.folder else m.name for m in store.installed(broken=broken.__setitem__)]
-    if not targets and not broken:
+    # Every folder with a manifest, a model whose file is gone included (a FAIL, not skipped).
+    targets = names or store.written()
+    if not targets:
         err.print("no models installed")
         raise typer.Exit(1)
     out = Console(soft_wrap=True)  # a line per file, however narrow the terminal, for grep and scripts
     bad = 0
-    for name in sorted(targets + list(broken)):
-        try:
-            checks = store.verify(name)
-        except ModelError as e:  # its manifest is broken: the one check that fails
-            checks = [FileCheck(MANIFEST_NAME, False, e.message)]
+    for name in sorted(targets):
+        if not STORE_NAME.fullmatch(name):  # a path ("../x", "/abs") would check a folder outside the store
+            checks = [FileCheck(name, False, "not a model name")]
+        else:
+            try:
+                checks = store.verify(name)
+            except ModelError as e:  # its manifest is broken: the one check that fails
+                checks = [FileCheck(MANIFEST_NAME, False, e.message)]
         for check in checks:
             mark = "[green]ok[/green]" if check.ok else "[red]FAIL[/red]"
             out.print(f"{mark} {escape(f'{name}/{check.name}: {check.detail}')}", highlight=False)
