@@ -433,12 +433,33 @@ def test_progressive_jpeg_with_too_many_scans_is_refused_before_decoding() -> No
     assert (fine.width, fine.height) == (64, 64) and fine.pixels.shape == (64, 64, 3)
     bomb = progressive_gray_jpeg(64, 1000)
     assert simplejpeg.decode_jpeg(bomb, "RGB").shape == (64, 64, 3)  # libjpeg-turbo would decode it
-    with pytest.raises(InvalidImage, match="JPEG with 1001 scans: at most 100"):
+    with pytest.raises(InvalidImage, match="JPEG with more than 100 scans: at most 100"):
         decode_image(bomb)
     # Real progressive files stay well under the limit.
     buf = io.BytesIO()
     Image.new("RGB", (640, 480), (200, 30, 90)).save(buf, "JPEG", progressive=True)
     assert decode_image(buf.getvalue()).width == 640
+
+
+def test_data_after_the_end_of_a_jpeg_is_not_counted_as_scans(images) -> None:
+    """A motion photo (a JPEG, then a video) was refused: every FF DA pair in the video's
+    bytes (one in 64 kB of random data) was counted as a scan."""
+    dog = (images / "dog.jpg").read_bytes()
+    video = np.random.default_rng(1).integers(0, 256, 8_000_000, dtype=np.uint8).tobytes()
+    assert video.count(b"\xff\xda") > 100
+    motion_photo = dog + b"\x00\x00\x00\x1cftypmp42" + video
+    assert decode_image(motion_photo).pixels.tobytes() == decode_image(dog).pixels.tobytes()
+    with pytest.raises(InvalidImage, match="more than 100 scans"):  # a bomb's scans still count
+        decode_image(progressive_gray_jpeg(64, 1000) + video)
+
+
+def test_scans_after_a_segment_holding_an_end_of_image_marker_still_count() -> None:
+    """The walk skips a segment by its length: an FF D9 inside a comment ends nothing."""
+    bomb = progressive_gray_jpeg(64, 1000)
+    second_scan = bomb.index(b"\xff\xda", bomb.index(b"\xff\xda") + 2)
+    comment = b"\xff\xfe" + struct.pack(">H", 6) + b"\xff\xd9\xff\xd9"
+    with pytest.raises(InvalidImage, match="more than 100 scans"):
+        decode_image(bomb[:second_scan] + comment + bomb[second_scan:])
 
 
 @pytest.mark.parametrize("empty", [b"", bytearray(), memoryview(b"")])
