@@ -125,6 +125,35 @@ def test_predict_field_named_file_and_raw_bodies(client, images):
     assert r.status_code == 200 and "dog" in labels(r)
 
 
+def test_every_accepted_format_is_sniffed_in_a_form_encoded_body(client, images):
+    """curl --data-binary sends any file as a url-encoded form: a WebP was "missing image"."""
+    picture = Image.open(io.BytesIO(jpeg_of(images)))
+    for fmt in ("WEBP", "PNG", "GIF", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        picture.save(buf, fmt)
+        r = client.post("/predict", content=buf.getvalue(), headers={"content-type": "application/x-www-form-urlencoded"})
+        assert r.status_code == 200, (fmt, r.text)
+
+
+def test_of_two_image_parts_the_first_is_detected_as_deepstack_does(client, images):
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(tiny, "PNG")
+    parts = [("image", ("dog.jpg", jpeg_of(images), "image/jpeg")), ("image", ("tiny.png", tiny.getvalue(), "image/png"))]
+    native = client.post("/predict", files=parts)
+    assert native.status_code == 200 and native.json()["image"]["width"] == 768, native.text
+    deepstack = client.post("/v1/vision/detection", files=parts)
+    assert {p["label"] for p in deepstack.json()["predictions"]} == labels(native)
+
+
+@pytest.mark.parametrize("path, status", [("/predict", 415), ("/v1/vision/detection", 400)])  # DeepStack's 400
+def test_an_upload_in_a_content_coding_is_refused_not_a_broken_image(client, images, path, status):
+    gzipped = zlib.compress(jpeg_of(images), wbits=31)
+    r = client.post(path, files={"image": ("dog.jpg", gzipped, "image/jpeg")}, headers={"content-encoding": "gzip"})
+    assert r.status_code == status and "unsupported Content-Encoding 'gzip'" in r.text, r.text
+    r = client.post(path, files={"image": ("dog.jpg", jpeg_of(images), "image/jpeg")}, headers={"content-encoding": "identity"})
+    assert r.status_code == 200
+
+
 def test_predict_named_model(client, images):
     r = client.post("/predict/yolox-nano", files={"image": ("d.jpg", jpeg_of(images), "image/jpeg")})
     assert r.status_code == 200 and "bicycle" in labels(r)

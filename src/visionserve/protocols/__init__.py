@@ -18,7 +18,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from visionserve.errors import BadRequest
+from visionserve.errors import BadRequest, UnsupportedMediaType
 
 # (status, code, message, extra headers) -> response
 ErrorRenderer = Callable[[int, str, str, Mapping[str, str]], Response]
@@ -51,6 +51,14 @@ def header_timeout_ms(request: Request) -> float | None:
     if value is None:
         raise BadRequest(f"{TIMEOUT_HEADER} must be a finite number of milliseconds above 0, got {raw!r}")
     return value
+
+
+def refuse_content_encoding(request: Request) -> None:
+    """415 for an upload in a content coding (gzip, say): images are compressed already, and
+    undone by no one it would read as a broken image (the V2 routes undo gzip and deflate)."""
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding and coding != "identity":
+        raise UnsupportedMediaType(f"unsupported Content-Encoding {coding!r}: send the image as it is")
 
 
 def received_at(request: Request) -> float | None:

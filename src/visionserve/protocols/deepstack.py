@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve.config import DeepStackSettings
 from visionserve.errors import InvalidParameter, MissingImage, VisionServeError
-from visionserve.protocols import Protocol, header_timeout_ms, received_at, server_timing
+from visionserve.protocols import Protocol, header_timeout_ms, received_at, refuse_content_encoding, server_timing
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
@@ -133,6 +133,7 @@ _DETECT_OPENAPI: dict[str, Any] = {
 
 async def _read_form(request: Request) -> FormData:
     # DeepStack takes multipart (or url-encoded) forms; any other body reads as an empty form.
+    refuse_content_encoding(request)
     return await request.form(max_files=4, max_fields=32)
 
 

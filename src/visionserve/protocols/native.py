@@ -16,7 +16,10 @@ from starlette.responses import JSONResponse, Response
 
 from visionserve import __version__
 from visionserve.errors import InvalidParameter, MissingImage, UnsupportedMediaType
-from visionserve.protocols import Protocol, header_timeout_ms, received_at, server_timing, weights
+from visionserve.imaging.decode import sniff_format
+from visionserve.protocols import (
+    Protocol, header_timeout_ms, received_at, refuse_content_encoding, server_timing, weights,
+)
 from visionserve.server.admission import admitted
 from visionserve.server.disconnect import unless_disconnected
 from visionserve.types import PredictParams, Prediction
@@ -24,7 +27,6 @@ from visionserve.types import PredictParams, Prediction
 router = APIRouter()
 
 IMAGE_FIELDS = ("image", "file")
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF8", b"BM", b"II*\x00", b"MM\x00*")
 
 
 def render_error(status: int, code: str, message: str, headers: Mapping[str, str]) -> Response:
@@ -183,11 +185,13 @@ async def _predict(request: Request, model: str | None) -> Response:
 
 async def _read_image(request: Request) -> tuple[bytes, dict[str, str]]:
     """The uploaded image bytes and any plain form fields, from multipart or a raw body."""
+    refuse_content_encoding(request)
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         form = await request.form(max_files=4, max_fields=64)
         try:
-            upload = next((form[f] for f in IMAGE_FIELDS if f in form), None)
+            # The first part of the first field present, as DeepStack reads its form.
+            upload = next((form.getlist(f)[0] for f in IMAGE_FIELDS if f in form), None)
             fields = {k: v for k, v in form.items() if isinstance(v, str) and v != ""}
             if upload is None:
                 raise MissingImage("no image: send it as multipart field 'image' (or 'file')")
@@ -200,7 +204,7 @@ async def _read_image(request: Request) -> tuple[bytes, dict[str, str]]:
             raise MissingImage("the uploaded image is empty")
         return data, fields
     body = await request.body()
-    if ctype == "application/x-www-form-urlencoded" and not body.startswith(_IMAGE_MAGIC):
+    if ctype == "application/x-www-form-urlencoded" and sniff_format(body) is None:
         # A form without a file (curl --data-binary sends images with this type: sniffed above).
         raise MissingImage("no image: send it as multipart field 'image' or as a raw image body")
     if ctype and not (ctype.startswith("image/") or ctype in ("application/octet-stream", "application/x-www-form-urlencoded")):
