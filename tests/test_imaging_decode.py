@@ -219,6 +219,32 @@ def test_32bit_int_tiff_outside_16bit_range_is_stretched() -> None:
     assert (np.diff(p[0, :, 0].astype(int)) >= 0).all()
 
 
+def gray_tiff(samples: np.ndarray, sample_format: int) -> bytes:
+    """An uncompressed one-strip grayscale TIFF of ``samples`` as they are, with the
+    SampleFormat given (1 unsigned, 2 signed): Pillow always writes 32-bit ones as signed."""
+    height, width = samples.shape
+    data = samples.astype(samples.dtype.newbyteorder("<")).tobytes()
+    tags = [(256, 4, width), (257, 4, height), (258, 3, samples.dtype.itemsize * 8), (259, 3, 1), (262, 3, 1),
+            (273, 4, 0), (277, 3, 1), (278, 4, height), (279, 4, len(data)), (339, 3, sample_format)]
+    ifd_size = 2 + 12 * len(tags) + 4
+    tags[5] = (273, 4, 8 + ifd_size)  # the pixels follow the directory
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else struct.pack("<I", value))
+        for tag, kind, value in tags
+    ) + struct.pack("<I", 0)
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + data
+
+
+def test_unsigned_32bit_tiff_keeps_its_tones() -> None:
+    """Pillow reads unsigned 32-bit samples as signed: the bright half came out dark."""
+    ramp = np.tile(np.linspace(0, 2**32 - 1, 64).astype(np.uint32), (2, 1))
+    p = decode_image(gray_tiff(ramp, sample_format=1)).pixels
+    assert p[0, 0, 0] == 0 and p[0, -1, 0] == 255
+    assert (np.diff(p[0, :, 0].astype(int)) >= 0).all()  # brighter left to right throughout
+    signed = decode_image(gray_tiff(ramp.view(np.int32), sample_format=2)).pixels  # the same bits, signed
+    assert signed[0, -1, 0] < signed[0, 31, 0]
+
+
 @pytest.mark.parametrize("scale,expected_white", [(1.0, 255), (4000.0, 255)])
 def test_float_tiff(scale: float, expected_white: int) -> None:
     values = np.tile(np.linspace(0, 1, 64, dtype=np.float32) * scale, (2, 1))

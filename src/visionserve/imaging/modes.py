@@ -25,7 +25,8 @@ def to_rgb_array(image: Image.Image) -> np.ndarray:
     if mode in _SIXTEEN_BIT_MODES:
         gray = _scale_16bit(np.asarray(image))
     elif mode == "I":
-        gray = _scale_int32(np.asarray(image))
+        samples = np.asarray(image)
+        gray = _scale_int32(samples.view(np.uint32) if _unsigned_32bit_tiff(image) else samples)
     elif mode == "F":
         gray = _scale_float(np.asarray(image))
     else:
@@ -39,6 +40,17 @@ def _scale_16bit(samples: np.ndarray) -> np.ndarray:
     """0..65535 -> 0..255, rounded (255/65535 = 1/257)."""
     wide = samples.astype(np.uint32)
     return ((wide * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _unsigned_32bit_tiff(image: Image.Image) -> bool:
+    """A TIFF of unsigned 32-bit samples: Pillow reads them as signed ("I"), so values over
+    2**31 arrive negative, and stretching that range garbles the picture."""
+    tags = getattr(image, "tag_v2", None)
+    if tags is None:
+        return False
+    bits, sample_format = tags.get(258, ()), tags.get(339, (1,))  # BitsPerSample; SampleFormat (1 = unsigned)
+    first = lambda v: v[0] if isinstance(v, tuple) and v else v  # noqa: E731
+    return first(bits) == 32 and first(sample_format) == 1
 
 
 def _scale_int32(samples: np.ndarray) -> np.ndarray:
