@@ -361,56 +361,43 @@ def test_asking_for_the_status_again_leaves_a_detections_error_shown(browser, se
     assert page.locator("#error").inner_text() == "no good"
 
 
-def test_a_busy_server_is_asked_again_after_its_retry_after(browser, server, images):
-    """A full server answers 503 with Retry-After: the page said so and gave up."""
-    page, problems = _open(browser, server.url)
-    refused = []
+def _refuse(route, retry_after: str | None, message: str = "the server is at capacity") -> None:
+    """Answers an intercepted request as a full server does (without Retry-After: as one draining)."""
+    headers = {"Retry-After": retry_after} if retry_after is not None else {}
+    route.fulfill(status=503, headers=headers, json={"error": {"code": "overloaded", "message": message}})
 
-    def full_once(route):
-        if refused:
-            return route.continue_()
-        refused.append(route.request.url)
-        route.fulfill(status=503, headers={"Retry-After": "1"},
-                      json={"error": {"code": "overloaded", "message": "the server is at capacity"}})
 
-    page.route("**/predict/**", full_once)
+def _detect_dog(page, images, answer) -> list[str]:
+    """Uploads dog.jpg with ``answer`` handling its requests; the URLs it was asked."""
+    asked: list[str] = []
+    page.route("**/predict/**", lambda route: (asked.append(route.request.url), answer(route, len(asked))))
     page.set_input_files("#file", str(images / "dog.jpg"))
     page.click("#go")
+    return asked
+
+
+def test_a_busy_server_is_asked_again_after_its_retry_after(browser, server, images):
+    """A full server answers 503 with Retry-After: the page used to show the error and stop."""
+    page, problems = _open(browser, server.url)
+    asked = _detect_dog(page, images, lambda route, n: _refuse(route, "1") if n == 1 else route.continue_())
     page.wait_for_function("document.getElementById('status').textContent === 'the server is busy: trying again in 1 s…'")
     page.wait_for_function("document.getElementById('status').textContent.includes('detection(s)')", timeout=10_000)
     assert "dog" in page.locator("#results tbody tr td:first-child").all_inner_texts()
-    assert page.locator("#error").inner_text() == "" and len(refused) == 1
+    assert page.locator("#error").inner_text() == "" and len(asked) == 2
     assert problems == ["Failed to load resource: the server responded with a status of 503 (Service Unavailable)"]
 
 
 def test_a_server_that_stays_busy_is_said_in_words_after_a_few_tries(browser, server, images):
     page, _ = _open(browser, server.url)
-    tries = []
-
-    def full(route):
-        tries.append(route.request.url)
-        route.fulfill(status=503, headers={"Retry-After": "0"},
-                      json={"error": {"code": "overloaded", "message": "the server is at capacity"}})
-
-    page.route("**/predict/**", full)
-    page.set_input_files("#file", str(images / "dog.jpg"))
-    page.click("#go")
+    asked = _detect_dog(page, images, lambda route, n: _refuse(route, "0"))
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
     assert page.locator("#error").inner_text() == "the server is at capacity"
-    assert len(tries) == 4  # the first, and asked again three times
+    assert len(asked) == 4  # the first, and asked again three times
     assert page.locator("#status").inner_text() == ""
 
 
 def test_a_503_without_retry_after_is_not_asked_again(browser, server, images):
     page, _ = _open(browser, server.url)
-    tries = []
-
-    def unavailable(route):
-        tries.append(route.request.url)
-        route.fulfill(status=503, json={"error": {"code": "unavailable", "message": "draining"}})
-
-    page.route("**/predict/**", unavailable)
-    page.set_input_files("#file", str(images / "dog.jpg"))
-    page.click("#go")
+    asked = _detect_dog(page, images, lambda route, n: _refuse(route, None, "draining"))
     page.wait_for_function("document.getElementById('error').textContent.length > 0")
-    assert page.locator("#error").inner_text() == "draining" and len(tries) == 1
+    assert page.locator("#error").inner_text() == "draining" and len(asked) == 1
