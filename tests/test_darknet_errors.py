@@ -93,6 +93,8 @@ def test_unsupported_option_names_section_and_option_line(tmp_path):
         ("softmax=1", "softmax=0", r"\[region\] at line 23: .*softmax"),
         ("anchors=1,1", "anchors=1,1,2", r"\[region\] at line 23: .*anchor values"),
         ("classes=1", "classes=2", r"\[region\] at line 23: .*channels"),
+        # A grayscale network imported, then failed in ONNX Runtime on every image (3 channels fed).
+        ("channels=3", "channels=1", r"\[net\] at line 1: .*channels=1: only networks of 3 input channels"),
         ("[maxpool]\nsize=2\nstride=2", "[maxpool]\nsize=2\nstride=2\nantialiasing=1", r"\[maxpool\] at line 14: .*antialiasing"),
     ],
 )

@@ -133,6 +133,8 @@ def _net(section: Section) -> NetInfo:
     for key in ("width", "height", "channels"):
         if getattr(info, key) <= 0:
             raise section.error(f"[net] needs a positive {key}", key)
+    if info.channels != 3:  # the families feed RGB: a grayscale network imported, then never ran
+        raise section.error(f"channels={info.channels}: only networks of 3 input channels (RGB) are supported", "channels")
     section.reject_unread(_ANY_TRAINING | _NET_TRAINING)
     return info
 
