@@ -206,6 +206,11 @@ def test_models_optimize_reports_and_installs_only_what_qualifies(model_dir, mir
     assert "engine" in table
     (row,) = [line for line in table.splitlines() if f" {report['installed']} " in line]
     assert f" {chosen['backend']} " in row
+    # detect takes the name optimize gave it (it was refused as not a model name)
+    r = run("detect", "-m", report["installed"], str(images / "dog.jpg"), model_dir=store, mirror=mirror)
+    assert r.returncode == 0, r.stderr
+    answer = json.loads(r.stdout)
+    assert answer["model"] == {"name": "yolox-nano", "version": report["installed"].split("@")[1]}
 
 
 def test_models_optimize_tries_the_recipes_named(model_dir, mirror, images, tmp_path):
@@ -517,3 +522,27 @@ def test_pulling_several_models_tries_each_and_fails_at_the_end(mirror, tmp_path
     r = run("models", "pull", "no-such-model", "yolox-nano", model_dir=store, mirror=mirror)
     assert r.returncode == 1 and "no-such-model" in r.stderr and "yolox-nano: installed" in r.stderr, r.stderr
     assert (store / "yolox-nano" / "yolox_nano.onnx").is_file()
+
+
+def test_a_model_the_engine_cannot_run_is_one_error_not_a_traceback(model_dir, mirror, images, tmp_path):
+    """A graph that takes 1 channel, served as a YOLOX (3 channels): ONNX Runtime's own error
+    at the warm-up reached the terminal as a traceback."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("ReduceSum", ["images"], ["sum"], keepdims=1),
+        helper.make_node("Reshape", ["sum", "one"], ["scalar"]),
+        helper.make_node("Expand", ["scalar", "shape"], ["output"]),  # [1, 84, 6]: fits a 64x64 YOLOX of 1 label
+    ]
+    graph = helper.make_graph(
+        nodes, "gray", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 1, 64, 64])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 84, 6])],
+        [helper.make_tensor("one", TensorProto.INT64, [3], [1, 1, 1]), helper.make_tensor("shape", TensorProto.INT64, [3], [1, 84, 6])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), tmp_path / "gray.onnx")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[[models]]\nname = "gray"\npath = "{tmp_path / "gray.onnx"}"\nfamily = "yolox"\nlabels = ["a"]\n')
+    r = run("detect", "-c", str(cfg), "-m", "gray", str(images / "dog.jpg"), model_dir=model_dir, mirror=mirror)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "error: unexpected InvalidArgument while loading model 'gray'" in r.stderr and "Expected: 1" in r.stderr

@@ -167,3 +167,11 @@ def test_home_folders_are_expanded_and_an_unknown_users_is_refused(monkeypatch):
         with pytest.raises(ConfigError, match="'~no-such-user-here': no such user's home folder here"):
             load_settings()
         monkeypatch.delenv(key)
+
+
+def test_a_model_given_by_name_may_name_its_version(monkeypatch):
+    """What `models optimize` prints (NAME@VERSION) is what --model and VISIONSERVE_MODELS take."""
+    monkeypatch.setenv("VISIONSERVE_MODELS", "yolox-nano@int8, tiny-yolov2-voc")
+    s = load_settings()
+    assert [(m.name, m.version) for m in s.models] == [("yolox-nano", "int8"), ("tiny-yolov2-voc", None)]
+    assert load_settings(models=["yolox-nano@openvino"]).models[0].version == "openvino"

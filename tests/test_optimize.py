@@ -96,7 +96,9 @@ def test_report_figures_are_present_and_sane(report) -> None:
     # dog.jpg and horses.jpg: the float model finds 7 objects at the default thresholds.
     assert candidate.reference_detections >= 5
     assert 0 < candidate.matched <= candidate.reference_detections
-    assert candidate.agreement == pytest.approx(candidate.matched / candidate.reference_detections)
+    compared = max(candidate.reference_detections, candidate.candidate_detections)
+    assert candidate.agreement == pytest.approx(candidate.matched / compared)
+    assert f"agreement {candidate.matched}/{compared} " in report.summary()
     assert "int8-mixed" in report.summary() and "yolox-nano@int8" in report.summary()
 
 
@@ -142,7 +144,27 @@ def test_matching_is_per_label_and_one_to_one() -> None:
     a = agreement([ref, _dets([], [])], [got, _dets([], [])], 0.8)
     assert (a.matched, a.reference, a.candidate) == (1, 3, 3)
     assert a.fraction == pytest.approx(1 / 3)
-    assert agreement([_dets([], [])], [got]).fraction == 1.0
+    # Extra detections count against a candidate as missed ones do; nothing at all is no evidence.
+    extra = _dets([[0, 0, 100, 100], [200, 200, 300, 300], [400, 400, 500, 500]], [3, 2, 1])
+    assert agreement([_dets([[0, 0, 100, 100]], [3])], [extra]).fraction == pytest.approx(1 / 3)
+    assert agreement([_dets([], [])], [got]).fraction == 0.0
+    assert agreement([_dets([], [])], [_dets([], [])]).fraction == 0.0
+
+
+def test_images_the_float_model_finds_nothing_in_are_refused_as_evidence(store: ModelStore, tmp_path: Path) -> None:
+    """Agreement 0/0 was 100%: a version was installed on no evidence at all."""
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (320, 240), (127, 127, 127)).save(blank)
+    with pytest.raises(ModelError, match="the float model finds nothing in the evaluation images"):
+        optimize_model(store, "yolox-nano", [blank], [blank], recipes=["int8"], seconds=0.1, rounds=1)
+
+
+def test_a_version_is_not_a_base_to_optimize(store: ModelStore, images: Path) -> None:
+    """From yolox-nano@int8, --output-version 1 took the base model's own version."""
+    with pytest.raises(ModelError, match="optimize starts from the model itself: give 'yolox-nano'"):
+        optimize_model(store, "yolox-nano@int8", [images / "dog.jpg"], output_version="1", recipes=["int8"])
 
 
 def test_server_serves_the_installed_version_under_the_model_name(

@@ -71,12 +71,20 @@ def _settings(config: Path | None, **overrides: object) -> Settings:
 
 
 def _settings_for_model(config: Path | None, model: str | None, **overrides: object) -> Settings:
-    """Settings in which ``model`` is the default. A model the config lists keeps its
-    settings there; any other is a catalog or store model on its own defaults."""
+    """Settings in which ``model`` (NAME or NAME@VERSION) is the default. A model the config
+    lists keeps its settings there (the version given replacing its own); any other is a
+    catalog or store model on its own defaults."""
     settings = _settings(config, **overrides)
-    if model is None or model in {m.name for m in settings.models}:
+    if model is None:
         return settings
-    return _settings(config, **overrides, models=[model], default_model=model)
+    name, _, version = model.partition("@")
+    listed = next((m for m in settings.models if m.name == name), None)
+    if listed is not None and not version:
+        return settings
+    entry = listed.model_dump(exclude_unset=True) if listed is not None else {"name": name}
+    if version:
+        entry["version"] = version
+    return _settings(config, **overrides, models=[entry], default_model=name)
 
 
 def _version(value: bool) -> None:
@@ -97,7 +105,7 @@ def serve(
     config: ConfigOpt = None,
     host: Annotated[Optional[str], typer.Option(help="address to listen on (0.0.0.0 to expose it)", show_default="127.0.0.1")] = None,
     port: Annotated[Optional[int], typer.Option(help="port", show_default="9130")] = None,
-    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="model to serve (repeatable); the first is the default")] = None,
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="model to serve, NAME or NAME@VERSION (repeatable); the first is the default")] = None,
     model_dir: ModelDirOpt = None,
     mirror: MirrorOpt = None,
     log_format: Annotated[Optional[str], typer.Option(help="text or json")] = None,
@@ -185,7 +193,7 @@ def detect(
     # readable=False: one unreadable path is that image's error (or the folder's line), as a
     # missing one is, not a usage error that stops every other image.
     paths: Annotated[list[Path], typer.Argument(help="images or folders of images", readable=False)],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model name", show_default="the configured default")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model name, or NAME@VERSION", show_default="the configured default")] = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="jsonl or csv")] = "jsonl",
     annotate_dir: Annotated[Optional[Path], typer.Option("--annotate", help="write images with boxes drawn here")] = None,
     min_confidence: Annotated[Optional[float], typer.Option(min=0, max=1)] = None,
@@ -226,7 +234,7 @@ def detect(
     settings = _settings_for_model(config, model, model_dir=model_dir, model_mirror=mirror)
     try:
         with _download_bars() as bars:
-            detector = OfflineDetector(settings, model, progress=bars)
+            detector = OfflineDetector(settings, model.partition("@")[0] if model else None, progress=bars)
         detector.model.thresholds(params)  # an unknown label is a mistake in the arguments, not in each image
     except InvalidParameter as e:
         _error(f"--classes: {e.message.removeprefix('classes: ')}")

@@ -124,13 +124,12 @@ class ModelLoadFailed(VisionServeError):
     code, status = "model_load_failed", 400
 
 
-def unexpected_error(e: BaseException, doing: str) -> ModelError:
+def unexpected_error(e: BaseException, doing: str, details_in: str | None = "the server log") -> ModelError:
     """A ModelError for an exception nobody anticipated: its type for clients, its text
-    (which may hold file paths) for the log."""
-    return ModelError(
-        f"unexpected {type(e).__name__} while {doing} (the server log has the details)",
-        detail=f"{type(e).__name__}: {e}",
-    )
+    (which may hold file paths) for the log, or, from a command, for the terminal
+    (``details_in`` None: the CLI prints the detail below the message)."""
+    where = f" ({details_in} has the details)" if details_in else ""
+    return ModelError(f"unexpected {type(e).__name__} while {doing}{where}", detail=f"{type(e).__name__}: {e}")
 
 
 class ConfigError(Exception):

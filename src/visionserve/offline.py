@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from visionserve.config import ModelConfig, Settings
-from visionserve.errors import InputError, MissingImage, OutputError
+from visionserve.errors import InputError, MissingImage, OutputError, VisionServeError, unexpected_error
 from visionserve.imaging.decode import decode_image
 from visionserve.imaging.draw import render_annotated
 from visionserve.protocols.native import prediction_json
@@ -26,7 +26,12 @@ class OfflineDetector:
             store.pull(name, progress=progress)
         self.settings = settings
         self.model = ServedModel(manifest_for(config, store), settings.runtime)
-        self.model.load()
+        try:
+            self.model.load()
+        except VisionServeError:
+            raise
+        except Exception as e:  # the engine's own (a graph whose input does not fit the family, say)
+            raise unexpected_error(e, f"loading model {name!r}", details_in=None) from None
 
     def detect_file(self, path: Path, params: PredictParams, annotate_to: Path | None = None) -> dict[str, Any]:
         """The image's prediction as the server's JSON answer, with ``file`` (and ``annotated``:

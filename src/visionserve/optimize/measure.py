@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from visionserve.errors import VisionServeError, unexpected_error
 from visionserve.runtime.model import ServedModel
 from visionserve.runtime.cpus import cpu_count
 from visionserve.runtime.session import Session, create_session
@@ -48,8 +49,14 @@ class Agreement:
     candidate: int  # detections of the candidate
 
     @property
+    def compared(self) -> int:
+        """The larger count: a detection missed and one added both count against agreement."""
+        return max(self.reference, self.candidate)
+
+    @property
     def fraction(self) -> float:
-        return self.matched / self.reference if self.reference else 1.0
+        # Nothing to compare is no evidence of agreement (optimize_model refuses it up front).
+        return self.matched / self.compared if self.compared else 0.0
 
 
 class _Bench:
@@ -128,7 +135,12 @@ def served_detections(
     """Detections of ``variant`` through the server's own model object (load checks included)."""
     update = {"file": str(Path(variant.path).resolve()), "backend": variant.backend, "backend_options": variant.options}
     model = ServedModel(manifest.model_copy(update=update), RuntimeSettings())
-    model.load()
+    try:
+        model.load()
+    except VisionServeError:
+        raise
+    except Exception as e:  # the engine's own: for the report (a candidate) or the terminal (the float model)
+        raise unexpected_error(e, f"loading {manifest.name} on {variant.backend}", details_in=None) from None
     try:
         return [model.predict(pixels, thresholds, {}) for pixels in images]
     finally:

@@ -18,7 +18,7 @@ from visionserve.optimize.graph import prepare_float_graph
 from visionserve.optimize.measure import Agreement, Speed, Variant, agreement, measure_speeds, served_detections
 from visionserve.optimize.recipes import RECIPES, Quantization, Recipe, default_recipes
 from visionserve.runtime.cpus import cpu_count
-from visionserve.store.store import ModelStore, check_derived_version, version_ref
+from visionserve.store.store import VERSION_SEP, ModelStore, check_derived_version, version_ref
 from visionserve.types import Thresholds
 
 FLOAT = "float"
@@ -34,7 +34,7 @@ class CandidateResult:
     cpu_ms: float  # CPU ms per inference at full load
     cpu_speedup: float  # float model's cpu_ms / this one's
     latency_ms: float  # one image, all cores
-    agreement: float  # fraction of the float model's detections matched
+    agreement: float  # matched pairs over the larger of the two detection counts
     matched: int
     reference_detections: int
     candidate_detections: int
@@ -75,7 +75,7 @@ class OptimizeReport:
         for c in self.candidates:
             lines.append(
                 f"  {c.name:14s} {c.throughput:7.1f} img/s  {c.cpu_ms:6.2f} CPU ms/inf  {c.latency_ms:6.2f} ms latency  "
-                f"x{c.speedup:.2f} (CPU x{c.cpu_speedup:.2f})  agreement {c.matched}/{c.reference_detections} "
+                f"x{c.speedup:.2f} (CPU x{c.cpu_speedup:.2f})  agreement {c.matched}/{max(c.reference_detections, c.candidate_detections)} "
                 f"= {c.agreement:.0%}  {'ACCEPTED' if c.accepted else 'rejected: ' + c.reason}"
             )
         lines.append(f"  installed: {self.installed}" if self.installed else "  nothing installed: no candidate qualified")
@@ -112,12 +112,15 @@ def optimize_model(
     engine is installed here) and installs the fastest one whose detections agree with the
     float model's.
 
-    A candidate qualifies when at least ``min_agreement`` of the float model's detections on
-    ``eval_images`` (default: the calibration images) have a same-label candidate box at IoU
-    >= ``min_iou``, and its throughput at full load (``workers`` single-threaded sessions,
+    A candidate qualifies when its detections on ``eval_images`` (default: the calibration
+    images) pair one-to-one with the float model's (same label, IoU >= ``min_iou``) for at
+    least ``min_agreement`` of the larger of the two counts (so that missed detections and
+    extra ones both count against it), and its throughput at full load (``workers`` single-threaded sessions,
     default one per core) is at least ``min_speedup`` times the float model's in the same
     run. The winner goes into the store as ``<name>@<output_version or recipe name>``.
     """
+    if VERSION_SEP in name:  # its "float" row would be that version, and its own version free to take
+        raise ModelError(f"optimize starts from the model itself: give {name.split(VERSION_SEP)[0]!r}, not {name!r}")
     manifest = store.manifest(name)
     if manifest is None:
         raise ModelError(f"model {name!r} is not installed")
@@ -137,6 +140,11 @@ def optimize_model(
         tensors = calibration_tensors(family, calibration_images, augment=augment)
         variants = {FLOAT: Variant(manifest.path, manifest.backend, manifest.backend_options)}
         reference = served_detections(manifest, variants[FLOAT], eval_pixels, thresholds)
+        if not any(len(d) for d in reference):
+            raise ModelError(
+                f"the float model finds nothing in the {role}s at its own thresholds: no detections to compare "
+                "a faster version's against (give images with objects it detects, e.g. --eval DIR)"
+            )
         built: dict[Quantization, Path] = {}  # recipes on several engines share one graph
         build_s: dict[str, float] = {}
         agreements: dict[str, Agreement] = {}
