@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -84,6 +85,17 @@ def test_import_darknet_then_serve_and_detect(mirror, images, tmp_path):
     assert r.returncode == 0, r.stderr
     record = json.loads(r.stdout)
     assert record["model"]["name"] == "my-fastest" and {"dog", "bicycle", "car"} <= {d["label"] for d in record["detections"]}
+    # Imported again under that name: refused (a version made from it would serve the old
+    # graph), unless replaced on purpose, which names the versions to make again.
+    again = ("models", "import-darknet", str(folder / "yolo-fastest-xl.cfg"), str(folder / "yolo-fastest-xl.weights"),
+             "--labels", str(folder / "voc.names"), "--name", "my-fastest")
+    r = cli(*again, model_dir=store, mirror=mirror)
+    assert r.returncode == 2 and "'my-fastest' is installed already: --replace replaces it" in r.stderr, r.stderr
+    shutil.copytree(store / "my-fastest", store / "my-fastest@int8")
+    r = cli(*again, "--replace", model_dir=store, mirror=mirror)
+    assert r.returncode == 0 and "make them again (visionserve models optimize my-fastest): my-fastest@int8" in r.stderr
+    r = cli(*again[:-1], "../outside", model_dir=store, mirror=mirror)
+    assert r.returncode == 2 and "'../outside' is not a model name" in r.stderr and not (tmp_path / "outside").exists()
 
 
 def test_import_darknet_rejects_a_truncated_weights_file(mirror, tmp_path):

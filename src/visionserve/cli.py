@@ -497,18 +497,27 @@ def models_import_darknet(
     weights: Annotated[Path, typer.Argument(help="darknet .weights file", exists=True, dir_okay=False)],
     labels: Annotated[Path, typer.Option("--labels", help="class names, one a line (.names)", exists=True, dir_okay=False)],
     name: Annotated[Optional[str], typer.Option("--name", help="model name", show_default="the cfg's file name")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="replace a model of that name already installed")] = False,
     config: ConfigOpt = None,
     model_dir: ModelDirOpt = None,
 ) -> None:
     """Convert a darknet model (cfg + weights) to ONNX in the model store; serve it with --model NAME."""
+    from visionserve.config import MODEL_NAME
     from visionserve.darknet import import_darknet
-
     from visionserve.store.catalog import CATALOG
+    from visionserve.store.manifest import MANIFEST_NAME
 
     settings = _settings(config, model_dir=model_dir)
     name = name or cfg.stem
+    if not MODEL_NAME.fullmatch(name):  # also a folder of the store: never a path
+        _error(f"{name!r} is not a model name: letters, digits, '.', '_' and '-' (give one with --name)")
+        raise typer.Exit(2)
     if name in CATALOG:  # its folder is the catalog's: pull and verify would take the import for it
         _error(f"{name!r} is a catalog model's name: give the import another with --name")
+        raise typer.Exit(2)
+    installed = settings.model_dir / name / MANIFEST_NAME
+    if installed.exists() and not replace:
+        _error(f"{name!r} is installed already: --replace replaces it, or give the import another name with --name")
         raise typer.Exit(2)
     try:
         manifest = import_darknet(cfg, weights, labels, settings.model_dir / name, name)
@@ -521,6 +530,9 @@ def models_import_darknet(
         highlight=False,
         markup=False,
     )
+    stale = sorted(p.name for p in settings.model_dir.glob(f"{name}@*") if (p / MANIFEST_NAME).is_file())
+    if stale:  # built from the graph replaced: they would go on serving it under this name
+        _note(f"made from the model replaced, so make them again (visionserve models optimize {name}): {', '.join(stale)}")
 
 
 @models_app.command("optimize")
@@ -529,7 +541,7 @@ def models_optimize(
     calibration: Annotated[Path, typer.Option("--calibration", help="folder (or file) of representative images", exists=True)],
     evaluate: Annotated[Optional[Path], typer.Option("--eval", help="images to compare detections on", show_default="the calibration images", exists=True)] = None,
     output_version: Annotated[Optional[str], typer.Option("--output-version", help="version name of the result", show_default="the recipe's name")] = None,
-    min_agreement: Annotated[float, typer.Option(min=0, max=1, help="share of the float model's detections a version must keep")] = 0.95,
+    min_agreement: Annotated[float, typer.Option(min=0, max=1, help="share of detections a version's must match the float model's in (of the larger count)")] = 0.95,
     min_speedup: Annotated[float, typer.Option(min=0, help="throughput a version must reach, relative to float")] = 1.05,
     seconds: Annotated[float, typer.Option(min=0.2, help="seconds per speed measurement round")] = 2.0,
     recipe: Annotated[
