@@ -226,6 +226,19 @@ def test_a_complete_slow_upload_waiting_for_a_place_past_its_body_deadline_gets_
         held.close()
 
 
+def test_a_body_refused_by_its_declared_size_holds_no_place(server_factory, images):
+    """413 from Content-Length is answered ahead of the admission gate: the place the HTTP
+    protocol had taken at the headers was never given back, and each such request shrank the
+    server's capacity for good."""
+    server = server_factory(env=ONE_WORKER_NO_QUEUE)  # one place
+    for _ in range(3):
+        with connect(server.url) as s:
+            s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 999999999\r\n\r\n")
+            assert read_response(s).split(b" ")[1] == b"413"
+    assert metric(httpx.get(server.url + "/metrics").text, "visionserve_requests_in_flight") == 0
+    assert post_image(server.url, images / "dog.jpg").status_code == 200
+
+
 def test_a_slow_upload_that_gave_its_place_up_is_served_when_one_is_free_and_refused_when_none_is(
     server_factory, images
 ):

@@ -146,15 +146,20 @@ def test_refused_connections_are_bounded_in_time_and_size(server_factory, images
         stalled.sendall(head.format(1000, "").encode() + b"x")
         stalled_since = time.monotonic()
         assert read_response(stalled).startswith(b"HTTP/1.1 503")
-        # A body over the size limit: closed once it runs over.
+        # A body over the size limit: closed once it runs over. Chunked: one that says its
+        # size up front gets 413 at once (and takes no place), full server or not.
         huge = connect(srv.url)
-        huge.sendall(head.format(10_000_000, "").encode())
+        huge.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n")
         assert read_response(huge).startswith(b"HTTP/1.1 503")
         try:
             for _ in range(100):
-                huge.sendall(bytes(10_000))
+                huge.sendall(b"2710\r\n" + bytes(10_000) + b"\r\n")
         except (BrokenPipeError, ConnectionResetError):
             pass
+        declared = connect(srv.url)
+        declared.sendall(head.format(10_000_000, "").encode())
+        assert read_response(declared).startswith(b"HTTP/1.1 413")
+        declared.close()
         assert _closed_within(huge, 5)
         # Each within its own limit of its last byte, with 1.5 s to spare (the header
         # deadline, 10 s, would close them too, later).

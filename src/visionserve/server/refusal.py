@@ -83,6 +83,11 @@ class Refusals:
         route = self.routes.match(method, path)
         if route is None:
             return None
+        declared = next((v for k, v in headers if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            # Refused by its size (413) ahead of the admission gate, which would have given
+            # the place back: it takes none.
+            return None
         try:
             return self.scheduler.admit()
         except Overloaded as e:
