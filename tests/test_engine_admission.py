@@ -733,3 +733,23 @@ def test_v2_batch_larger_than_the_capacity_is_served(server_factory, images):
         assert len(counts) == 6 and counts[2] == 0 and counts[0] == counts[4] >= 3
         # All places are free again afterwards.
         assert metric(c.get("/metrics").text, "visionserve_requests_in_flight") == 0
+
+
+def test_a_v2_batch_with_one_bad_image_leaves_none_of_its_other_images_queued(server_factory, images):
+    """The 400 for the bad image came at once, but the other images' jobs stayed queued and
+    ran after the request had given its places back: 20 such requests left 12 jobs queued on
+    a server of 3 places, and each later request waited behind them. Now they are dropped
+    before the answer goes out."""
+    import base64
+
+    srv = server_factory(env={"VISIONSERVE_RUNTIME__INFERENCE_WORKERS": "2"})
+    dog = base64.b64encode((images / "dog.jpg").read_bytes()).decode()
+    broken = base64.b64encode((images / "dog.jpg").read_bytes()[:2000]).decode()
+    body = {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [16],
+                        "parameters": {"content_type": "base64"}, "data": [broken] + [dog] * 15}]}
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        for _ in range(3):
+            r = c.post("/v2/models/yolox-nano/infer", json=body)
+            assert r.status_code == 400, r.text
+            text = c.get("/metrics").text
+            assert metric(text, "visionserve_queue_depth") == 0 and metric(text, "visionserve_requests_in_flight") == 0

@@ -14,7 +14,7 @@ import gzip
 import traceback
 import zlib
 from functools import partial
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -222,6 +222,20 @@ async def infer_version(request: Request, name: str, version: str) -> Response:
     return await _infer(request, name, version)
 
 
+async def _every_one(jobs: list[Awaitable[Prediction]]) -> list[Prediction]:
+    """Every job's prediction, in order. On the first failure the others are cancelled, their
+    queued work dropped, before the failure is raised: gather left them queued after the
+    request had given its places back, past the server's capacity."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # gone before the places are
+        raise
+
+
 async def _infer(request: Request, name: str, version: str | None) -> Response:
     settings = request.app.state.settings
     model = request.app.state.registry.get(name)
@@ -251,7 +265,7 @@ async def _infer(request: Request, name: str, version: str | None) -> Response:
             jobs = [service.detect(name, data, params, deadline=deadline) for data in images]
         else:
             jobs = [service.detect_pixels(name, pixels, params, deadline=deadline) for pixels in images]
-        predictions: list[Prediction] = list(await unless_disconnected(request.receive, asyncio.gather(*jobs)))
+        predictions: list[Prediction] = await unless_disconnected(request.receive, _every_one(jobs))
 
     tensors = {t.name: t for t in _output_tensors(predictions, batched)}
     entries, chunks = [], []
