@@ -16,7 +16,7 @@ import pytest
 
 from visionserve.config import QueueSettings, RuntimeSettings
 from visionserve.errors import Overloaded
-from visionserve.runtime.scheduler import Scheduler
+from visionserve.runtime.scheduler import Scheduler, reserve, unreserve
 from visionserve.types import DecodedImage, Detections
 
 from engine_helpers import (
@@ -753,3 +753,53 @@ def test_a_v2_batch_with_one_bad_image_leaves_none_of_its_other_images_queued(se
             assert r.status_code == 400, r.text
             text = c.get("/metrics").text
             assert metric(text, "visionserve_queue_depth") == 0 and metric(text, "visionserve_requests_in_flight") == 0
+
+
+class QuickModel(HeldModel):
+    """A stand-in model that answers at once, batching up to ``max_batch_size`` images."""
+
+    def __init__(self, name: str, max_batch_size: int) -> None:
+        super().__init__()
+        self.name, self.max_batch_size = name, max_batch_size
+        self.batches: list[int] = []
+
+    def run(self, batch, wide):
+        self.batches.append(len(batch))
+        return [np.zeros((len(batch), 1), np.float32)]
+
+
+def test_a_batch_waiting_to_fill_holds_back_neither_other_models_nor_a_request_gone():
+    """While one model's partial batch waited for more images (up to max_queue_delay_ms), a
+    job of another model behind it waited too, with a worker free; and a request that left
+    without a job still counted as one that might join, so the batch waited out its delay."""
+    batched, single = QuickModel("batched", 4), QuickModel("single", 1)
+
+    def job(scheduler: Scheduler, ticket, model: QuickModel) -> asyncio.Future:  # type: ignore[no-untyped-def]
+        token = reserve(ticket)  # the job runs under its request's place, as in the server
+        try:
+            return asyncio.ensure_future(scheduler.run(model, model.prepare, None))
+        finally:
+            unreserve(token)
+
+    async def scenario(scheduler: Scheduler) -> tuple[float, float]:
+        tickets = [scheduler.admit() for _ in range(3)]
+        started = time.monotonic()
+        first = job(scheduler, tickets[0], batched)  # waits for the two others, which may still join its batch
+        await asyncio.sleep(0.05)
+        assert not first.done() and batched.batches == []
+        await asyncio.wait_for(job(scheduler, tickets[1], single), 2)  # another model: at once
+        other_model = time.monotonic() - started
+        tickets[1].release()
+        tickets[2].release()  # gone without an image: none can join now
+        await asyncio.wait_for(first, 2)
+        tickets[0].release()
+        return other_model, time.monotonic() - started
+
+    queue = QueueSettings(max_queue=4, max_batch_size=4, max_queue_delay_ms=10_000)
+    scheduler = Scheduler(RuntimeSettings(inference_workers=2, worker_mode="threads"), queue)
+    try:
+        other_model, batch = asyncio.run(scenario(scheduler))
+    finally:
+        scheduler.shutdown()
+    assert other_model < 2 and batch < 2  # not the 10 s delay
+    assert batched.batches == [1] and single.batches == [1]

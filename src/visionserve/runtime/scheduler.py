@@ -212,6 +212,8 @@ class Scheduler:
         if ticket.receiving_since is not None:
             ticket.receiving_since = None
             self._receiving.pop(ticket, None)
+        if self._batch_timer is not None:
+            self._dispatch()  # one request fewer that could join a waiting batch: it may go now
 
     def _hand_over(self) -> None:
         """Free places go to the complete slow uploads waiting for one, first come first."""
@@ -410,8 +412,11 @@ class Scheduler:
     # -- dispatch (event loop thread only) -----------------------------------------------
 
     def _dispatch(self) -> None:
-        while self._queue and self._free > 0:
-            head = self._queue[0]
+        waiting: set[int] = set()  # models whose partial batch waits: their jobs stay, others go on
+        while self._free > 0:
+            head = next((j for j in self._queue if id(j.model) not in waiting), None)
+            if head is None:
+                return
             model = head.model
             if self._free == self._slots and self.admitted <= 1 and len(self._queue) == 1 and model.has_wide_session:
                 self._queue.popleft()
@@ -420,11 +425,13 @@ class Scheduler:
             if model.max_batch_size > 1:
                 batch = [j for j in self._queue if j.model is model][: model.max_batch_size]
                 if len(batch) < model.max_batch_size and self._worth_waiting(head):
-                    return
+                    waiting.add(id(model))
+                    continue
                 for j in batch:
                     self._queue.remove(j)
             else:
-                batch = [self._queue.popleft()]
+                self._queue.remove(head)
+                batch = [head]
             self._start(batch, wide=False)
 
     def _worth_waiting(self, head: Job) -> bool:
