@@ -204,3 +204,14 @@ def test_a_configured_version_that_is_not_installed_fails_instead_of_serving_the
     # The base model's own version, and an installed one, resolve as before.
     assert manifest_for(ModelConfig(name="yolox-nano", version=base.version), store).path == base.path
     assert manifest_for(ModelConfig(name="yolox-nano", version="int8"), store).path == store.manifest("yolox-nano@int8").path
+
+
+def test_a_version_that_could_not_be_installed_is_refused_before_any_work(store: ModelStore, images: Path) -> None:
+    """A file where the version's folder goes: the error came after the build and the measurements."""
+    blocked = store.folder("yolox-nano@blocked")
+    blocked.write_text("not a folder")
+    try:
+        with pytest.raises(ModelError, match="cannot install 'yolox-nano@blocked': something other than a folder"):
+            optimize_model(store, "yolox-nano", [images / "dog.jpg"], output_version="blocked", recipes=["int8"])
+    finally:
+        blocked.unlink()

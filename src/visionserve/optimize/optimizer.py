@@ -129,6 +129,8 @@ def optimize_model(
     candidates = chosen_recipes(recipes)
     if output_version is not None:  # refused before anything is built
         check_derived_version(manifest, output_version)
+    # Minutes of building and measuring would end in a version that cannot be installed.
+    store.check_writable([version_ref(name, output_version or r.name) for r in candidates])
     family = get_family(manifest.family)(manifest)
     role = "evaluation image" if eval_images else "calibration image"
     eval_pixels = [load_rgb(p, role) for p in (eval_images or calibration_images)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -142,6 +143,21 @@ class ModelStore:
                 detail=f"{folder / MANIFEST_NAME}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}",
             ) from None
         return manifest
+
+    def check_writable(self, names: list[str]) -> None:
+        """ModelError unless the store takes new files and each of ``names`` can have its
+        folder (none, or a folder already: not a file in the way)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.root):
+                pass
+        except OSError as e:
+            raise ModelError(f"cannot write to the model store: {e.strerror or e}", detail=f"{self.root}: {e}") from None
+        for name in names:
+            folder = self.folder(name)
+            if folder.exists() and not folder.is_dir():
+                raise ModelError(f"cannot install {name!r}: something other than a folder is in its place",
+                                 detail=str(folder))
 
     def written(self) -> list[str]:
         """The names of the store's folders that hold a manifest, installed whole or not."""
