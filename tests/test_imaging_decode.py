@@ -488,6 +488,25 @@ def test_scans_after_a_segment_holding_an_end_of_image_marker_still_count() -> N
         decode_image(bomb[:second_scan] + comment + bomb[second_scan:])
 
 
+def test_scans_hidden_from_the_walk_by_junk_it_would_read_as_a_segment_still_count() -> None:
+    """libjpeg passes over FF 00 between segments as junk; the walk read it as a marker with
+    a length and jumped over the scans behind it to an end-of-image marker: 0 scans counted,
+    1000 decoded (by Pillow, strict TurboJPEG refusing the junk), 13 s of a worker."""
+    bomb = progressive_gray_jpeg(64, 1000)
+    first_scan = bomb.index(b"\xff\xda")
+    scans = bomb[first_scan:-2]
+    hidden = bomb[:first_scan] + b"\xff\x00" + struct.pack(">H", 2 + len(scans[:60_000]))
+    hidden += scans[:60_000] + b"\xff\xd9\x00\x00" + scans[60_000:] + b"\xff\xd9"
+    with pytest.raises(InvalidImage, match="more than 100 scans"):
+        decode_image(hidden)
+
+
+def test_a_jpeg_of_fill_bytes_is_refused_before_pillow_walks_them_one_by_one() -> None:
+    """Pillow's JPEG reader steps through FF fill bytes in Python: 19 MB of them took 5 s."""
+    with pytest.raises(InvalidImage, match="JPEG with over 65536 fill bytes"):
+        decode_image(b"\xff\xd8" + b"\xff" * 5_000_000 + b"\xff\xd9")
+
+
 @pytest.mark.parametrize("empty", [b"", bytearray(), memoryview(b"")])
 def test_empty_upload_is_missing_image(empty) -> None:
     with pytest.raises(MissingImage) as caught:

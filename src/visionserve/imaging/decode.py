@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from typing import Final
 
 import numpy as np
@@ -159,6 +160,11 @@ def _check_scans(buf: bytes) -> None:
 
 
 _MAX_SEGMENTS: Final = 4 * MAX_JPEG_SCANS + 1000  # markers walked before counting the old way
+# Segments libjpeg skips or reads by their length: SOFn, DHT, DAC (C0-CF), SOS, DQT, DNL, DRI,
+# DHP, EXP, APPn, COM. Any other code (reserved, or 00 where a marker should be, which
+# libjpeg passes over as junk) stops the walk: it would not skip that as the walk would.
+_SEGMENTS_WITH_LENGTH: Final = frozenset([*range(0xC0, 0xD0), *range(0xDA, 0xE0), *range(0xE0, 0xF0), 0xFE])
+_NOT_FF: Final = re.compile(rb"[^\xff]")
 
 
 def _jpeg_scans(buf: bytes) -> int:
@@ -166,35 +172,44 @@ def _jpeg_scans(buf: bytes) -> int:
 
     Data after that marker is not the image's (a phone's motion photo appends a video), and an
     EXIF thumbnail's scans are inside an APP segment: the walk skips segments by their length
-    and entropy-coded data to its next marker, so neither counts. The markers are found
-    vectorised, the walk goes over them only. A file too odd to walk (a length running off,
+    and entropy-coded data to its next marker, as libjpeg reads them, so neither counts. The
+    markers are found vectorised, the walk goes over them only. Anything the walk would not
+    read as libjpeg does (junk between segments, an unknown marker, a length running off,
     thousands of segments) has every FF DA pair counted instead: never fewer than its scans.
     """
     data = np.frombuffer(buf, np.uint8)
-    after_ff = data[1:][data[:-1] == 0xFF]
-    every_sos = int(np.count_nonzero(after_ff == _SOS[1]))
+    ff = data[:-1] == 0xFF
+    every_sos = int(np.count_nonzero(ff & (data[1:] == _SOS[1])))
     if every_sos <= MAX_JPEG_SCANS:
         return every_sos  # the usual case: no walk needed
     # FF then a marker code: in entropy-coded data a 0xFF is followed by 0x00 (stuffing), a
     # restart marker (D0-D7) or a marker that ends the scan. FF FF is fill.
-    ff = np.flatnonzero(data[:-1] == 0xFF)
-    markers = ff[(after_ff != 0x00) & (after_ff != 0xFF) & ((after_ff < 0xD0) | (after_ff > 0xD7))]
+    code = data[1:]
+    markers = np.flatnonzero(ff & (code != 0x00) & (code != 0xFF) & ((code < 0xD0) | (code > 0xD7)))
+    del ff, code
     n, pos, scans = len(buf), 2, 0  # past SOI
     for _ in range(_MAX_SEGMENTS):
-        while pos + 1 < n and buf[pos] == 0xFF and buf[pos + 1] == 0xFF:
-            pos += 1  # fill bytes before a marker
+        if pos + 1 < n and buf[pos] == 0xFF and buf[pos + 1] == 0xFF:
+            past_fill = _NOT_FF.search(buf, pos)  # fill bytes before a marker (at C speed)
+            if past_fill is None:
+                return every_sos
+            pos = past_fill.start() - 1
         if pos + 3 >= n or buf[pos] != 0xFF:
             return every_sos  # not where a marker should be
-        code = buf[pos + 1]
-        if code == 0xD9:  # end of image
+        marker = buf[pos + 1]
+        if marker == 0xD9:  # end of image
             return scans
-        if 0xD0 <= code <= 0xD7 or code == 0x01:  # standalone markers
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
             pos += 2
             continue
+        if marker not in _SEGMENTS_WITH_LENGTH:
+            return every_sos
         end = pos + 2 + int.from_bytes(buf[pos + 2:pos + 4], "big")
-        if code != _SOS[1]:
+        if marker != _SOS[1]:
             pos = end
             continue
+        if pos + 4 >= n or end != pos + 2 + 6 + 2 * buf[pos + 4]:  # libjpeg refuses any other SOS length
+            return every_sos
         scans += 1
         if scans > MAX_JPEG_SCANS:
             return scans
@@ -203,6 +218,20 @@ def _jpeg_scans(buf: bytes) -> int:
             return scans  # the data runs to the end of the file (truncated): the decoder says so
         pos = int(markers[following])
     return every_sos
+
+
+_MAX_FILL: Final = 65536  # FF bytes in a row; a photo has a few (fill before a marker) at most
+
+
+def _decode_jpeg_with_pillow(buf: bytes, max_pixels: int) -> DecodedImage:
+    """Pillow's JPEG reader walks the header a byte at a time in Python: 19 MB of fill
+    bytes took it 5 s. A run of FF that long is refused first (vectorised, milliseconds)."""
+    ff = np.zeros(len(buf) + 2, np.bool_)
+    np.equal(np.frombuffer(buf, np.uint8), 0xFF, out=ff[1:-1])
+    edges = np.flatnonzero(ff[1:] != ff[:-1])  # where runs of FF start, then end, alternating
+    if len(edges) and int((edges[1::2] - edges[0::2]).max()) > _MAX_FILL:
+        raise InvalidImage(f"JPEG with over {_MAX_FILL} fill bytes (FF) in a row")
+    return _decode_with_pillow(buf, "jpeg", max_pixels)
 
 
 def _decode_jpeg(
@@ -214,11 +243,11 @@ def _decode_jpeg(
         # Headers libjpeg-turbo's TurboJPEG layer cannot classify (odd subsampling) may
         # still be fine for libjpeg proper; Pillow decides, or explains what is wrong.
         _check_scans(buf)
-        return _decode_with_pillow(buf, "jpeg", max_pixels)
+        return _decode_jpeg_with_pillow(buf, max_pixels)
     _check_pixels(width, height, max_pixels)
     _check_scans(buf)
     if colorspace in _JPEG_NEEDS_PILLOW:
-        return _decode_with_pillow(buf, "jpeg", max_pixels)
+        return _decode_jpeg_with_pillow(buf, max_pixels)
 
     orientation = orientation_from_exif_block(jpeg_exif_block(buf))
     stored_min = _stored_min_size(min_size, orientation)
@@ -242,7 +271,7 @@ def _decode_jpeg(
         # added): it fills the rest with grey, so libjpeg's "premature end" is final here.
         if "premature end" in str(exc).lower():
             raise InvalidImage(f"cannot decode JPEG image: {exc}") from exc
-        return _decode_with_pillow(buf, "jpeg", max_pixels)
+        return _decode_jpeg_with_pillow(buf, max_pixels)
     true_w, true_h = oriented_size(width, height, orientation)
     return DecodedImage(apply_orientation(pixels, orientation), true_w, true_h, "jpeg", orientation)
 
