@@ -222,10 +222,11 @@ class Settings(BaseSettings):
     def _bare_host(cls, value: str) -> str:
         # Empty binds every interface: an unset variable (VISIONSERVE_HOST= in a compose
         # file, say) must not open the server to the network. That takes 0.0.0.0, written.
-        if not value.strip():
-            raise ValueError("empty: give an address (127.0.0.1 for this machine, 0.0.0.0 for every interface)")
         # "[::1]" as written in URLs: the address is what is inside the brackets.
-        return value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        bare = value[1:-1] if value.startswith("[") and value.endswith("]") else value
+        if not bare.strip():
+            raise ValueError("empty: give an address (127.0.0.1 for this machine, 0.0.0.0 for every interface)")
+        return bare
 
     @field_validator("model_dir", mode="before")
     @classmethod
