@@ -566,6 +566,7 @@ class Scheduler:
     def shutdown(self) -> None:
         if self._batch_timer is not None:
             self._batch_timer.cancel()
+            self._batch_timer = None  # else every later release would dispatch to a pool shut down
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self.processes is not None:
             self.processes.close()

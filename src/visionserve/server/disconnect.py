@@ -20,7 +20,7 @@ async def _disconnected(receive: Receive) -> None:
 
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     """Awaits ``work``; if the client disconnects first, cancels it (the scheduler then drops
-    the job if it has not started) and raises ``ClientDisconnected``.
+    the job if it has not started), waits until it has ended, and raises ``ClientDisconnected``.
 
     Call only after the request body has been read.
     """
@@ -35,7 +35,11 @@ async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
         watcher.cancel()
     if task.done():
         return task.result()
-    _abandon(task)
+    # Waited for: its queued work is dropped before the caller gives the request's places
+    # back (a free worker could otherwise start it meanwhile).
+    task.cancel()
+    await asyncio.wait((task,))
+    _retrieve(task)
     raise ClientDisconnected("the client disconnected before the answer")
 
 
