@@ -235,7 +235,10 @@ def test_a_body_refused_by_its_declared_size_holds_no_place(server_factory, imag
         with connect(server.url) as s:
             s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 999999999\r\n\r\n")
             assert read_response(s).split(b" ")[1] == b"413"
-    assert metric(httpx.get(server.url + "/metrics").text, "visionserve_requests_in_flight") == 0
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, "visionserve_requests_in_flight") == 0
+    # Counted under its route, as when the admission gate ran first.
+    assert metric(text, "visionserve_http_requests_total", route="/predict", status="413") == 3
     assert post_image(server.url, images / "dog.jpg").status_code == 200
 
 

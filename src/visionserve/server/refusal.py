@@ -34,6 +34,8 @@ import asyncio
 import logging
 from typing import Callable
 
+from starlette.routing import BaseRoute
+
 from visionserve.errors import BadRequest, Overloaded, URITooLong, VisionServeError
 from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
@@ -77,9 +79,10 @@ class Refusals:
 
     def admit(
         self, method: str, path: str, headers: list[tuple[bytes, bytes]], default_headers: list
-    ) -> Ticket | bytes | None:
+    ) -> Ticket | bytes | BaseRoute | None:
         """For a detection route: its place (a Ticket) or, when full, the complete 503
-        response; None for other routes."""
+        response, or the route alone for a body over the size limit (413 from the app, for
+        which no place is taken); None for other routes."""
         route = self.routes.match(method, path)
         if route is None:
             return None
@@ -87,7 +90,7 @@ class Refusals:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             # Refused by its size (413) ahead of the admission gate, which would have given
             # the place back: it takes none.
-            return None
+            return route
         try:
             return self.scheduler.admit()
         except Overloaded as e:
@@ -272,7 +275,9 @@ def refusing_protocol(
                     if isinstance(answer, bytes):
                         self._refuse(answer)
                         return
-                    if answer is not None:  # admitted: the gate middleware hands it on
+                    if isinstance(answer, BaseRoute):  # its 413 is counted under its route
+                        self.scope["route"] = answer
+                    elif answer is not None:  # admitted: the gate middleware hands it on
                         self.scope["state"][RESERVED] = answer
             super().on_headers_complete()
 
