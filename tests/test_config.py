@@ -176,3 +176,28 @@ def test_a_model_given_by_name_may_name_its_version(monkeypatch):
     s = load_settings()
     assert [(m.name, m.version) for m in s.models] == [("yolox-nano", "int8"), ("tiny-yolov2-voc", None)]
     assert load_settings(models=["yolox-nano@openvino"]).models[0].version == "openvino"
+
+
+def test_relative_paths_in_the_config_file_are_taken_from_its_folder(tmp_path, monkeypatch):
+    """As Prometheus and Compose read theirs: they were taken from the current folder, so a
+    config kept beside its models broke when the server started anywhere else."""
+    from pathlib import Path
+
+    folder = tmp_path / "deploy"
+    folder.mkdir()
+    cfg = folder / "c.toml"
+    cfg.write_text(
+        'model_dir = "models"\nmodel_mirror = "mirror"\n'
+        '[[models]]\nname = "mine"\npath = "onnx/mine.onnx"\nfamily = "yolox"\nlabels = "mine.names"\n'
+        '[[models]]\nname = "listed"\npath = "/abs/x.onnx"\nfamily = "yolox"\nlabels = ["a", "b"]\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(cfg)
+    assert s.model_dir == folder / "models" and s.model_mirror == str(folder / "mirror")
+    assert (s.models[0].path, s.models[0].labels) == (folder / "onnx/mine.onnx", folder / "mine.names")
+    assert (s.models[1].path, s.models[1].labels) == (Path("/abs/x.onnx"), ["a", "b"])
+    # The environment's and the command line's stay the current folder's, as any command's.
+    monkeypatch.setenv("VISIONSERVE_MODEL_DIR", "here")
+    assert load_settings(cfg).model_dir == Path("here")
+    cfg.write_text('model_mirror = "http://127.0.0.1:9/m"\n')
+    assert load_settings(cfg).model_mirror == "http://127.0.0.1:9/m"

@@ -289,7 +289,35 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+
+
+class _ConfigFileSource(TomlConfigSettingsSource):
+    """The TOML config file, its relative paths taken from its own folder, as Prometheus and
+    Compose read theirs: a config kept beside its models works from any current folder."""
+
+    def _read_file(self, file_path: Path) -> dict[str, Any]:  # type: ignore[override]
+        return _paths_from(Path(file_path).parent, super()._read_file(file_path))
+
+
+def _paths_from(folder: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the relative paths it names (the store, a mirror folder, a model's file
+    and labels file) made relative to ``folder``."""
+    def resolved(value: Any) -> Any:
+        if isinstance(value, str) and value.strip() and "://" not in value and not value.startswith("~"):
+            return str(folder / value) if not Path(value).is_absolute() else value
+        return value
+
+    data = dict(data)
+    for key in ("model_dir", "model_mirror"):
+        if key in data:
+            data[key] = resolved(data[key])
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**m, **{k: resolved(m[k]) for k in ("path", "labels") if k in m}} if isinstance(m, dict) else m
+            for m in data["models"]
+        ]
+    return data
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
