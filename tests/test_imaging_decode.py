@@ -501,10 +501,35 @@ def test_scans_hidden_from_the_walk_by_junk_it_would_read_as_a_segment_still_cou
         decode_image(hidden)
 
 
-def test_a_jpeg_of_fill_bytes_is_refused_before_pillow_walks_them_one_by_one() -> None:
-    """Pillow's JPEG reader steps through FF fill bytes in Python: 19 MB of them took 5 s."""
-    with pytest.raises(InvalidImage, match="JPEG with over 65536 fill bytes"):
+@pytest.mark.parametrize("junk", [b"\xff\x00", b"\x00"])
+def test_a_jpeg_header_full_of_junk_is_refused_before_pillow_walks_it_byte_by_byte(images, junk) -> None:
+    """TurboJPEG refuses junk between segments strictly, and Pillow's JPEG reader then steps
+    through it in Python, a byte at a time: 19 MB took 1-3 s of a worker."""
+    dog = (images / "dog.jpg").read_bytes()
+    at = 4 + struct.unpack(">H", dog[4:6])[0]  # past APP0
+    with pytest.raises(InvalidImage, match="JPEG with over 65536 bytes of junk in its header"):
+        decode_image(dog[:at] + junk * (2_000_000 // len(junk)) + dog[at:])
+    # A little junk is only junk: Pillow decodes the image.
+    assert decode_image(dog[:at] + junk * (1000 // len(junk)) + dog[at:]).width == 768
+
+
+def test_fill_bytes_are_read_at_native_speed_or_refused() -> None:
+    """Fill bytes before a marker are legal: TurboJPEG reads them (milliseconds). A file that
+    goes to Pillow with megabytes of them (no frame header here) is refused first: 19 MB took
+    Pillow 5 s."""
+    with pytest.raises(InvalidImage, match="JPEG with over 65536 bytes of junk in its header"):
         decode_image(b"\xff\xd8" + b"\xff" * 5_000_000 + b"\xff\xd9")
+
+
+def test_scan_markers_inside_a_segment_before_the_end_of_the_image_are_not_scans() -> None:
+    """The walk stopped one marker short of an end-of-image marker in the file's last two
+    bytes (the usual place), so 150 FF DA pairs in a comment refused a baseline JPEG."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(buf, "JPEG")
+    plain = buf.getvalue()
+    comment = b"\xff\xda" * 150
+    commented = plain[:2] + b"\xff\xfe" + struct.pack(">H", 2 + len(comment)) + comment + plain[2:]
+    assert commented.endswith(b"\xff\xd9") and decode_image(commented).width == 64
 
 
 @pytest.mark.parametrize("empty", [b"", bytearray(), memoryview(b"")])
