@@ -115,6 +115,12 @@ class RequestContextMiddleware:
                 )
 
 
+def declared_over(headers: list[tuple[bytes, bytes]], max_bytes: int) -> bool:
+    """Whether the request's Content-Length says its body is over ``max_bytes`` (413 at once)."""
+    declared = next((v for k, v in headers if k == b"content-length"), b"")
+    return declared.isdigit() and int(declared) > max_bytes
+
+
 class BodyLimitMiddleware:
     """Rejects bodies over ``max_bytes`` (at once from Content-Length, or while streaming) and
     bodies not in ``timeout_s`` after the request began to read them (408).
@@ -135,8 +141,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+        if declared_over(scope["headers"], self.max_bytes):
             response = self.renderer_for(scope["path"])(
                 413, PayloadTooLarge.code, self._message(), {"Connection": "close"}
             )

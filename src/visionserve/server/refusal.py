@@ -41,7 +41,7 @@ from visionserve.metrics import Metrics
 from visionserve.protocols import ErrorRenderer
 from visionserve.runtime.scheduler import Scheduler, Ticket
 from visionserve.server.admission import RESERVED, AdmittedRoutes
-from visionserve.server.middleware import safe_request_id
+from visionserve.server.middleware import declared_over, safe_request_id
 
 # httptools splits a URL with 16-bit offsets (http_parser's parse_url): a longer one, which
 # only a raised limits.max_header_bytes lets through, cannot be routed.
@@ -86,10 +86,9 @@ class Refusals:
         route = self.routes.match(method, path)
         if route is None:
             return None
-        declared = next((v for k, v in headers if k == b"content-length"), b"")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
-            # Refused by its size (413) ahead of the admission gate, which would have given
-            # the place back: it takes none.
+        if declared_over(headers, self.max_body_bytes):
+            # Refused by its size (413, BodyLimitMiddleware) ahead of the admission gate,
+            # which would have given the place back: it takes none.
             return route
         try:
             return self.scheduler.admit()
