@@ -19,7 +19,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from visionserve import __version__
-from visionserve.config import ConfigError, Settings, load_settings
+from visionserve.config import ConfigError, Settings, load_settings, model_entry
 from visionserve.errors import InvalidParameter, ModelError, VisionServeError
 
 app = typer.Typer(help="visionserve: an inference server for image object detection.", no_args_is_help=True)
@@ -77,14 +77,12 @@ def _settings_for_model(config: Path | None, model: str | None, **overrides: obj
     settings = _settings(config, **overrides)
     if model is None:
         return settings
-    name, _, version = model.partition("@")
-    listed = next((m for m in settings.models if m.name == name), None)
-    if listed is not None and not version:
+    given = model_entry(model)
+    listed = next((m for m in settings.models if m.name == given["name"]), None)
+    if listed is not None and "version" not in given:
         return settings
-    entry = listed.model_dump(exclude_unset=True) if listed is not None else {"name": name}
-    if version:
-        entry["version"] = version
-    return _settings(config, **overrides, models=[entry], default_model=name)
+    entry = {**(listed.model_dump(exclude_unset=True) if listed is not None else {}), **given}
+    return _settings(config, **overrides, models=[entry], default_model=given["name"])
 
 
 def _version(value: bool) -> None:
@@ -234,7 +232,7 @@ def detect(
     settings = _settings_for_model(config, model, model_dir=model_dir, model_mirror=mirror)
     try:
         with _download_bars() as bars:
-            detector = OfflineDetector(settings, model.partition("@")[0] if model else None, progress=bars)
+            detector = OfflineDetector(settings, model_entry(model)["name"] if model else None, progress=bars)
         detector.model.thresholds(params)  # an unknown label is a mistake in the arguments, not in each image
     except InvalidParameter as e:
         _error(f"--classes: {e.message.removeprefix('classes: ')}")
@@ -464,7 +462,7 @@ def models_verify(
 ) -> None:
     """Re-hash installed models' files against the catalog; exit 1 on any mismatch."""
     from visionserve.store.manifest import MANIFEST_NAME
-    from visionserve.store.store import STORE_NAME, FileCheck, ModelStore
+    from visionserve.store.store import FileCheck, ModelStore, is_store_name
 
     settings = _settings(config, model_dir=model_dir)
     store = ModelStore(_store_folder(settings), settings.model_mirror)
@@ -476,7 +474,7 @@ def models_verify(
     out = Console(soft_wrap=True)  # a line per file, however narrow the terminal, for grep and scripts
     bad = 0
     for name in sorted(targets):
-        if not STORE_NAME.fullmatch(name):  # a path ("../x", "/abs") would check a folder outside the store
+        if not is_store_name(name):  # a path ("../x", "/abs") would check a folder outside the store
             checks = [FileCheck(name, False, "not a model name")]
         else:
             try:

@@ -41,10 +41,10 @@ def _expand_user(path: Any) -> Any:
     return path
 
 
-def _model_entry(text: str) -> dict[str, str]:
+def model_entry(text: str) -> dict[str, str]:
     """A model given by name: NAME, or NAME@VERSION for a version made by ``models optimize``."""
-    name, sep, version = text.partition("@")
-    return {"name": name, "version": version} if sep else {"name": name}
+    name, _, version = text.partition("@")
+    return {"name": name, "version": version} if version else {"name": name}
 
 
 def default_model_dir() -> Path:
@@ -264,7 +264,7 @@ class Settings(BaseSettings):
             text = value.strip()
             value = json.loads(text) if text.startswith("[") else [s.strip() for s in text.split(",") if s.strip()]
         if isinstance(value, list):
-            return [_model_entry(v) if isinstance(v, str) else v for v in value]
+            return [model_entry(v) if isinstance(v, str) else v for v in value]
         return value
 
     @model_validator(mode="after")
