@@ -17,6 +17,7 @@ from typing import Callable
 
 from pydantic import ValidationError
 
+from visionserve.config import MODEL_NAME
 from visionserve.errors import ModelError, ModelNotFound
 from visionserve.store.catalog import CATALOG, CatalogEntry, get_entry
 from visionserve.store.fetch import FetchError, Progress, fetch, sha256_file
@@ -27,9 +28,14 @@ from visionserve.store.manifest import MANIFEST_NAME, ModelManifest, write_atomi
 VERSION_SEP = "@"
 
 
-# A folder of the store: a model's name, or a version's "<name>@<version>"; never a path.
-STORE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._-]*)?")
 _VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def is_store_name(name: str) -> bool:
+    """Whether ``name`` names a folder of the store: a model's name, or a version's
+    ``<name>@<version>``; never a path."""
+    base, sep, version = name.partition(VERSION_SEP)
+    return bool(MODEL_NAME.fullmatch(base)) and (not sep or bool(_VERSION_NAME.fullmatch(version)))
 
 
 def version_ref(name: str, version: str) -> str:
@@ -292,32 +298,29 @@ class ModelStore:
         expected = {folder / f.name: (f.name, f.sha256, f.size) for f in entry.files} if entry else {}
         shown = manifest.path.name if manifest.path.parent == folder else str(manifest.path)  # absolute in the manifest
         expected.setdefault(manifest.path, (shown, manifest.sha256, None))
-        checks: list[FileCheck] = []
-        for path, (fname, sha, size) in sorted(expected.items(), key=lambda item: item[1][0]):
-            if not path.is_file():
-                checks.append(FileCheck(fname, False, "missing"))
-            elif sha is not None:
-                got = sha256_file(path)
-                checks.append(FileCheck(fname, got == sha, "sha256 ok" if got == sha else f"sha256 {got} != {sha}"))
-            elif size is not None:
-                got_size = path.stat().st_size
-                ok = got_size == size
-                checks.append(FileCheck(
-                    fname, ok, "size ok (no published sha256)" if ok else f"size {got_size} != {size} bytes",
-                ))
-            else:
-                checks.append(FileCheck(fname, True, "present (no published sha256 or size)"))
-        return checks
+        return [
+            FileCheck(fname, *_check_file(path, sha, size))
+            for path, (fname, sha, size) in sorted(expected.items(), key=lambda item: item[1][0])
+        ]
+
+
+def _check_file(path: Path, sha256: str | None, size: int | None) -> tuple[bool, str]:
+    """Whether ``path`` is the file described, and in what words: by its sha256, else by its
+    size; a file with neither (the catalog has none: see its tests) by being there."""
+    if not path.is_file():
+        return False, "missing"
+    if sha256 is not None:
+        got = sha256_file(path)
+        return got == sha256, "sha256 ok" if got == sha256 else f"sha256 {got} != {sha256}"
+    if size is not None:
+        got_size = path.stat().st_size
+        return got_size == size, "size ok (no published sha256)" if got_size == size else f"size {got_size} != {size} bytes"
+    return True, "present (no published sha256 or size)"
 
 
 def intact(path: Path, sha256: str | None, size: int | None) -> bool:
-    """Whether ``path`` is the file described: by its sha256, else by its size (catalog
-    files with neither do not exist: see the catalog's tests)."""
-    if not path.is_file():
-        return False
-    if sha256:
-        return sha256_file(path) == sha256
-    return size is not None and path.stat().st_size == size
+    """Whether ``path`` is the catalog file described (a pull keeps it then)."""
+    return _check_file(path, sha256, size)[0]
 
 
 STALE_PART_S = 600.0  # a download's temporary file unwritten this long was left by a killed pull
