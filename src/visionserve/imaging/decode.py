@@ -163,8 +163,18 @@ _MAX_SEGMENTS: Final = 4 * MAX_JPEG_SCANS + 1000  # markers walked before counti
 # Segments libjpeg skips or reads by their length: SOFn, DHT, DAC (C0-CF), SOS, DQT, DNL, DRI,
 # DHP, EXP, APPn, COM. Any other code (reserved, or 00 where a marker should be, which
 # libjpeg passes over as junk) stops the walk: it would not skip that as the walk would.
-_SEGMENTS_WITH_LENGTH: Final = frozenset([*range(0xC0, 0xD0), *range(0xDA, 0xE0), *range(0xE0, 0xF0), 0xFE])
+_SEGMENTS_WITH_LENGTH: Final = frozenset([*range(0xC0, 0xD0), *range(0xDA, 0xF0), 0xFE])
 _NOT_FF: Final = re.compile(rb"[^\xff]")
+
+
+def _standalone(marker: int) -> bool:
+    """RST0-7 and TEM: markers with no segment after them."""
+    return 0xD0 <= marker <= 0xD7 or marker == 0x01
+
+
+def _segment_end(buf: bytes, pos: int) -> int:
+    """Where the segment of the marker at ``pos`` ends, by its length field."""
+    return pos + 2 + int.from_bytes(buf[pos + 2:pos + 4], "big")
 
 
 def _jpeg_scans(buf: bytes) -> int:
@@ -200,12 +210,12 @@ def _jpeg_scans(buf: bytes) -> int:
         marker = buf[pos + 1]
         if marker == 0xD9:  # end of image (the file's last two bytes, usually)
             return scans
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # standalone markers
+        if _standalone(marker):
             pos += 2
             continue
         if marker not in _SEGMENTS_WITH_LENGTH or pos + 3 >= n:
             return every_sos
-        end = pos + 2 + int.from_bytes(buf[pos + 2:pos + 4], "big")
+        end = _segment_end(buf, pos)
         if marker != _SOS[1]:
             pos = end
             continue
@@ -240,7 +250,7 @@ def _decode_jpeg_with_pillow(buf: bytes, max_pixels: int) -> DecodedImage:
             raise InvalidImage(f"JPEG with over {_MAX_HEADER_JUNK} bytes of junk in its header")
         if marker in (_SOS[1], 0xD9) or pos + 3 >= n:
             break
-        pos += 2 if 0xD0 <= marker <= 0xD7 or marker == 0x01 else 2 + int.from_bytes(buf[pos + 2:pos + 4], "big")
+        pos = pos + 2 if _standalone(marker) else _segment_end(buf, pos)
     return _decode_with_pillow(buf, "jpeg", max_pixels)
 
 
