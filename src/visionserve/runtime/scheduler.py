@@ -412,9 +412,10 @@ class Scheduler:
     # -- dispatch (event loop thread only) -----------------------------------------------
 
     def _dispatch(self) -> None:
-        waiting: set[int] = set()  # models whose partial batch waits: their jobs stay, others go on
-        while self._free > 0:
-            head = next((j for j in self._queue if id(j.model) not in waiting), None)
+        waiting: set[ServedModel] = set()  # models whose partial batch waits: their jobs stay, others go on
+        while self._free > 0 and self._queue:
+            # The queue's head, unless its model's batch waits (then the first job of another).
+            head = next((j for j in self._queue if j.model not in waiting), None) if waiting else self._queue[0]
             if head is None:
                 return
             model = head.model
@@ -425,7 +426,7 @@ class Scheduler:
             if model.max_batch_size > 1:
                 batch = [j for j in self._queue if j.model is model][: model.max_batch_size]
                 if len(batch) < model.max_batch_size and self._worth_waiting(head):
-                    waiting.add(id(model))
+                    waiting.add(model)
                     continue
                 for j in batch:
                     self._queue.remove(j)
